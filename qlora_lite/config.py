@@ -1,0 +1,309 @@
+"""Recipes: YAML files mapped onto typed dataclasses, with dotted overrides.
+
+A recipe has six sections (model, quant, lora, data, train, output_dir). Every key is a
+field below with a docstring-style comment; an unknown key is an error that names the
+nearest valid key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override the user wrote is invalid; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Local folder or Hugging Face hub id of the base model; `demo:tiny` builds the offline demo base."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust its author."""
+    attn_implementation: str = "sdpa"
+    """`sdpa` (default), `eager`, or `flash_attention_2` when installed."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (non-reentrant): slower, far less memory."""
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = True
+    """Load the frozen base in 4-bit through bitsandbytes. False gives plain bf16 LoRA."""
+    quant_type: str = "nf4"
+    """`nf4` (QLoRA paper) or `fp4`."""
+    double_quant: bool = True
+    """Quantize the quantization constants too: saves ~0.37 bit per parameter."""
+    compute_dtype: str = "auto"
+    """Dtype of the 4-bit matmuls: `auto` (bf16 where supported, fp16 on older GPUs such as T4), `bfloat16`, `float16`, `float32`."""
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    """Rank of the update B A. Must be > 0."""
+    alpha: float = 32.0
+    """Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch input, in [0, 1)."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names or suffixes to wrap (e.g. [q_proj, v_proj]), or `all-linear` (never lm_head)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r), which keeps the update's size steady as r grows."""
+    dtype: str = "bfloat16"
+    """Dtype of the adapter weights."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Local json/jsonl/csv/parquet file or folder, or a hub dataset id."""
+    format: str = "alpaca"
+    """`alpaca` (instruction/input/output), `chat` (messages list) or `text` (plain LM)."""
+    split: str = "train"
+    """Split of a hub dataset (or a multi-split local folder) to train on."""
+    eval_path: str | None = None
+    """Separate evaluation file; otherwise eval_fraction of the training data is held out."""
+    eval_fraction: float = 0.0
+    """Fraction of the training records held out for evaluation when eval_path is not given."""
+    text_field: str = "text"
+    """Field holding the text for format `text`."""
+    packing: bool = False
+    """Pack several short examples into one max_seq_len sequence; attention stays inside each example."""
+    max_examples: int | None = None
+    """Use only the first N training records (quick experiments)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps (each one is micro_batch_size x grad_accum_steps sequences)."""
+    lr: float = 2e-4
+    """Peak learning rate. LoRA tolerates ~10x the LR of full fine-tuning."""
+    micro_batch_size: int = 1
+    """Sequences per forward pass."""
+    grad_accum_steps: int = 16
+    """Micro-batches accumulated before each optimizer step."""
+    max_seq_len: int = 2048
+    """Longer examples are truncated to this many tokens."""
+    optimizer: str = "paged_adamw_8bit"
+    """`paged_adamw_8bit`, `adamw_8bit`, `paged_adamw_32bit` or `adamw` (torch)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapter weights."""
+    lr_scheduler: str = "cosine"
+    """`cosine`, `linear` or `constant`, each after a linear warmup."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warmup from 0 to lr."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    mixed_precision: str = "auto"
+    """accelerate mixed precision: `auto` (bf16 on GPUs that have it, fp16 otherwise, none on CPU), `bf16`, `fp16`, `no`."""
+    eval_every: int = 100
+    """Evaluate every N optimizer steps (0: only at the start and the end)."""
+    eval_max_batches: int | None = None
+    """Cap the batches of one evaluation (None: the whole eval split)."""
+    exact_match_examples: int = 0
+    """At the start and the end, greedily generate answers for this many eval prompts and report exact match."""
+    save_every: int = 200
+    """Write a resumable checkpoint every N optimizer steps (0: only the final adapter)."""
+    keep_checkpoints: int = 2
+    """Newest complete checkpoints to keep on disk."""
+    log_every: int = 10
+    """Write a metrics line every N optimizer steps."""
+    seed: int = 42
+    """Seed for data order, dropout and adapter init."""
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, checkpoints/ and adapter/ are written."""
+
+    def __post_init__(self) -> None:
+        validate_config(self)
+
+
+CHOICES = {
+    "quant.quant_type": ("nf4", "fp4"),
+    "quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "lora.dtype": ("bfloat16", "float16", "float32"),
+    "data.format": ("alpaca", "chat", "text"),
+    "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"),
+    "train.lr_scheduler": ("cosine", "linear", "constant"),
+    "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
+}
+
+
+def validate_config(cfg: RecipeConfig) -> None:
+    """Check values that have a fixed range; raise ConfigError naming the key and the fix."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    if cfg.lora.r <= 0:
+        raise ConfigError(f"lora.r must be a positive integer, got {cfg.lora.r}; typical values are 8, 16 or 64")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "max_seq_len"):
+        if getattr(cfg.train, key) <= 0:
+            raise ConfigError(f"train.{key} must be a positive integer, got {getattr(cfg.train, key)}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    targets = cfg.lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ConfigError(f"lora.target_modules must be a list of module names or 'all-linear', got {targets!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a recipe YAML (or start from defaults) and apply `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist; pass the path of a YAML file such as recipes/tiny-demo.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of sections (model:, lora:, ...), got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return build_config(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b=value` override to the raw recipe mapping; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value, e.g. train.lr=1e-4")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a recipe may set, e.g. `train.lr`."""
+    keys = []
+    for f in dataclasses.fields(RecipeConfig):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += [f"{f.name}.{sub.name}" for sub in dataclasses.fields(f.default_factory)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+# Names users bring from transformers' TrainingArguments and PEFT's LoraConfig, which string
+# similarity alone would map badly (`learning_rate` is closer to `weight_decay` than to `lr`).
+FAMILIAR_NAMES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "max_seq_length": "max_seq_len",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "rank": "r",
+    "lora_r": "r",
+    "warmup": "warmup_steps",
+    "model_name": "name_or_path",
+    "dataset": "path",
+}
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    section, _, name = key.rpartition(".")
+    # A top-level typo (`modle:`) is compared with the section names, a nested one with full keys.
+    keys = valid_keys() if section else [f.name for f in dataclasses.fields(RecipeConfig)]
+    familiar = [k for k in keys if k.endswith("." + FAMILIAR_NAMES[name])] if name in FAMILIAR_NAMES else []
+    nearest = familiar or difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    return ConfigError(f"unknown recipe key {key!r}{hint} (all keys are listed in the README's config table)")
+
+
+def build_config(raw: dict[str, Any]) -> RecipeConfig:
+    """Turn a nested mapping into a RecipeConfig, rejecting unknown keys and mistyped values."""
+    kwargs: dict[str, Any] = {}
+    top = {f.name: f for f in dataclasses.fields(RecipeConfig)}
+    for name, value in raw.items():
+        if name not in top:
+            raise _unknown_key_error(str(name))
+        section_cls = top[name].default_factory
+        if dataclasses.is_dataclass(section_cls):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a section (a mapping of keys), got {value!r}")
+            kwargs[name] = _build_section(name, section_cls, value)
+        else:
+            kwargs[name] = _coerce(name, value, top[name].type)
+    return RecipeConfig(**kwargs)
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown_key_error(f"{section}.{key}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, fields[key].type)
+    return cls(**kwargs)
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """Check a value against its field's annotation (a string under `from __future__ import annotations`)."""
+    allowed = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        if "None" in allowed:
+            return None
+        raise ConfigError(f"{key} must not be empty")
+    for a in allowed:
+        if a.startswith("list[") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        typ = _TYPES.get(a)
+        if typ is bool and isinstance(value, bool):
+            return value
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ is float and isinstance(value, str):
+            try:  # YAML 1.1 reads `2e-4` (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ is str and isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be {annotation.replace('|', 'or')}, got {value!r} ({type(value).__name__})")
+
+
+def config_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RecipeConfig, path: str | Path) -> None:
+    """Write the resolved recipe (defaults filled in, overrides applied) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

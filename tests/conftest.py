@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random-weight models of two architectures and a locally trained tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_lite.tiny import build_tiny_model, build_tokenizer
+
+TOKENIZER_TEXTS = [
+    "Below is an instruction that describes a task. Write a response that completes the request.",
+    "### Instruction:\nName a colour.\n\n### Response:\nBlue is a colour.",
+    "the quick brown fox jumps over the lazy dog 0123456789",
+    "user: hello there\nassistant: hi! how can I help you today?",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(TOKENIZER_TEXTS, path, vocab_size=256)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def _save_tiny(tmp_path_factory, tokenizer_dir, architecture: str):
+    path = tmp_path_factory.mktemp(f"tiny-{architecture}")
+    build_tiny_model(path, architecture=architecture, vocab_size=256)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir):
+    """A saved 2-layer Llama (hidden 64, vocab 256, fp32 weights) with its tokenizer."""
+    return _save_tiny(tmp_path_factory, tokenizer_dir, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tokenizer_dir):
+    """A saved 2-layer Qwen2 (biased q/k/v projections) with its tokenizer."""
+    return _save_tiny(tmp_path_factory, tokenizer_dir, "qwen2")
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model_dir(request):
+    """Each test using this runs once per architecture."""
+    return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
