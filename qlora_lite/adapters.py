@@ -1,0 +1,183 @@
+"""Saving and loading LoRA adapters in PEFT's on-disk format.
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors`, whose tensors
+are named `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, exactly as
+`peft.PeftModel.save_pretrained` writes them. PEFT loads ours and we load PEFT's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .lora import apply_lora, is_linear, lora_state_dict
+from .quant import DTYPES
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+# PEFT options that change the maths of a LoRA layer; ours implements none of them.
+UNSUPPORTED_PEFT_OPTIONS = {
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+}
+
+
+class AdapterError(ValueError):
+    """An adapter folder is missing, corrupt, or made for another base; the message says which and what to do."""
+
+
+def build_peft_config(cfg: LoRAConfig, targets: list[str], base_model_name_or_path: str) -> dict[str, Any]:
+    """adapter_config.json content: PEFT's LoraConfig fields for what our LoRALinear computes."""
+    # Named targets are written as the user gave them (PEFT matches them as we do: exact or
+    # dotted suffix); all-linear is written as the full module paths, as PEFT itself does.
+    target_modules = sorted(targets) if cfg.target_modules == "all-linear" else list(cfg.target_modules)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": target_modules,
+        "use_rslora": cfg.use_rslora,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+        **UNSUPPORTED_PEFT_OPTIONS,
+    }
+
+
+def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, base_model_name_or_path: str) -> Path:
+    """Write the model's LoRA weights and config to out_dir in PEFT's format."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = lora_state_dict(model)
+    if not state:
+        raise AdapterError("the model carries no LoRA layers to save; call apply_lora first")
+    targets = sorted({ADAPTER_KEY.match(k).group("module") for k in state})
+    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in state.items()}
+    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(build_peft_config(cfg, targets, base_model_name_or_path), indent=2))
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, Any]]:
+    """Parse adapter_config.json into our LoRAConfig (plus the raw dict), refusing what we cannot compute."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing (pass the folder that save wrote, e.g. runs/NAME/adapter)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
+    if raw.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; this loader reads LORA adapters")
+    for key, neutral in UNSUPPORTED_PEFT_OPTIONS.items():
+        if raw.get(key, neutral) not in (neutral, None, {}, False):
+            raise AdapterError(f"{path}: {key}={raw[key]!r} is not supported by qlora-lite's LoRA layer; merge it with PEFT instead")
+    targets = raw.get("target_modules")
+    cfg = LoRAConfig(
+        r=int(raw["r"]),
+        alpha=float(raw.get("lora_alpha", 8)),
+        dropout=float(raw.get("lora_dropout", 0.0)),
+        target_modules="all-linear" if targets in ("all-linear", None) or isinstance(targets, str) else list(targets),
+        use_rslora=bool(raw.get("use_rslora", False)),
+    )
+    return cfg, raw
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed by module path (PEFT's `base_model.model.` prefix removed)."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = adapter_dir / "adapter_model.bin"
+        if pickled.is_file():
+            raise AdapterError(
+                f"{adapter_dir} holds only adapter_model.bin, a pickle file that can run code when loaded; "
+                "convert it to safetensors with a tool you trust, then load it again"
+            )
+        raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing; the adapter was not fully written")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{path} is corrupt or truncated ({err}); re-save the adapter or use an earlier checkpoint") from err
+    out = {}
+    for key, value in tensors.items():
+        key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        out[key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = value
+    return out
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> LoRAConfig:
+    """Wrap the model's layers named in the adapter and load its weights; checks it fits this base.
+
+    Every adapter tensor must land in a layer of the right shape: a shape mismatch or a module
+    the model lacks means the adapter was made for a different base, and nothing is changed.
+    """
+    cfg, _ = read_adapter_config(adapter_dir)
+    weights = read_adapter_weights(adapter_dir)
+    targets = check_adapter_fits(model, weights, cfg.r)
+    # Keep the file's precision: an fp32 adapter loaded into bf16 layers would answer differently.
+    saved_dtype = next(iter(weights.values())).dtype
+    cfg.dtype = next((name for name, dtype in DTYPES.items() if dtype == saved_dtype), cfg.dtype)
+    apply_lora(model, cfg, targets)
+    state = lora_state_dict(model)
+    missing = sorted(set(state) - set(weights))
+    if missing:  # cannot happen after check_adapter_fits, but a partial load must never pass silently
+        raise AdapterError(f"adapter in {adapter_dir} lacks tensors {missing[:4]}...; the file is incomplete")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in weights:
+                param.copy_(weights[name].to(param.dtype))
+                param.requires_grad_(trainable)
+    return cfg
+
+
+def check_adapter_fits(model: nn.Module, weights: dict[str, torch.Tensor], r: int) -> list[str]:
+    """The module paths the adapter targets, after checking each exists here with matching shapes."""
+    modules = dict(model.named_modules())
+    targets: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        match = ADAPTER_KEY.match(key)
+        if not match:
+            raise AdapterError(f"adapter tensor {key!r} is not a LoRA A/B weight; only plain LoRA adapters are supported")
+        targets.setdefault(match.group("module"), {})[match.group("part")] = tensor
+    for module_path, parts in sorted(targets.items()):
+        if set(parts) != {"A", "B"}:
+            raise AdapterError(f"adapter has lora_{'A' if 'B' in parts else 'B'} missing for {module_path}; the file is incomplete")
+        layer = modules.get(module_path)
+        if layer is None or not is_linear(getattr(layer, "base_layer", layer)):
+            raise AdapterError(
+                f"adapter targets {module_path}, which this base model does not have as a linear layer: "
+                "the adapter was made for a different base model (check base_model_name_or_path in adapter_config.json)"
+            )
+        base = getattr(layer, "base_layer", layer)
+        want = {"A": (r, base.in_features), "B": (base.out_features, r)}
+        for part, shape in want.items():
+            if tuple(parts[part].shape) != shape:
+                raise AdapterError(
+                    f"adapter tensor {module_path}.lora_{part}.weight has shape {tuple(parts[part].shape)} but this base "
+                    f"needs {shape}: the adapter was made for a different base model"
+                )
+    return sorted(targets)

@@ -1,0 +1,166 @@
+"""Loading the frozen base model, in 4-bit NF4 through bitsandbytes or in plain bf16.
+
+This is the only module that touches bitsandbytes' quantization: the BitsAndBytesConfig,
+the device and dtype choices, and dequantizing a 4-bit weight back to a dense tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, QuantConfig
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message names the cause and the fix."""
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Turn `quant.compute_dtype` into a torch dtype for this device.
+
+    `auto` is bf16 on GPUs that support it, fp16 on older ones (T4, V100), and fp32 on the
+    CPU, where bf16 matmuls are slower than fp32 ones on most processors.
+    """
+    if name != "auto":
+        dtype = DTYPES[name]
+        if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ModelLoadError(
+                f"quant.compute_dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                "use quant.compute_dtype=float16 (or auto)"
+            )
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def build_bnb_config(quant: QuantConfig, compute_dtype: torch.dtype):
+    """The BitsAndBytesConfig of QLoRA: NF4 storage, double quantization, matmuls in compute_dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def resolve_model_path(model: ModelConfig) -> str:
+    """Local folder, hub id, or the offline demo base (`demo:...`, built and cached on first use)."""
+    if model.name_or_path.startswith("demo:"):
+        from .demo import ensure_demo_base
+
+        return str(ensure_demo_base())
+    if not model.name_or_path:
+        raise ModelLoadError("model.name_or_path is empty; set it to a local model folder or a hub id")
+    return model.name_or_path
+
+
+def load_tokenizer(model: ModelConfig, path: str | None = None):
+    """The base model's tokenizer, with a pad token that is not EOS where one can be had."""
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_explain_load_failure(path, err)) from err
+    if tok.pad_token_id is None:
+        # Labels are masked by position, not by id, so a pad equal to EOS would be safe for the
+        # loss; a distinct pad still keeps batches readable. unk is the usual spare token.
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device | None = None) -> nn.Module:
+    """Load the base model frozen: NF4 + double quant through bitsandbytes, or plain weights.
+
+    The non-quantized parts (embeddings, norms, lm_head) are kept in the compute dtype.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
+    path = resolve_model_path(model)
+    kwargs = dict(
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+        attn_implementation=model.attn_implementation,
+    )
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype)
+        # Quantize each weight as it lands on the GPU instead of materialising the bf16 model first.
+        kwargs["device_map"] = {"": device}
+        dtype = compute_dtype
+    else:
+        dtype = torch.bfloat16 if compute_dtype != torch.float32 else torch.float32
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except torch.OutOfMemoryError as err:
+        raise ModelLoadError(
+            f"out of GPU memory while loading {path}: the base does not fit on this GPU even in 4-bit; "
+            "run `qlora-lite plan` for an estimate, close other GPU processes, or pick a smaller model"
+        ) from err
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_explain_load_failure(path, err)) from err
+    if not quant.load_in_4bit:
+        base.to(device)
+    base.requires_grad_(False)
+    base.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return base
+
+
+def _explain_load_failure(path: str, err: Exception) -> str:
+    if Path(path).expanduser().exists():
+        return f"could not load the model from {path}: {err}. Check that the folder holds config.json and safetensors weights."
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return f"model folder {path} does not exist; set model.name_or_path to a folder holding config.json, or to a hub id"
+    return (
+        f"could not load {path!r} from the Hugging Face hub ({type(err).__name__}: {str(err)[:300]}). "
+        "If the hub is unreachable or the model is gated, download it first and set model.name_or_path to the local folder."
+    )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing, with input gradients on so that LoRA layers inside a
+    checkpointed block still get gradients when every base weight is frozen."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def is_4bit_linear(module: nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def dequantize_weight(linear: nn.Module) -> torch.Tensor:
+    """The dense weight a layer computes with: dequantized NF4 for Linear4bit, the weight itself otherwise."""
+    if is_4bit_linear(linear):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+    return linear.weight.data
+
+
+def is_quantized_parameter(param: torch.Tensor) -> bool:
+    return type(param).__name__ == "Params4bit"
+
+
+def quantized_numel(param: torch.Tensor) -> int:
+    """Weights a packed 4-bit parameter holds: two per byte of storage (as PEFT counts them)."""
+    storage = getattr(param, "quant_storage", torch.uint8)
+    return param.numel() * 2 * torch.empty((), dtype=storage).element_size()

@@ -1,0 +1,174 @@
+"""PEFT on-disk format: our adapters load in peft with the same logits, and peft's load in ours."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from qlora_lite.adapters import AdapterError, load_adapter, save_adapter
+from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig
+from qlora_lite.lora import apply_lora, lora_state_dict
+from qlora_lite.quant import load_base_model
+from qlora_lite.tiny import build_tiny_model
+
+peft = pytest.importorskip("peft")
+
+# fp32 base: both sides do the same fp32 maths, only summation order differs.
+FP32_ATOL = 1e-5
+# 4-bit base: identical NF4 weights, but the dequantize+matmul kernels are not bitwise
+# reproducible between the two module trees; bf16 adapters add rounding of the LoRA branch.
+NF4_ATOL = 1e-3
+BF16_ADAPTER_ATOL = 2e-2
+
+
+def load(model_dir, four_bit: bool):
+    model = load_base_model(ModelConfig(name_or_path=str(model_dir)), QuantConfig(load_in_4bit=four_bit, compute_dtype="float32"))
+    return model.eval()
+
+
+def load_hf(model_dir, four_bit: bool):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if four_bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        )
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs).eval()
+
+
+def randomize_lora_b(model: nn.Module, std: float = 0.05) -> None:
+    """B starts at zero; give it values so the adapter really changes the logits."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+IDS = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def peft_lora_keys(peft_model) -> set[str]:
+    return {n.replace(".default", "") for n, _ in peft_model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize(
+    "four_bit, lora_dtype, atol",
+    [(False, "float32", FP32_ATOL), (False, "bfloat16", BF16_ADAPTER_ATOL), (True, "float32", NF4_ATOL)],
+)
+def test_our_adapter_loads_in_peft_with_same_logits(tiny_model_dir, tmp_path, four_bit, lora_dtype, atol):
+    ours = load(tiny_model_dir, four_bit)
+    apply_lora(ours, LoRAConfig(r=4, alpha=8, dropout=0.1, dtype=lora_dtype))
+    randomize_lora_b(ours)
+    save_adapter(ours, LoRAConfig(r=4, alpha=8, dropout=0.1, dtype=lora_dtype), tmp_path, str(tiny_model_dir))
+    expected = logits(ours, IDS)
+
+    theirs = peft.PeftModel.from_pretrained(load_hf(tiny_model_dir, four_bit), str(tmp_path)).eval()
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    # PEFT loads non-strictly: check every LoRA parameter it created came from our file.
+    assert peft_lora_keys(theirs) == set(saved)
+    assert len(saved) == 2 * 14
+    got = logits(theirs, IDS)
+    assert (expected - logits(load_hf(tiny_model_dir, four_bit), IDS)).abs().max() > 10 * atol  # the adapter matters
+    assert (got - expected).abs().max().item() < atol
+
+
+@pytest.mark.parametrize("four_bit, atol", [(False, FP32_ATOL), (True, NF4_ATOL)])
+def test_peft_adapter_loads_in_ours_with_same_logits(tiny_model_dir, tmp_path, four_bit, atol):
+    theirs = peft.get_peft_model(
+        load_hf(tiny_model_dir, four_bit),
+        peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"),
+    )
+    randomize_lora_b(theirs)
+    theirs.eval()
+    expected = logits(theirs, IDS)
+    theirs.save_pretrained(str(tmp_path))
+
+    ours = load(tiny_model_dir, four_bit)
+    cfg = load_adapter(ours, tmp_path)
+    assert (cfg.r, cfg.alpha) == (8, 16.0)
+    assert len(lora_state_dict(ours)) == 2 * 3 * 2  # 2 layers x 3 targets x (A, B)
+    # every tensor in PEFT's file landed in our model with its value
+    saved = {k.removeprefix("base_model.model."): v for k, v in load_file(str(tmp_path / "adapter_model.safetensors")).items()}
+    ours_state = lora_state_dict(ours)
+    assert set(saved) == set(ours_state)
+    assert all(torch.equal(saved[k].float(), ours_state[k].float()) for k in saved)
+    assert (logits(ours, IDS) - expected).abs().max().item() < atol
+
+
+def test_rslora_adapter_roundtrip_through_peft(tiny_llama_dir, tmp_path):
+    cfg = LoRAConfig(r=16, alpha=8, dropout=0.0, use_rslora=True, dtype="float32", target_modules=["o_proj"])
+    ours = load(tiny_llama_dir, False)
+    apply_lora(ours, cfg)
+    randomize_lora_b(ours)
+    save_adapter(ours, cfg, tmp_path, str(tiny_llama_dir))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_rslora"] is True
+    theirs = peft.PeftModel.from_pretrained(load_hf(tiny_llama_dir, False), str(tmp_path)).eval()
+    assert (logits(theirs, IDS) - logits(ours, IDS)).abs().max().item() < FP32_ATOL
+
+
+def test_adapter_config_has_peft_fields(tiny_llama_dir, tmp_path):
+    ours = load(tiny_llama_dir, False)
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    apply_lora(ours, cfg)
+    save_adapter(ours, cfg, tmp_path, "my/base")
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "LORA" and raw["task_type"] == "CAUSAL_LM" and raw["bias"] == "none"
+    assert (raw["r"], raw["lora_alpha"], raw["lora_dropout"], raw["use_rslora"]) == (4, 8.0, 0.05, False)
+    assert raw["target_modules"] == ["q_proj", "v_proj"] and raw["base_model_name_or_path"] == "my/base"
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 8
+
+
+def test_adapter_for_other_base_names_tensor_and_shapes(tiny_llama_dir, tmp_path):
+    other_dir = tmp_path / "wide"
+    build_tiny_model(other_dir, hidden_size=96, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=256)
+    other = load(other_dir, False)
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj"])
+    apply_lora(other, cfg)
+    save_adapter(other, cfg, tmp_path / "ad", str(other_dir))
+    ours = load(tiny_llama_dir, False)
+    with pytest.raises(AdapterError, match=r"q_proj\.lora_A\.weight has shape \(4, 96\).*needs \(4, 64\).*different base"):
+        load_adapter(ours, tmp_path / "ad")
+    assert lora_state_dict(ours) == {}  # nothing was half-applied
+
+
+def test_missing_files_and_corrupt_weights(tiny_llama_dir, tmp_path):
+    ours = load(tiny_llama_dir, False)
+    with pytest.raises(AdapterError, match="adapter_config.json is missing"):
+        load_adapter(ours, tmp_path)
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj"])
+    donor = load(tiny_llama_dir, False)
+    apply_lora(donor, cfg)
+    save_adapter(donor, cfg, tmp_path, "x")
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
+    with pytest.raises(AdapterError, match="corrupt or truncated"):
+        load_adapter(ours, tmp_path)
+    weights.unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(AdapterError, match="pickle"):
+        load_adapter(ours, tmp_path)
+    (tmp_path / "adapter_model.bin").unlink()
+    with pytest.raises(AdapterError, match="adapter_model.safetensors is missing"):
+        load_adapter(ours, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        load_adapter(ours, tmp_path)
+
+
+def test_unsupported_peft_options_are_refused(tiny_llama_dir, tmp_path):
+    theirs = peft.get_peft_model(load_hf(tiny_llama_dir, False), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    theirs.save_pretrained(str(tmp_path))
+    with pytest.raises(AdapterError, match="use_dora"):
+        load_adapter(load(tiny_llama_dir, False), tmp_path)
