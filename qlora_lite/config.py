@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,13 +164,23 @@ def validate_config(cfg: RecipeConfig) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "max_seq_len"):
         if getattr(cfg.train, key) <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {getattr(cfg.train, key)}")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}")
+    if not (math.isfinite(cfg.train.lr) and cfg.train.lr > 0):
+        raise ConfigError(f"train.lr must be a positive number, got {cfg.train.lr}; LoRA typically uses 1e-4 to 2e-4")
+    if not (math.isfinite(cfg.lora.alpha) and cfg.lora.alpha > 0):
+        raise ConfigError(f"lora.alpha must be a positive number, got {cfg.lora.alpha}; a common choice is 2 x lora.r")
+    # A negative clip norm would flip the gradients' sign inside clip_grad_norm_: training would ascend.
+    for key in ("max_grad_norm", "warmup_steps", "eval_every", "save_every", "exact_match_examples", "weight_decay"):
+        value = getattr(cfg.train, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"train.{key} must be >= 0, got {value}")
+    for key in ("log_every", "keep_checkpoints"):
+        if getattr(cfg.train, key) <= 0:
+            raise ConfigError(f"train.{key} must be a positive integer, got {getattr(cfg.train, key)}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     targets = cfg.lora.target_modules
-    if isinstance(targets, str) and targets != "all-linear":
-        raise ConfigError(f"lora.target_modules must be a list of module names or 'all-linear', got {targets!r}")
+    if (isinstance(targets, str) and targets != "all-linear") or not targets:
+        raise ConfigError(f"lora.target_modules must be a non-empty list of module names or 'all-linear', got {targets!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
@@ -187,7 +198,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"recipe {path} must be a mapping of sections (model:, lora:, ...), got {type(raw).__name__}")
     for item in overrides or []:
         apply_override(raw, item)
-    return build_config(raw)
+    cfg = build_config(raw)
+    if path is not None:
+        resolve_data_paths(cfg.data, path.parent)
+    return cfg
+
+
+def resolve_data_paths(data: DataConfig, recipe_dir: Path) -> None:
+    """Read a relative data path against the recipe's folder when it is not found from the current one,
+    so `qlora-lite train recipes/tiny-demo.yaml` works from any directory."""
+    for key in ("path", "eval_path"):
+        value = getattr(data, key)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (recipe_dir / value).exists():
+            setattr(data, key, str(recipe_dir / value))
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -235,9 +258,11 @@ FAMILIAR_NAMES = {
 
 def _unknown_key_error(key: str) -> ConfigError:
     section, _, name = key.rpartition(".")
-    # A top-level typo (`modle:`) is compared with the section names, a nested one with full keys.
+    # A top-level typo (`modle:`) is compared with the section names, a nested one with full keys;
+    # a nested key written at the top level (`lr:`) is pointed to its section.
     keys = valid_keys() if section else [f.name for f in dataclasses.fields(RecipeConfig)]
-    familiar = [k for k in keys if k.endswith("." + FAMILIAR_NAMES[name])] if name in FAMILIAR_NAMES else []
+    wanted = FAMILIAR_NAMES.get(name, name)
+    familiar = [k for k in valid_keys() if k.endswith("." + wanted)]
     nearest = familiar or difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
     hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
     return ConfigError(f"unknown recipe key {key!r}{hint} (all keys are listed in the README's config table)")
