@@ -51,6 +51,7 @@ def build_tiny_model(
     intermediate_size: int = 128,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    initializer_range: float = 0.02,
     max_shard_size: str | None = None,
 ) -> torch.nn.Module:
     """Build a random-weight causal LM of a real architecture and save it (fp32 safetensors)."""
@@ -67,6 +68,7 @@ def build_tiny_model(
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=3,

@@ -31,7 +31,9 @@ def tokenizer(tokenizer_dir):
 
 def _save_tiny(tmp_path_factory, tokenizer_dir, architecture: str):
     path = tmp_path_factory.mktemp(f"tiny-{architecture}")
-    build_tiny_model(path, architecture=architecture, vocab_size=256)
+    # initializer_range 0.1 (not HF's 0.02): random weights large enough that a LoRA update moves
+    # the logits within a few steps, so training tests can assert a loss drop in seconds.
+    build_tiny_model(path, architecture=architecture, vocab_size=256, initializer_range=0.1)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(path))

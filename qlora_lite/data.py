@@ -1,0 +1,549 @@
+"""Training data: records from files or the hub, prompt formats, loss masking, packing, batches.
+
+One record becomes one example ``{"input_ids": [...], "labels": [...]}``:
+
+    [bos] + prompt tokens + response tokens + eos        (input_ids)
+    [-100] + -100 ...      + response tokens + eos        (labels)
+
+The loss is on the response and on the EOS that ends it (so the model learns to stop);
+``IGNORE_INDEX`` (-100, what ``torch.nn.functional.cross_entropy`` skips) hides the rest.
+Prompt and response are tokenized separately and their ids concatenated, so the boundary
+between masked and learned tokens is exact rather than guessed from character offsets.
+
+Formats (``DataConfig.format``):
+
+- ``alpaca``: fields ``instruction``, ``output`` and optional ``input``, in the Stanford
+  Alpaca prompt template.
+- ``chat``: field ``messages``, a list of ``{role, content}`` ending with an assistant turn,
+  rendered with the tokenizer's chat template or ``DEFAULT_CHAT_TEMPLATE``. Every assistant
+  turn is learned; system and user turns and the template's markup are masked.
+- ``text``: one text field, every token learned (plain language modelling).
+
+Packing (``DataConfig.packing``) concatenates several training examples into one sequence
+of at most ``max_seq_len`` tokens and gives it ``position_ids`` that restart at 0 for each
+example. ``collate_batch`` then returns no ``attention_mask``: transformers (5.x) detects
+packed sequences from ``position_ids`` when the mask is None and keeps attention inside each
+example, for eager, sdpa, flex and flash attention alike. That detection only runs without
+a KV cache, so the forward pass of a packed batch must be called with ``use_cache=False``
+(gradient checkpointing in training mode forces it too); with a cache, attention silently
+crosses example boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from qlora_lite.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of tokens that carry no loss; the default ``ignore_index`` of torch's cross entropy."""
+
+# The Stanford Alpaca templates, verbatim: models tuned on Alpaca expect exactly this text.
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+"""Chat template for tokenizers that ship none (Zephyr's layout), as Jinja like any HF template.
+
+Each turn is ``<|role|>\\n{content}{eos}\\n``; the generation prompt is ``<|assistant|>\\n``.
+So ``[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]`` renders as
+``<|user|>\\nHi</s>\\n<|assistant|>\\nHello</s>\\n``. Set it as ``tokenizer.chat_template`` when
+saving an adapter so that generation uses the same layout as training.
+"""
+
+# What each format needs, quoted in the error for a bad record.
+FORMAT_NEEDS = {
+    "alpaca": "format alpaca needs instruction, output; input optional",
+    "chat": "format chat needs messages: a list of {role, content} ending with an assistant turn",
+    "text": "format text needs {text_field}; set data.text_field to the column holding the text",
+}
+
+# Extension -> datasets' packaged builder. .jsonl is read by the json builder.
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A data file, record or split the user supplied is unusable; the message says which and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading records
+# ---------------------------------------------------------------------------------------------
+
+
+def load_records(path: str, split: str = "train") -> datasets.Dataset:
+    """Load raw records from a local file or folder, or from the Hugging Face hub.
+
+    Args:
+        path: A ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a folder of such files (split
+            names come from the file names, e.g. ``train.jsonl`` and ``test.jsonl``), or a hub
+            dataset id such as ``tatsu-lab/alpaca``.
+        split: Split to read from a folder or a hub dataset. A single file has one split and
+            ignores this.
+
+    Returns:
+        The records as a ``datasets.Dataset``.
+
+    Raises:
+        DataError: The local file does not exist, cannot be parsed or holds no records; the
+            split does not exist; or the hub cannot be reached for a hub id.
+    """
+    if _looks_local(path):
+        records = _load_local_records(Path(path).expanduser(), split)
+    else:
+        records = _load_hub_records(path, split)
+    if len(records) == 0:
+        raise DataError(f"{path} (split {split!r}) holds no records; check the file is not empty")
+    return records
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything with a data-file suffix or a filesystem
+    # prefix is meant as a local path, so a typo there says "file not found", not "hub unreachable".
+    return Path(path).expanduser().exists() or Path(path).suffix in LOCAL_BUILDERS or path.startswith(("/", ".", "~"))
+
+
+def _load_local_records(path: Path, split: str) -> datasets.Dataset:
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist; check data.path (absolute, or relative to where you run qlora-lite)")
+    try:
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split=split)
+        if path.suffix not in LOCAL_BUILDERS:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_BUILDERS)}")
+        # A single file is one split, which datasets names "train" whatever the file is for.
+        return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+    except DataError:
+        raise
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise DataError(f"{path} has no split {split!r} ({err}); set data.split to one of the listed splits") from err
+        raise DataError(f"could not read {path}: {err}") from err
+    except (datasets.exceptions.DatasetsError, OSError) as err:
+        raise DataError(f"could not read {path}: {err}; check the file is valid {path.suffix.lstrip('.') or 'data'}") from err
+
+
+def _load_hub_records(dataset_id: str, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(dataset_id, split=split)
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise DataError(
+            f"{dataset_id!r} is neither a local file nor a dataset on the Hugging Face hub; "
+            "pass a local .jsonl/.json/.csv/.parquet file or a valid hub id"
+        ) from err
+    except ConnectionError as err:
+        raise DataError(
+            f"the Hugging Face hub is unreachable, so dataset {dataset_id!r} cannot be downloaded ({err}); "
+            "check the network, or pass a local .jsonl/.json/.csv/.parquet file as data.path"
+        ) from err
+    except OSError as err:  # a download that started and then failed
+        raise DataError(
+            f"dataset {dataset_id!r} could not be downloaded from the Hugging Face hub ({err}); "
+            "check the network, or pass a local .jsonl/.json/.csv/.parquet file as data.path"
+        ) from err
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise DataError(f"dataset {dataset_id!r} has no split {split!r} ({err}); set data.split") from err
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering a record as text
+# ---------------------------------------------------------------------------------------------
+
+
+def render_example(record: dict, fmt: str, tokenizer: Any, index: int = 0, text_field: str = "text") -> tuple[str, str]:
+    """Render one record as (prompt_text, response_text); the loss falls on the response only.
+
+    Args:
+        record: One raw record (a mapping of field name to value).
+        fmt: ``alpaca``, ``chat`` or ``text``.
+        tokenizer: The model's tokenizer; only ``chat`` uses it (its chat template and EOS).
+        index: Position of the record in its file, quoted in errors.
+        text_field: Field holding the text for format ``text``.
+
+    Returns:
+        ``(prompt, response)``. For ``chat`` the response is the final assistant turn as the
+        template renders it, less the EOS that closes it (``tokenize_example`` appends EOS as an
+        id) and less trailing whitespace; the prompt is the conversation before it with the
+        generation prompt (``add_generation_prompt=True``), each earlier assistant turn ending
+        in EOS. For ``text`` the prompt is empty. The prompt holds BOS only where a chat
+        template writes ``bos_token``; the BOS ``tokenize_example`` prepends is not in it.
+
+    Raises:
+        DataError: A required field is missing or empty; the message names the field and index.
+    """
+    segments = _render_segments(record, fmt, tokenizer, index, text_field)
+    # Earlier learned pieces (multi-turn chat) are followed by EOS in the token sequence, so
+    # the prompt text shows it there too.
+    eos_token = getattr(tokenizer, "eos_token", None) or ""
+    prompt = "".join(text + (eos_token if learned else "") for text, learned in segments[:-1])
+    return prompt, segments[-1][0]
+
+
+def _render_segments(record: dict, fmt: str, tokenizer: Any, index: int, text_field: str) -> list[tuple[str, bool]]:
+    """Split a record into consecutive (text, learned) pieces; each learned piece is followed by EOS."""
+    if fmt == "alpaca":
+        return _render_alpaca(record, index)
+    if fmt == "chat":
+        return _render_chat(record, tokenizer, index)
+    if fmt == "text":
+        return [("", False), (_require_text(record, text_field, fmt, index, text_field), True)]
+    raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMAT_NEEDS)}")
+
+
+def _render_alpaca(record: dict, index: int) -> list[tuple[str, bool]]:
+    instruction = _require_text(record, "instruction", "alpaca", index)
+    output = _require_text(record, "output", "alpaca", index)
+    context = _optional_text(record.get("input"))
+    if context:
+        prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=context)
+    else:
+        prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+    return [(prompt, False), (output, True)]
+
+
+def _render_chat(record: dict, tokenizer: Any, index: int) -> list[tuple[str, bool]]:
+    """Cut a rendered conversation into masked markup/user text and learned assistant turns.
+
+    Multi-turn masking works by rendering growing prefixes of the conversation: for each
+    assistant turn j, the text of ``messages[:j]`` with the generation prompt is everything
+    before the turn, and the text of ``messages[:j + 1]`` minus that is the turn itself. The
+    difference between consecutive cut points is masked, the turn is learned. The template's
+    own EOS after a turn is cut off the learned text and re-added as an id by the tokenizer
+    step, so each learned turn is content + EOS whatever the template. Template text after the
+    final turn's EOS (usually a newline) is dropped: nothing follows it in training.
+    """
+    messages = _require_messages(record, index)
+    eos_token = tokenizer.eos_token or ""
+    segments: list[tuple[str, bool]] = []
+    consumed = ""  # rendered text already assigned to a segment
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _apply_chat_template(tokenizer, messages[:turn], True, index)
+        through = _apply_chat_template(tokenizer, messages[: turn + 1], False, index)
+        if not (before.startswith(consumed) and through.startswith(before)):
+            raise DataError(
+                f"record {index}: the chat template renders message {turn} differently once later turns follow, "
+                "so the prompt/response boundary is not exact; use a template whose rendering of the first turns "
+                "is a prefix of the whole conversation"
+            )
+        turn_text = through[len(before) :]
+        stripped = turn_text.rstrip()
+        if eos_token and stripped.endswith(eos_token):
+            # Whatever follows the template's EOS (usually "\n") belongs to the next masked piece.
+            learned = stripped[: -len(eos_token)]
+            covered = before + learned + eos_token
+        else:
+            # Trailing whitespace after the turn is template layout: it goes to the next masked piece.
+            learned = stripped
+            covered = before + learned
+        if not learned.strip():
+            raise DataError(f"record {index} message {turn} has an empty 'content' field ({FORMAT_NEEDS['chat']})")
+        segments += [(before[len(consumed) :], False), (learned, True)]
+        consumed = covered
+    return segments
+
+
+def _apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, index: int) -> str:
+    # The tokenizer's own template wins; DEFAULT_CHAT_TEMPLATE only fills the gap.
+    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except Exception as err:  # jinja raises TemplateError or whatever the template's raise_exception says
+        raise DataError(f"record {index}: the chat template could not render the conversation: {err}") from err
+
+
+def _require_messages(record: dict, index: int) -> list[dict]:
+    messages = record.get("messages")
+    if messages is None:
+        raise DataError(f"record {index} has no 'messages' field ({FORMAT_NEEDS['chat']})")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"record {index} has an empty or non-list 'messages' field ({FORMAT_NEEDS['chat']})")
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(
+                f"record {index} message {turn} is not a {{role, content}} mapping ({FORMAT_NEEDS['chat']}; "
+                "convert ShareGPT-style from/value pairs first)"
+            )
+        if not isinstance(message["content"], str):
+            raise DataError(f"record {index} message {turn} has no text in its 'content' field ({FORMAT_NEEDS['chat']})")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(
+            f"record {index}: the last message has role {messages[-1]['role']!r}, not 'assistant' "
+            f"({FORMAT_NEEDS['chat']}); drop trailing user turns"
+        )
+    return messages
+
+
+def _require_text(record: dict, field: str, fmt: str, index: int, text_field: str = "text") -> str:
+    needs = FORMAT_NEEDS[fmt].replace("{text_field}", text_field)
+    if record.get(field) is None:
+        raise DataError(f"record {index} has no {field!r} field ({needs})")
+    text = _optional_text(record[field])
+    if not text.strip():
+        raise DataError(f"record {index} has an empty {field!r} field ({needs})")
+    return text
+
+
+def _optional_text(value: Any) -> str:
+    # CSV and parquet give None (or NaN for numeric columns) for an empty cell, and numbers for numeric ones.
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing and masking
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenize_example(
+    record: dict, fmt: str, tokenizer: Any, max_seq_len: int, index: int = 0, text_field: str = "text"
+) -> dict[str, list[int]]:
+    """Tokenize one record into input ids and labels that carry loss on the response only.
+
+    The sequence is ``[bos] + prompt + response + eos``: BOS only when the tokenizer adds one
+    by itself (Llama 2/3 do, Qwen2 does not) and the rendered text does not already start with
+    it (chat templates often write it); EOS always, learned, so the model learns to stop. For a
+    multi-turn chat every assistant turn is learned as content + EOS (see ``_render_chat``).
+
+    Args:
+        record: One raw record.
+        fmt: ``alpaca``, ``chat`` or ``text``.
+        tokenizer: The model's tokenizer (must define an EOS token).
+        max_seq_len: Longer sequences keep their first ``max_seq_len`` tokens. When that cuts
+            every learned token, the example is still returned with all labels
+            ``IGNORE_INDEX``; ``build_datasets`` drops and counts such examples.
+        index: Position of the record in its file, quoted in errors.
+        text_field: Field holding the text for format ``text``.
+
+    Returns:
+        ``{"input_ids": [...], "labels": [...]}`` of equal length; labels are ``IGNORE_INDEX``
+        on BOS, prompts, user turns and template markup, and the token id elsewhere.
+
+    Raises:
+        DataError: A required field is missing or empty, or the tokenizer has no EOS token.
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before building the data")
+    input_ids: list[int] = []
+    labels: list[int] = []
+    # Each piece is tokenized on its own, so the masked/learned boundary falls between ids.
+    for text, learned in _render_segments(record, fmt, tokenizer, index, text_field):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        input_ids += ids
+        labels += ids if learned else [IGNORE_INDEX] * len(ids)
+        if learned:
+            input_ids.append(eos_id)
+            labels.append(eos_id)
+    bos_id = tokenizer.bos_token_id
+    if _adds_bos(tokenizer) and input_ids[:1] != [bos_id]:
+        input_ids.insert(0, bos_id)
+        labels.insert(0, IGNORE_INDEX)
+    return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    # Ask the tokenizer rather than trust add_bos_token: that attribute is absent or stale on
+    # many fast tokenizers, while the post-processor is what actually runs.
+    if tokenizer.bos_token_id is None:
+        return False
+    return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: split, drop, pack
+# ---------------------------------------------------------------------------------------------
+
+
+def build_datasets(cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Load, split, tokenize and (optionally) pack the training and evaluation examples.
+
+    Args:
+        cfg: The recipe's data section.
+        tokenizer: The model's tokenizer.
+        max_seq_len: Longest sequence in tokens; longer examples are truncated, packs fill up to it.
+        seed: Seeds the shuffle that picks the held-out records for ``cfg.eval_fraction``.
+
+    Returns:
+        ``(train, eval)`` lists of examples with ``input_ids`` and ``labels``; packed training
+        examples also carry ``position_ids``. Evaluation examples are never packed. The eval
+        list comes from ``cfg.eval_path`` (read with ``cfg.split``; a single file ignores it),
+        else from ``round(n * cfg.eval_fraction)`` (at least 1) held-out training records,
+        else it is empty. Examples whose response was truncated away entirely are dropped
+        (from both lists) and the count is logged as a warning.
+
+    Raises:
+        DataError: Files cannot be read, a record lacks a required field (message gives the
+            field and record index), or no training example is left.
+    """
+    records = load_records(cfg.path, cfg.split)
+    if cfg.max_examples is not None:
+        records = records.select(range(min(cfg.max_examples, len(records))))
+    train_indices = list(range(len(records)))
+    eval_examples: list[dict] = []
+    if cfg.eval_path:
+        eval_records = load_records(cfg.eval_path, cfg.split)
+        eval_examples = _tokenize_records(eval_records, range(len(eval_records)), cfg, tokenizer, max_seq_len)
+    elif cfg.eval_fraction > 0:
+        train_indices, eval_indices = split_indices(len(records), cfg.eval_fraction, seed)
+        eval_examples = _tokenize_records(records, eval_indices, cfg, tokenizer, max_seq_len)
+    train_examples = _tokenize_records(records, train_indices, cfg, tokenizer, max_seq_len)
+    train_examples = drop_unlearnable(train_examples, "training", max_seq_len)
+    eval_examples = drop_unlearnable(eval_examples, "evaluation", max_seq_len)
+    if not train_examples:
+        raise DataError(f"no training examples left from {cfg.path}; raise train.max_seq_len or check the data")
+    if cfg.packing:
+        train_examples = pack_examples(train_examples, max_seq_len)
+    return train_examples, eval_examples
+
+
+def _tokenize_records(
+    records: datasets.Dataset, indices: Any, cfg: DataConfig, tokenizer: Any, max_seq_len: int
+) -> list[dict]:
+    # The index in errors is the record's row in the file, whatever split or shuffle came first.
+    return [
+        tokenize_example(records[i], cfg.format, tokenizer, max_seq_len, index=i, text_field=cfg.text_field)
+        for i in indices
+    ]
+
+
+def split_indices(n_records: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Hold out ``round(n_records * eval_fraction)`` (at least 1) records, chosen by a seeded shuffle.
+
+    Returns:
+        ``(train_indices, eval_indices)``, each in ascending order so the training order
+        stays the file's order.
+
+    Raises:
+        DataError: The fraction would leave no training record.
+    """
+    n_eval = max(1, round(n_records * eval_fraction))
+    if n_eval >= n_records:
+        raise DataError(
+            f"data.eval_fraction={eval_fraction} holds out {n_eval} of {n_records} records, leaving none to train on; "
+            "lower it or pass data.eval_path"
+        )
+    order = list(range(n_records))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def drop_unlearnable(examples: list[dict], name: str, max_seq_len: int) -> list[dict]:
+    """Drop examples whose labels are all ``IGNORE_INDEX`` (truncation removed the response)."""
+    kept = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex["labels"])]
+    if len(kept) < len(examples):
+        logger.warning(
+            "dropped %d of %d %s examples: truncation to max_seq_len=%d left no response tokens to learn; "
+            "raise train.max_seq_len or shorten the prompts",
+            len(examples) - len(kept),
+            len(examples),
+            name,
+            max_seq_len,
+        )
+    return kept
+
+
+def pack_examples(examples: list[dict], max_seq_len: int) -> list[dict]:
+    """Greedily concatenate consecutive examples into sequences of at most ``max_seq_len`` tokens.
+
+    An example joins the current pack if it fits, else starts a new one (order is kept; the
+    training loop shuffles packs). ``position_ids`` restart at 0 for each example, which is
+    what keeps attention inside it (see the module docstring). The first label of every example
+    becomes ``IGNORE_INDEX``: the causal-LM loss scores position i against label i + 1, so that
+    label would make the last token of the previous example predict the next example's first
+    token. Unpacked, that label is never scored either, so packing changes no loss term.
+
+    Returns:
+        Packed examples with ``input_ids``, ``labels`` and ``position_ids``.
+    """
+    packs: list[dict] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        length = len(ex["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + length > max_seq_len:
+            packs.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += ex["input_ids"]
+        current["labels"] += [IGNORE_INDEX] + ex["labels"][1:]
+        current["position_ids"] += list(range(length))
+    if current["input_ids"]:
+        packs.append(current)
+    return packs
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+def collate_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples into one batch of tensors.
+
+    Args:
+        examples: Examples from ``build_datasets`` (all packed or all unpacked).
+        pad_token_id: Id written into padded ``input_ids``. It may equal the EOS id: padding
+            is masked by position (labels ``IGNORE_INDEX``), never by value.
+
+    Returns:
+        Unpacked: ``input_ids``, ``labels`` and ``attention_mask`` (1 on tokens, 0 on padding),
+        each ``(B, T)`` int64 with T the longest example. Packed: ``input_ids``, ``labels`` and
+        ``position_ids`` and *no* ``attention_mask``, so that transformers builds the
+        per-example causal mask from ``position_ids``; call the model with
+        ``use_cache=False``. Padding gets positions 0, 1, ... of its own, a separate
+        sequence that no real token can see (it comes after them).
+
+    Raises:
+        ValueError: ``pad_token_id`` is None, or packed and unpacked examples are mixed.
+    """
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; use the tokenizer's pad id, or its EOS id when it has no pad token")
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
+    flags = {"position_ids" in ex for ex in examples}
+    if len(flags) > 1:
+        raise ValueError("cannot collate packed and unpacked examples into one batch")
+    packed = flags.pop()
+    batch_size, longest = len(examples), max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((batch_size, longest), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)  # (B, T)
+    position_ids = torch.zeros((batch_size, longest), dtype=torch.long)  # (B, T), packed only
+    for row, ex in enumerate(examples):
+        length = len(ex["input_ids"])
+        input_ids[row, :length] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        labels[row, :length] = torch.tensor(ex["labels"], dtype=torch.long)
+        attention_mask[row, :length] = 1
+        if packed:
+            position_ids[row, :length] = torch.tensor(ex["position_ids"], dtype=torch.long)
+            position_ids[row, length:] = torch.arange(longest - length)
+    if packed:
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

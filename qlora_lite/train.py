@@ -1,0 +1,419 @@
+"""The training loop: one flat `fit()` you can read top to bottom, plus checkpoint and resume.
+
+A run's output folder:
+    config.yaml         the resolved recipe
+    metrics.jsonl       one JSON object per logged step, eval, memory report and summary
+    checkpoints/step-N  adapter + trainer_state.pt (optimizer, scheduler, RNG, data position)
+    adapter/            the final adapter, in PEFT's format, with the tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import load_adapter, save_adapter
+from .config import RecipeConfig, config_to_dict, save_config
+from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
+from .lora import apply_lora
+from .memory import build_memory_report, format_memory_report, format_memory_short
+from .optim import build_optimizer, build_scheduler
+from .quant import enable_gradient_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_path
+
+CHECKPOINT_PREFIX = "step-"
+STATE_NAME = "trainer_state.pt"
+# Fault injection for the resume test: SIGKILL this process right after the given optimizer step.
+KILL_AT_STEP_ENV = "QLORA_LITE_KILL_AT_STEP"
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason the user can act on; the message says what was kept and what to do."""
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train the recipe's adapter; returns the run summary (also the last line of metrics.jsonl)."""
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, resume, overwrite)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    device = pick_device()
+    mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
+    if mixed_precision == "fp16" and cfg.lora.dtype != "float32":
+        # fp16 gradient scaling cannot unscale fp16 parameters: keep the adapter in fp32 on such GPUs.
+        print(f"note: fp16 mixed precision needs fp32 adapter weights; using lora.dtype=float32 instead of {cfg.lora.dtype}")
+        cfg.lora.dtype = "float32"
+    save_config(cfg, out / "config.yaml")
+    metrics = MetricsLog(out / "metrics.jsonl")
+
+    # --- model: frozen base (4-bit or not) + LoRA, or the LoRA of the newest checkpoint
+    base_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, base_path)
+    model = load_base_model(cfg.model, cfg.quant, device)
+    checkpoint = find_latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        raise TrainingError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start the run without --resume")
+    if checkpoint is not None:
+        load_adapter(model, checkpoint, trainable=True)
+    else:
+        apply_lora(model, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    report = build_memory_report(model, device)
+    print(format_memory_report(report, "start"))
+    metrics.write({"event": "memory", "when": "start", **report})
+
+    # --- data
+    train_examples, eval_examples = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
+    batches_per_epoch = len(train_examples) // cfg.train.micro_batch_size
+    if batches_per_epoch == 0:
+        raise TrainingError(
+            f"only {len(train_examples)} training examples for train.micro_batch_size={cfg.train.micro_batch_size}; "
+            "lower the micro-batch size or add data"
+        )
+
+    # --- optimizer, schedule, accelerate
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, device)
+    scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step, micro_batches_seen = 0, 0
+    if checkpoint is not None:
+        step, micro_batches_seen = restore_trainer_state(checkpoint, optimizer, scheduler)
+        print(f"resumed from {checkpoint} at step {step}")
+        metrics.write({"event": "resume", "step": step, "checkpoint": str(checkpoint)})
+
+    def next_micro_batch() -> dict[str, torch.Tensor]:
+        nonlocal micro_batches_seen
+        batch = select_micro_batch(train_examples, micro_batches_seen, cfg.train.micro_batch_size, cfg.train.seed)
+        micro_batches_seen += 1
+        return {k: v.to(device) for k, v in collate_batch(batch, tokenizer.pad_token_id).items()}
+
+    def evaluate_now() -> dict:
+        result = {"step": step, "eval_loss": evaluate_loss(model, eval_examples, cfg, tokenizer.pad_token_id, device)}
+        print(f"step {step}: eval loss {result['eval_loss']:.4f}")
+        return result
+
+    # --- before training: eval loss and task metric of the untouched adapter
+    first_eval = None
+    if eval_examples and checkpoint is None:
+        first_eval = evaluate_now()
+        if cfg.train.exact_match_examples:
+            first_eval["exact_match"] = exact_match(model, tokenizer, eval_examples[: cfg.train.exact_match_examples], device)
+            print(f"step {step}: exact match {first_eval['exact_match']:.1%}")
+        metrics.write({"event": "eval", **first_eval})
+
+    # --- the loop: accumulate grad_accum_steps micro-batches, clip, step
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    window_tokens, window_start, last_checkpoint = 0, time.perf_counter(), checkpoint
+    model.train()
+    while step < cfg.train.max_steps:
+        micro_batches = [next_micro_batch() for _ in range(cfg.train.grad_accum_steps)]
+        # Weight each micro-batch by its share of the step's target tokens, so the step's loss is
+        # the mean over all its tokens, as one big batch would give.
+        targets = [count_targets(b["labels"]) for b in micro_batches]
+        total_targets = max(sum(targets), 1)
+        step_loss = 0.0
+        try:
+            for batch, n_targets in zip(micro_batches, targets):
+                with accelerator.autocast():
+                    # use_cache=False also matters for packing: with a cache, transformers skips
+                    # the position_ids-based detection that keeps attention inside each example.
+                    loss = model(**batch, use_cache=False).loss
+                check_finite(loss, step + 1, last_checkpoint)
+                accelerator.backward(loss * n_targets / total_targets)
+                step_loss += loss.item() * n_targets / total_targets
+                window_tokens += count_tokens(batch)
+            grad_norm = clip_gradients(accelerator, trainable, cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError as err:
+            raise TrainingError(out_of_memory_message(step + 1, device, last_checkpoint)) from err
+        step += 1
+
+        # --- log, evaluate, checkpoint
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+            }
+            metrics.write(record)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=format_memory_short(device))
+            window_tokens, window_start = 0, time.perf_counter()
+        bar.update(1)
+        if eval_examples and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            metrics.write({"event": "eval", **evaluate_now()})
+            model.train()
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            last_checkpoint = save_checkpoint(out, model, cfg, base_path, optimizer, scheduler, step, micro_batches_seen)
+        maybe_kill_for_test(step)
+    bar.close()
+
+    # --- after training: final eval, adapter, memory report, summary
+    summary: dict = {"event": "summary", "steps": step}
+    if eval_examples:
+        last_eval = evaluate_now()
+        if cfg.train.exact_match_examples:
+            last_eval["exact_match"] = exact_match(model, tokenizer, eval_examples[: cfg.train.exact_match_examples], device)
+            print(f"step {step}: exact match {last_eval['exact_match']:.1%}")
+        metrics.write({"event": "eval", **last_eval})
+        summary.update({f"final_{k}": v for k, v in last_eval.items() if k != "step"})
+        if first_eval:
+            summary.update({f"initial_{k}": v for k, v in first_eval.items() if k != "step"})
+    write_atomically(out / "adapter", lambda tmp: save_final_adapter(model, cfg, base_path, tokenizer, tmp))
+    report = build_memory_report(model, device)
+    print(format_memory_report(report, "end"))
+    metrics.write({"event": "memory", "when": "end", **report})
+    summary["adapter_dir"] = str(out / "adapter")
+    metrics.write(summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------- pieces of the loop
+
+
+def resolve_mixed_precision(name: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on GPUs that have it, fp16 on older GPUs, none on the CPU."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def select_micro_batch(examples: list[dict], index: int, micro_batch_size: int, seed: int) -> list[dict]:
+    """The index-th micro-batch of an endless, per-epoch shuffled stream (the last partial batch of an epoch is dropped).
+
+    A pure function of the index, so a resumed run sees exactly the batches it would have seen.
+    """
+    per_epoch = len(examples) // micro_batch_size
+    epoch, offset = divmod(index, per_epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
+    return [examples[i] for i in order[offset * micro_batch_size : (offset + 1) * micro_batch_size].tolist()]
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Tokens the loss is computed on: labels are shifted by one inside the model."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a batch; packed batches carry no attention mask and have little padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def check_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) -> None:
+    if not torch.isfinite(loss):
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been written yet"
+        raise TrainingError(
+            f"loss became {loss.item()} at step {step}; stopped without writing anything further ({kept}). "
+            "Lower train.lr, raise train.warmup_steps, keep train.max_grad_norm on, or check the data for empty examples; "
+            "then continue with --resume or start again"
+        )
+
+
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm (when max_norm > 0) and return the norm before clipping."""
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def out_of_memory_message(step: int, device: torch.device, last_checkpoint: Path | None) -> str:
+    peak = f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)" if device.type == "cuda" else ""
+    kept = f"the last checkpoint {last_checkpoint} is kept" if last_checkpoint else "no checkpoint had been written yet"
+    return (
+        f"out of GPU memory at step {step}{peak}; {kept}. Lower train.micro_batch_size (raise train.grad_accum_steps "
+        "to keep the effective batch) or train.max_seq_len, keep model.gradient_checkpointing on, or run `qlora-lite plan`"
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], cfg: RecipeConfig, pad_id: int, device: torch.device) -> float:
+    """Mean loss per target token over the eval examples (or the first eval_max_batches batches)."""
+    model.eval()
+    total_loss, total_targets = 0.0, 0
+    size = cfg.train.micro_batch_size
+    batches = range(0, len(examples), size)
+    if cfg.train.eval_max_batches is not None:
+        batches = batches[: cfg.train.eval_max_batches]
+    for start in batches:
+        batch = {k: v.to(device) for k, v in collate_batch(examples[start : start + size], pad_id).items()}
+        n = count_targets(batch["labels"])
+        if n:
+            total_loss += model(**batch, use_cache=False).loss.float().item() * n
+            total_targets += n
+    return total_loss / max(total_targets, 1)
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples: list[dict], device: torch.device) -> float:
+    """Share of examples whose greedy answer equals the reference answer exactly (after strip).
+
+    The prompt is the tokens before the first target token; the reference is the first run of
+    target tokens, up to EOS. Works for every format, from tokenized examples alone.
+    """
+    model.eval()
+    hits = 0
+    for example in examples:
+        ids, labels = example["input_ids"], example["labels"]
+        start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        end = start
+        while end < len(labels) and labels[end] != IGNORE_INDEX and labels[end] != tokenizer.eos_token_id:
+            end += 1
+        reference = tokenizer.decode(ids[start:end], skip_special_tokens=True).strip()
+        prompt = torch.tensor([ids[:start]], device=device)
+        generated = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=end - start + 8,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True).strip()
+        hits += answer == reference
+    return hits / max(len(examples), 1)
+
+
+# ---------------------------------------------------------------------------- output folder and checkpoints
+
+
+class MetricsLog:
+    """Appends one JSON object per line; each line is flushed so a killed run keeps its history."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}, default=float) + "\n")
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over an earlier run unless asked to resume it or to start over."""
+    has_run = (out / "checkpoints").exists() or (out / "adapter").exists() or (out / "metrics.jsonl").exists()
+    if has_run and not resume:
+        if not overwrite:
+            raise TrainingError(
+                f"{out} already holds a run; pass --resume to continue it, --overwrite to delete it and start over, "
+                "or choose another folder with output_dir=..."
+            )
+        for name in ("checkpoints", "adapter"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "checkpoints").glob(".*.tmp") if (out / "checkpoints").exists() else []:
+        shutil.rmtree(stale, ignore_errors=True)  # half-written by a killed run: never used
+
+
+def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Write a folder under a temporary name, then rename it into place.
+
+    A crash leaves either the old folder or a `.tmp` one that readers ignore, never a half-written `final`.
+    """
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        old = final.parent / f".{final.name}.old.tmp"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    return final
+
+
+def save_final_adapter(model, cfg: RecipeConfig, base_path: str, tokenizer, folder: Path) -> None:
+    save_adapter(unwrap(model), cfg.lora, folder, base_path)
+    if cfg.data.format == "chat" and not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so generation prompts the way training did
+    tokenizer.save_pretrained(str(folder))  # generation and merge need the tokenizer the adapter was trained with
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, optimizer, scheduler, step: int, micro_batches_seen: int) -> Path:
+    """Adapter + optimizer, scheduler, RNG and data position, written atomically; old ones pruned."""
+    state = {
+        "step": step,
+        "micro_batches_seen": micro_batches_seen,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+        },
+        "config": config_to_dict(cfg),
+    }
+
+    def write(folder: Path) -> None:
+        save_adapter(unwrap(model), cfg.lora, folder, base_path)
+        torch.save(state, folder / STATE_NAME)
+
+    path = write_atomically(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}", write)
+    for old in list_checkpoints(out)[: -max(cfg.train.keep_checkpoints, 1)]:
+        shutil.rmtree(old)
+    return path
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders start with a dot and are skipped)."""
+    folder = out / "checkpoints"
+    if not folder.exists():
+        return []
+    done = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_NAME).is_file()]
+    return sorted(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def find_latest_checkpoint(out: Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def restore_trainer_state(checkpoint: Path, optimizer, scheduler) -> tuple[int, int]:
+    """Load optimizer, scheduler and RNG state; returns (step, micro_batches_seen)."""
+    try:
+        state = torch.load(checkpoint / STATE_NAME, weights_only=True, map_location="cpu")
+    except Exception as err:  # a torn or foreign file: say which and what to do
+        raise TrainingError(f"{checkpoint / STATE_NAME} cannot be read ({err}); delete that checkpoint folder to resume from an earlier one") from err
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    random.setstate(state["rng"]["python"])
+    return state["step"], state["micro_batches_seen"]
+
+
+def maybe_kill_for_test(step: int) -> None:
+    if os.environ.get(KILL_AT_STEP_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+

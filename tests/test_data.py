@@ -1,0 +1,463 @@
+"""Data: loading, prompt formats, loss masking, eval splits, packing and batches.
+
+The tokenizer fixture has pad id 0, bos id 2, eos id 3 (`</s>`), no chat template, and does
+not add BOS by itself; tests that need BOS or a template set them on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+
+import datasets
+import huggingface_hub.constants
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qlora_lite.config import DataConfig
+from qlora_lite.data import (
+    IGNORE_INDEX,
+    DataError,
+    build_datasets,
+    collate_batch,
+    load_records,
+    pack_examples,
+    render_example,
+    split_indices,
+    tokenize_example,
+)
+
+EOS = 3
+BOS = 2
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nName a colour.\n\n### Input:\nthe sky\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nName a colour.\n\n### Response:\n"
+)
+# ChatML-like, closing each turn with the tokenizer's EOS and opening with BOS, as Llama 3 and
+# Qwen2 templates do with their own tokens.
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] + eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SINGLE_TURN = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue is a colour."}]}
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def alpaca_records(n: int) -> list[dict]:
+    """n distinct records, every third one with an input."""
+    return [
+        {"instruction": f"Name colour {i}.", "input": f"hint {i}" if i % 3 == 0 else "", "output": f"Blue {i} is the quick fox."}
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path, records: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_csv(path, records: list[dict]):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def learned_predictions(examples: list[dict]) -> int:
+    """Labels the shifted causal-LM loss scores: every one but the first of each example."""
+    return sum(sum(label != IGNORE_INDEX for label in ex["labels"][1:]) for ex in examples)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
+def test_load_records_reads_each_local_format(tmp_path, suffix):
+    records = alpaca_records(5)
+    path = tmp_path / f"data.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, records)
+    elif suffix == "json":
+        path.write_text(json.dumps(records))
+    elif suffix == "csv":
+        write_csv(path, records)
+    else:
+        datasets.Dataset.from_list(records).to_parquet(str(path))
+
+    loaded = load_records(str(path))
+
+    assert len(loaded) == 5
+    assert loaded[3]["output"] == "Blue 3 is the quick fox."
+    assert loaded[3]["instruction"] == "Name colour 3."
+
+
+def test_load_records_reads_named_split_of_a_folder(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", alpaca_records(3))
+    write_jsonl(tmp_path / "test.jsonl", alpaca_records(2))
+
+    assert len(load_records(str(tmp_path), split="train")) == 3
+    assert len(load_records(str(tmp_path), split="test")) == 2
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_records(str(tmp_path), split="validation")
+
+
+def test_load_records_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope" / "train.jsonl"
+    with pytest.raises(DataError, match="does not exist") as err:
+        load_records(str(missing))
+    assert str(missing) in str(err.value)
+
+
+def test_load_records_unreachable_hub_says_pass_a_local_file(monkeypatch):
+    # Offline mode fails the same way as a dead network, without waiting for retries.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="hub is unreachable") as err:
+        load_records("someone/some-dataset")
+    assert "local .jsonl" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- formats and masking
+
+
+def test_alpaca_prompt_is_the_standard_template_and_only_response_is_learned(tokenizer):
+    record = {"instruction": "Name a colour.", "input": "the sky", "output": "Blue is a colour."}
+
+    prompt, response = render_example(record, "alpaca", tokenizer)
+    example = tokenize_example(record, "alpaca", tokenizer, max_seq_len=512)
+
+    assert (prompt, response) == (ALPACA_WITH_INPUT, "Blue is a colour.")
+    n_prompt, response_ids = len(ids_of(tokenizer, prompt)), ids_of(tokenizer, response)
+    assert len(example["input_ids"]) == n_prompt + len(response_ids) + 1
+    assert example["labels"].count(IGNORE_INDEX) == n_prompt
+    assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert example["labels"][n_prompt:] == response_ids + [EOS]
+    assert example["input_ids"][-1] == EOS and example["labels"][-1] == EOS
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Name a colour.", "output": "Blue."},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Name a colour.", "input": None, "output": "Blue."},
+], ids=["missing", "empty", "null"])
+def test_alpaca_without_input_uses_the_no_input_template(tokenizer, record):
+    assert render_example(record, "alpaca", tokenizer) == (ALPACA_NO_INPUT, "Blue.")
+
+
+def test_alpaca_csv_empty_input_cell_uses_the_no_input_template(tmp_path, tokenizer):
+    path = write_csv(tmp_path / "d.csv", [{"instruction": "Name a colour.", "input": "", "output": "42"}])
+    record = load_records(str(path))[0]
+    # An empty CSV cell arrives as None and a numeric answer as an int: both must render.
+    assert render_example(record, "alpaca", tokenizer) == (ALPACA_NO_INPUT, "42")
+
+
+def test_bos_is_prepended_and_masked_when_the_tokenizer_adds_one(tokenizer):
+    bos_tokenizer = copy.deepcopy(tokenizer)
+    bos_tokenizer.add_bos_token = True
+    record = {"instruction": "Name a colour.", "output": "Blue."}
+
+    example = tokenize_example(record, "alpaca", bos_tokenizer, max_seq_len=512)
+
+    n_prompt = len(ids_of(tokenizer, ALPACA_NO_INPUT))
+    assert example["input_ids"][0] == BOS and example["input_ids"].count(BOS) == 1
+    assert example["labels"].count(IGNORE_INDEX) == 1 + n_prompt
+    assert example["labels"][-1] == EOS
+
+
+def test_text_format_learns_every_token(tokenizer):
+    record = {"body": "the quick brown fox jumps over the lazy dog"}
+
+    prompt, response = render_example(record, "text", tokenizer, text_field="body")
+    example = tokenize_example(record, "text", tokenizer, max_seq_len=512, text_field="body")
+
+    assert prompt == "" and response == record["body"]
+    assert example["input_ids"] == ids_of(tokenizer, record["body"]) + [EOS]
+    assert example["labels"] == example["input_ids"]
+    assert example["labels"].count(IGNORE_INDEX) == 0
+
+
+def test_chat_without_template_uses_the_default_template(tokenizer):
+    assert tokenizer.chat_template is None
+
+    prompt, response = render_example(SINGLE_TURN, "chat", tokenizer)
+    example = tokenize_example(SINGLE_TURN, "chat", tokenizer, max_seq_len=512)
+
+    assert prompt == "<|user|>\nName a colour.</s>\n<|assistant|>\n"
+    assert response == "Blue is a colour."
+    n_prompt = len(ids_of(tokenizer, prompt))
+    assert example["labels"].count(IGNORE_INDEX) == n_prompt
+    assert example["input_ids"] == ids_of(tokenizer, prompt) + ids_of(tokenizer, response) + [EOS]
+    assert example["labels"][-1] == EOS
+
+
+def test_chat_uses_the_tokenizer_template_without_doubling_bos_or_eos(tokenizer):
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = CHATML_TEMPLATE
+    chat_tokenizer.add_bos_token = True  # the template writes BOS too: it must appear once
+
+    prompt, response = render_example(SINGLE_TURN, "chat", chat_tokenizer)
+    example = tokenize_example(SINGLE_TURN, "chat", chat_tokenizer, max_seq_len=512)
+
+    assert prompt == "<s><|im_start|>user\nName a colour.</s>\n<|im_start|>assistant\n"
+    assert response == "Blue is a colour."  # the template's closing </s> becomes the appended EOS
+    n_prompt = len(ids_of(tokenizer, prompt))
+    assert example["input_ids"][0] == BOS and example["input_ids"].count(BOS) == 1
+    assert example["labels"].count(IGNORE_INDEX) == n_prompt
+    assert example["labels"][n_prompt:] == ids_of(tokenizer, "Blue is a colour.") + [EOS]
+    assert example["input_ids"].count(EOS) == 2  # one closing the user turn (masked), one learned
+
+
+def test_multi_turn_chat_learns_every_assistant_turn_and_nothing_else(tokenizer):
+    record = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi! how can I help?"},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue is a colour."},
+    ]}
+
+    prompt, response = render_example(record, "chat", tokenizer)
+    example = tokenize_example(record, "chat", tokenizer, max_seq_len=512)
+
+    first = "<|system|>\nBe brief.</s>\n<|user|>\nhello there</s>\n<|assistant|>\n"
+    between = "\n<|user|>\nName a colour.</s>\n<|assistant|>\n"
+    assert prompt == first + "hi! how can I help?</s>" + between
+    assert response == "Blue is a colour."
+    t1, t2 = ids_of(tokenizer, "hi! how can I help?"), ids_of(tokenizer, "Blue is a colour.")
+    m1, m2 = ids_of(tokenizer, first), ids_of(tokenizer, between)
+    assert example["input_ids"] == m1 + t1 + [EOS] + m2 + t2 + [EOS]
+    assert example["labels"] == [IGNORE_INDEX] * len(m1) + t1 + [EOS] + [IGNORE_INDEX] * len(m2) + t2 + [EOS]
+
+
+@pytest.mark.parametrize("fmt, record, field", [
+    ("alpaca", {"instruction": "Name a colour.", "input": ""}, "output"),
+    ("alpaca", {"instruction": "  ", "output": "Blue."}, "instruction"),
+    ("chat", {"text": "hello"}, "messages"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "assistant"),
+    ("chat", {"messages": [{"from": "human", "value": "hi"}]}, "role, content"),
+    ("text", {"body": "hello"}, "text"),
+], ids=["alpaca-no-output", "alpaca-blank-instruction", "chat-no-messages", "chat-ends-with-user", "chat-sharegpt", "text-no-field"])
+def test_bad_record_error_names_the_field_and_the_index(tokenizer, fmt, record, field):
+    with pytest.raises(DataError) as err:
+        tokenize_example(record, fmt, tokenizer, max_seq_len=512, index=17)
+    assert "record 17" in str(err.value)
+    assert field in str(err.value)
+
+
+def test_missing_output_message_is_exact(tokenizer):
+    with pytest.raises(DataError) as err:
+        render_example({"instruction": "Name a colour."}, "alpaca", tokenizer, index=17)
+    assert str(err.value) == "record 17 has no 'output' field (format alpaca needs instruction, output; input optional)"
+
+
+def test_truncation_keeps_the_first_max_seq_len_tokens(tokenizer):
+    record = {"instruction": "Name a colour.", "output": "the quick brown fox jumps over the lazy dog"}
+    full = tokenize_example(record, "alpaca", tokenizer, max_seq_len=512)
+    n_prompt = len(ids_of(tokenizer, ALPACA_NO_INPUT))
+
+    cut = tokenize_example(record, "alpaca", tokenizer, max_seq_len=n_prompt + 3)
+    assert len(cut["input_ids"]) == len(cut["labels"]) == n_prompt + 3
+    assert cut["input_ids"] == full["input_ids"][: n_prompt + 3]
+    assert sum(label != IGNORE_INDEX for label in cut["labels"]) == 3
+
+    # Cutting inside the prompt leaves nothing to learn; the example is still returned.
+    prompt_only = tokenize_example(record, "alpaca", tokenizer, max_seq_len=n_prompt - 2)
+    assert len(prompt_only["labels"]) == n_prompt - 2
+    assert set(prompt_only["labels"]) == {IGNORE_INDEX}
+
+
+# ----------------------------------------------------------------------------- build_datasets
+
+
+def test_eval_fraction_holds_out_a_seeded_tenth(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", alpaca_records(100))
+    cfg = DataConfig(path=str(path), eval_fraction=0.1)
+
+    train, evaluation = build_datasets(cfg, tokenizer, max_seq_len=512, seed=1)
+    _, same_eval = build_datasets(cfg, tokenizer, max_seq_len=512, seed=1)
+    _, other_eval = build_datasets(cfg, tokenizer, max_seq_len=512, seed=2)
+
+    assert (len(train), len(evaluation)) == (90, 10)
+    as_set = lambda examples: {tuple(ex["input_ids"]) for ex in examples}  # noqa: E731
+    assert as_set(evaluation) == as_set(same_eval)
+    assert as_set(evaluation) != as_set(other_eval)
+    assert len(as_set(train) | as_set(evaluation)) == 100
+    assert split_indices(100, 0.1, seed=1)[1] == split_indices(100, 0.1, seed=1)[1]
+    assert len(split_indices(7, 0.1, seed=0)[1]) == 1  # round(0.7) = 1, never 0
+
+
+def test_eval_fraction_that_leaves_nothing_to_train_on_is_an_error():
+    with pytest.raises(DataError, match="eval_fraction"):
+        split_indices(1, 0.5, seed=0)
+
+
+def test_eval_path_is_used_and_never_packed(tmp_path, tokenizer):
+    train_path = write_csv(tmp_path / "train.csv", alpaca_records(7))
+    eval_path = tmp_path / "eval.parquet"
+    datasets.Dataset.from_list(alpaca_records(3)).to_parquet(str(eval_path))
+    cfg = DataConfig(path=str(train_path), eval_path=str(eval_path), eval_fraction=0.5, packing=True)
+
+    train, evaluation = build_datasets(cfg, tokenizer, max_seq_len=512, seed=0)
+
+    assert len(evaluation) == 3  # eval_path wins over eval_fraction
+    assert all(set(ex) == {"input_ids", "labels"} for ex in evaluation)
+    assert sum(ex["position_ids"].count(0) for ex in train) == 7  # all 7 records train, packed
+
+
+def test_max_examples_and_text_field(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"body": f"the quick fox {i}"} for i in range(10)])
+    cfg = DataConfig(path=str(path), format="text", text_field="body", max_examples=4)
+
+    train, evaluation = build_datasets(cfg, tokenizer, max_seq_len=512, seed=0)
+
+    assert (len(train), len(evaluation)) == (4, 0)
+    assert train[2]["input_ids"] == ids_of(tokenizer, "the quick fox 2") + [EOS]
+
+
+def test_bad_record_in_a_file_reports_its_row(tmp_path, tokenizer):
+    records = alpaca_records(20)
+    del records[17]["output"]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(DataError, match=r"record 17 has no 'output' field"):
+        build_datasets(DataConfig(path=str(path)), tokenizer, max_seq_len=512, seed=0)
+
+
+def test_examples_truncated_to_no_response_are_dropped_and_counted(tmp_path, tokenizer, caplog):
+    long_instruction = "the quick brown fox jumps over the lazy dog " * 8
+    records = [{"instruction": text, "output": "Blue."} for text in ("Name colour 1.", long_instruction, "Name colour 2.")]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    n_prompt = len(ids_of(tokenizer, ALPACA_NO_INPUT.replace("Name a colour.", "Name colour 2.")))
+
+    with caplog.at_level(logging.WARNING, logger="qlora_lite.data"):
+        train, _ = build_datasets(DataConfig(path=str(path)), tokenizer, max_seq_len=n_prompt + 4, seed=0)
+
+    assert len(train) == 2
+    assert "dropped 1 of 3 training examples" in caplog.text
+
+
+# ----------------------------------------------------------------------------- collate
+
+
+def test_collate_right_pads_and_masks_padding_by_position():
+    short = {"input_ids": [5, 6, 3], "labels": [IGNORE_INDEX, 6, 3]}
+    long = {"input_ids": [5, 6, 7, 8, 3], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 3]}
+
+    batch = collate_batch([short, long], pad_token_id=0)
+
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert batch["input_ids"].tolist() == [[5, 6, 3, 0, 0], [5, 6, 7, 8, 3]]
+    assert batch["labels"].tolist() == [[-100, 6, 3, -100, -100], [-100, -100, 7, 8, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["input_ids"].dtype == torch.long
+
+    # Padding with the EOS id (tokenizers without a pad token) loses no learned EOS.
+    same_as_eos = collate_batch([short, long], pad_token_id=EOS)
+    assert same_as_eos["input_ids"][0].tolist() == [5, 6, 3, 3, 3]
+    assert (same_as_eos["labels"] == EOS).sum().item() == 2
+    assert same_as_eos["attention_mask"].sum().item() == 8
+
+
+def test_collate_packed_returns_position_ids_and_no_attention_mask():
+    packs = pack_examples([
+        {"input_ids": [5, 6, 3], "labels": [5, 6, 3]},
+        {"input_ids": [7, 3], "labels": [7, 3]},
+        {"input_ids": [8, 9, 9, 3], "labels": [8, 9, 9, 3]},
+    ], max_seq_len=5)
+
+    batch = collate_batch(packs, pad_token_id=0)
+
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].tolist() == [[5, 6, 3, 7, 3], [8, 9, 9, 3, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 3, -100, 3], [-100, 9, 9, 3, -100]]
+    # Padding is its own sequence (positions restart at 0), after every real token.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "text"])
+def test_packing_keeps_every_token_and_every_scored_label(tmp_path, tokenizer, fmt):
+    records = alpaca_records(30) if fmt == "alpaca" else [{"text": "the quick brown fox " * (1 + i % 5)} for i in range(30)]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    max_seq_len = 256
+
+    plain, _ = build_datasets(DataConfig(path=str(path), format=fmt), tokenizer, max_seq_len, seed=0)
+    packed, _ = build_datasets(DataConfig(path=str(path), format=fmt, packing=True), tokenizer, max_seq_len, seed=0)
+
+    assert len(packed) < len(plain) / 2
+    assert all(len(p["input_ids"]) == len(p["labels"]) == len(p["position_ids"]) <= max_seq_len for p in packed)
+    assert sum(p["position_ids"].count(0) for p in packed) == len(plain) == 30
+    # Same tokens in the same order; next-fit: the next example would not have fit.
+    assert [t for p in packed for t in p["input_ids"]] == [t for ex in plain for t in ex["input_ids"]]
+    batch = collate_batch(packed, pad_token_id=0)
+    assert (batch["input_ids"] != 0).sum().item() == sum(len(ex["input_ids"]) for ex in plain)
+    # Each example's first label becomes -100; no label the unpacked loss scores is lost.
+    assert sum(label != IGNORE_INDEX for p in packed for label in p["labels"]) == learned_predictions(plain)
+
+
+def _load_fp32(model_dir, attn_implementation: str):
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=attn_implementation).eval()
+
+
+def _packed_fixture(tokenizer):
+    """Five text examples of 7 to 19 tokens packed into 40-token rows: 3 + 2 examples, 33 and 26 tokens."""
+    examples = [
+        tokenize_example({"text": "the quick brown fox " * (1 + i % 4) + str(i)}, "text", tokenizer, 40, index=i)
+        for i in range(5)
+    ]
+    packs = pack_examples(examples, max_seq_len=40)
+    return examples, packs, collate_batch(packs, pad_token_id=0)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_logits_and_loss_equal_each_example_run_alone(tokenizer, tiny_model_dir, attn_implementation):
+    model = _load_fp32(tiny_model_dir, attn_implementation)
+    examples, packs, batch = _packed_fixture(tokenizer)
+    assert [p["position_ids"].count(0) for p in packs] == [3, 2]
+    assert [len(p["input_ids"]) for p in packs] == [33, 26]  # row 1 is padded
+
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False)
+        alone = [model(torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])) for ex in examples]
+
+    unpacked = iter(zip(examples, alone))
+    for row, pack in enumerate(packs):
+        for start in [i for i, position in enumerate(pack["position_ids"]) if position == 0]:
+            ex, out = next(unpacked)
+            length = len(ex["input_ids"])
+            torch.testing.assert_close(packed.logits[row, start : start + length], out.logits[0], atol=1e-5, rtol=0)
+    assert next(unpacked, None) is None
+
+    # The packed mean loss is the token-weighted mean of the per-example losses.
+    counts = torch.tensor([learned_predictions([ex]) for ex in examples], dtype=torch.float32)
+    losses = torch.stack([out.loss for out in alone])
+    torch.testing.assert_close(packed.loss, (losses * counts).sum() / counts.sum(), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_needs_use_cache_false(tokenizer, tiny_llama_dir):
+    """Why callers must pass use_cache=False: transformers skips packed-sequence detection when a
+    KV cache exists, and the default config (use_cache=True) creates one. If this starts to fail,
+    transformers fixed that and the requirement can be relaxed."""
+    model = _load_fp32(tiny_llama_dir, "sdpa")
+    examples, packs, batch = _packed_fixture(tokenizer)
+    second = len(examples[0]["input_ids"])  # the second example of row 0
+    with torch.no_grad():
+        leaky = model(**batch).logits[0, second:second + len(examples[1]["input_ids"])]
+        alone = model(torch.tensor([examples[1]["input_ids"]])).logits[0]
+    assert (leaky - alone).abs().max().item() > 1e-2
+

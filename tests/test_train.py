@@ -1,0 +1,168 @@
+"""fit(): loss falls, accumulation is exact, checkpoints resume to the same adapter after SIGKILL,
+NaN and out-of-memory stop cleanly, and an earlier run is never overwritten by accident."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_lite.config import load_config
+from qlora_lite.train import TrainingError, find_latest_checkpoint, fit, select_micro_batch
+
+WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "rain", "lamp", "door"]
+
+
+def write_data(folder) -> str:
+    path = folder / "train.jsonl"
+    with path.open("w") as f:
+        for i in range(48):
+            word = WORDS[i % len(WORDS)]
+            f.write(json.dumps({"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"}) + "\n")
+    return str(path)
+
+
+def recipe_overrides(tmp_path, model_dir, **extra) -> list[str]:
+    values = {
+        "model.name_or_path": str(model_dir),
+        "model.gradient_checkpointing": True,
+        "data.path": write_data(tmp_path),
+        "data.eval_fraction": 0.25,
+        "lora.r": 8,
+        "lora.alpha": 16,
+        "lora.dropout": 0.0,
+        "train.max_steps": 8,
+        "train.micro_batch_size": 4,
+        "train.grad_accum_steps": 1,
+        "train.max_seq_len": 256,
+        "train.lr": 5e-3,
+        "train.warmup_steps": 1,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.save_every": 0,
+        "output_dir": str(tmp_path / "run"),
+    }
+    values.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_tensors(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_loss_falls_on_4bit_base_and_outputs_are_written(tiny_model_dir, tmp_path):
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_model_dir, **{"train.max_steps": 12, "train.lr": 1e-2}))
+    summary = fit(cfg)
+    run = tmp_path / "run"
+    # The response tokens of this task come from a 12-word vocabulary: even a frozen random base
+    # with LoRA learns their distribution. Measured: eval loss falls ~30% in 12 steps; assert 20%.
+    assert summary["final_eval_loss"] < 0.8 * summary["initial_eval_loss"]
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    metrics = read_metrics(run)
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 or m["step"] == 12 for m in steps)
+    assert [m["when"] for m in metrics if m.get("event") == "memory"] == ["start", "end"]
+    assert load_config(run / "config.yaml").train.max_steps == 12
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_llama_dir, tmp_path):
+    common = {"lora.dtype": "float32", "train.optimizer": "adamw", "train.max_steps": 3, "data.eval_fraction": 0.0}
+    fit(load_config(None, recipe_overrides(tmp_path / "a", tiny_llama_dir, **common, **{"train.micro_batch_size": 2, "train.grad_accum_steps": 2}))) if (tmp_path / "a").mkdir() is None else None
+    fit(load_config(None, recipe_overrides(tmp_path / "b", tiny_llama_dir, **common, **{"train.micro_batch_size": 4, "train.grad_accum_steps": 1}))) if (tmp_path / "b").mkdir() is None else None
+    a, b = adapter_tensors(tmp_path / "a" / "run" / "adapter"), adapter_tensors(tmp_path / "b" / "run" / "adapter")
+    # Same 4 examples per step, each micro-batch weighted by its share of target tokens: the
+    # adapters agree to fp32 rounding (the padded lengths differ, so not bitwise).
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_micro_batches_are_a_pure_function_of_position():
+    examples = [{"id": i} for i in range(10)]
+    first_epoch = [select_micro_batch(examples, i, 3, seed=7) for i in range(3)]
+    assert sorted(e["id"] for batch in first_epoch for e in batch) == sorted(e["id"] for e in examples if e["id"] in {x["id"] for b in first_epoch for x in b})
+    assert len({e["id"] for batch in first_epoch for e in batch}) == 9  # 3 full batches, the 10th example waits
+    assert select_micro_batch(examples, 4, 3, seed=7) == select_micro_batch(examples, 4, 3, seed=7)
+    assert select_micro_batch(examples, 3, 3, seed=7) != select_micro_batch(examples, 0, 3, seed=7)  # new epoch, new order
+
+
+def run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "qlora_lite.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    common = {"train.max_steps": 6, "train.save_every": 2, "lora.dropout": 0.1, "data.eval_fraction": 0.0}
+    straight = run_cli(["train", str(recipe), *recipe_overrides(tmp_path, tiny_llama_dir, **common, output_dir=str(tmp_path / "straight"))])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed = run_cli(["train", str(recipe), *recipe_overrides(tmp_path, tiny_llama_dir, **common, output_dir=str(tmp_path / "killed"))], {"QLORA_LITE_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9  # SIGKILL after step 5: the step-4 checkpoint is the newest complete one
+    assert find_latest_checkpoint(tmp_path / "killed").name == "step-0000004"
+    assert not (tmp_path / "killed" / "adapter").exists()
+    # A checkpoint torn mid-write is never picked up.
+    (tmp_path / "killed" / "checkpoints" / ".step-0000006.tmp").mkdir()
+    (tmp_path / "killed" / "checkpoints" / "step-0000008").mkdir()  # no trainer_state.pt: incomplete
+    resumed = run_cli(["train", str(recipe), "--resume", *recipe_overrides(tmp_path, tiny_llama_dir, **common, output_dir=str(tmp_path / "killed"))])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "step-0000004" in resumed.stdout
+
+    a, b = adapter_tensors(tmp_path / "straight" / "adapter"), adapter_tensors(tmp_path / "killed" / "adapter")
+    assert set(a) == set(b)
+    # Same data position, optimizer state, LR schedule and dropout RNG: bitwise equal on the CPU.
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_llama_dir, tmp_path):
+    # An absurd LR blows the adapter up after the first step; the loss of step 2 is not finite.
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.lr": 1e30, "train.warmup_steps": 0, "train.save_every": 1, "train.max_grad_norm": 0.0, "train.optimizer": "adamw"}))
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step 2.*last good checkpoint is .*step-0000001"):
+        fit(cfg)
+    assert find_latest_checkpoint(tmp_path / "run").name == "step-0000001"
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_out_of_memory_names_the_fix(tiny_llama_dir, tmp_path, monkeypatch):
+    import qlora_lite.train as train
+
+    def explode(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "clip_gradients", explode)
+    with pytest.raises(TrainingError, match=r"out of GPU memory at step 1.*train.micro_batch_size.*train.max_seq_len"):
+        fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir)))
+
+
+def test_existing_run_is_not_overwritten_without_flag(tiny_llama_dir, tmp_path):
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 1, "data.eval_fraction": 0.0}))
+    fit(cfg)
+    before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run.*--resume.*--overwrite"):
+        fit(cfg)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    fit(cfg, overwrite=True)
+    assert len([m for m in read_metrics(tmp_path / "run") if "loss" in m]) == 1  # the old metrics were replaced
+
+
+def test_resume_without_checkpoint_is_explained(tiny_llama_dir, tmp_path):
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir)), resume=True)
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  learning_rate: 1e-4\n")
+    result = run_cli(["train", str(recipe)])
+    assert result.returncode == 2
+    assert "error: unknown recipe key 'train.learning_rate'; did you mean 'train.lr'?" in result.stderr
+    assert "Traceback" not in result.stderr
