@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from qlora_lite.tiny import build_tiny_model, build_tokenizer
+# Tests never reach the hub: set before transformers / huggingface_hub read it at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qlora_lite.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 TOKENIZER_TEXTS = [
     "Below is an instruction that describes a task. Write a response that completes the request.",

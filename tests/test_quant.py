@@ -1,0 +1,82 @@
+"""Base loading: real bitsandbytes NF4 with double quantization, frozen, and clear load errors."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qlora_lite.config import ModelConfig, QuantConfig
+from qlora_lite.quant import ModelLoadError, build_bnb_config, dequantize_weight, load_base_model, load_tokenizer, resolve_compute_dtype
+
+CPU = torch.device("cpu")
+
+
+def test_compute_dtype_auto_on_cpu_is_fp32_and_names_pass_through():
+    assert resolve_compute_dtype("auto", CPU) == torch.float32
+    assert resolve_compute_dtype("bfloat16", CPU) == torch.bfloat16
+    assert resolve_compute_dtype("float16", CPU) == torch.float16
+
+
+def test_bnb_config_is_qlora_nf4_double_quant():
+    cfg = build_bnb_config(QuantConfig(), torch.bfloat16)
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_4bit_load_quantizes_every_block_linear_and_freezes(tiny_model_dir):
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_model_dir)), QuantConfig(compute_dtype="float32"))
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) == 14  # 2 layers x 7 projections; lm_head stays dense
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    state = linears[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # nested = double quantization
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.config.use_cache is False
+
+
+def test_nf4_weights_are_close_to_the_originals(tiny_llama_dir):
+    dense = load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(load_in_4bit=False, compute_dtype="float32"))
+    quant = load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(compute_dtype="float32"))
+    w = dense.model.layers[0].mlp.down_proj.weight
+    wq = dequantize_weight(quant.model.layers[0].mlp.down_proj)
+    assert wq.shape == w.shape
+    # NF4 (16 levels per 64-weight block): relative error of a Gaussian weight matrix is ~10%.
+    rel = ((wq.float() - w).norm() / w.norm()).item()
+    assert 0.02 < rel < 0.15
+
+
+def test_plain_load_keeps_nn_linear(tiny_llama_dir):
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(load_in_4bit=False, compute_dtype="bfloat16"))
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_missing_folder_is_explained(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_base_model(ModelConfig(name_or_path=str(tmp_path / "nope")), QuantConfig())
+
+
+def test_unreachable_hub_id_is_explained(monkeypatch):
+    import huggingface_hub.constants
+
+    # The hub library reads HF_HUB_OFFLINE at import: set the constant, or the test waits on retries.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="hub.*download it first.*local folder"):
+        load_tokenizer(ModelConfig(name_or_path="some-org/some-model-that-is-not-cached"))
+
+
+def test_remote_code_is_off_unless_asked(tiny_llama_dir, monkeypatch):
+    import transformers
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(compute_dtype="float32"))
+    assert seen["trust_remote_code"] is False
+    assert ModelConfig().trust_remote_code is False
