@@ -26,18 +26,21 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
-# PEFT options that change the maths of a LoRA layer; ours implements none of them.
-UNSUPPORTED_PEFT_OPTIONS = {
-    "use_dora": False,
-    "fan_in_fan_out": False,
-    "bias": "none",
-    "lora_bias": False,
-    "modules_to_save": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layers_to_transform": None,
-    "layer_replication": None,
-    "trainable_token_indices": None,
+# adapter_config.json keys whose value we read or that cannot change what a plain LoRA layer
+# computes. Any other key (DoRA, PiSSA/OLoRA init, aLoRA, rank patterns, ...) must hold its
+# neutral value, or we refuse the adapter rather than load it and answer differently from PEFT.
+UNDERSTOOD_PEFT_KEYS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "r", "lora_alpha", "lora_dropout",
+    "target_modules", "use_rslora", "init_lora_weights", "inference_mode", "peft_version", "auto_mapping",
+    "exclude_modules", "layers_pattern", "layers_to_transform", "megatron_core", "qalora_group_size",
+}
+NEUTRAL_VALUES = (None, False, {}, [], "none")
+# init_lora_weights values that only decide the starting point; others (pissa, olora, loftq, ...)
+# also rewrite the base weights when PEFT loads the adapter, which a plain load would miss.
+PLAIN_INITS = (True, False, "gaussian")
+NEUTRAL_PEFT_OPTIONS = {
+    "bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "modules_to_save": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "trainable_token_indices": None,
 }
 
 
@@ -62,7 +65,7 @@ def build_peft_config(cfg: LoRAConfig, targets: list[str], base_model_name_or_pa
         "init_lora_weights": True,
         "inference_mode": True,
         "revision": None,
-        **UNSUPPORTED_PEFT_OPTIONS,
+        **NEUTRAL_PEFT_OPTIONS,
     }
 
 
@@ -92,9 +95,12 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, 
         raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; this loader reads LORA adapters")
-    for key, neutral in UNSUPPORTED_PEFT_OPTIONS.items():
-        if raw.get(key, neutral) not in (neutral, None, {}, False):
-            raise AdapterError(f"{path}: {key}={raw[key]!r} is not supported by qlora-lite's LoRA layer; merge it with PEFT instead")
+    unsupported = [k for k, v in raw.items() if k not in UNDERSTOOD_PEFT_KEYS and not any(v == n and type(v) is type(n) for n in NEUTRAL_VALUES)]
+    if raw.get("init_lora_weights", True) not in PLAIN_INITS:
+        unsupported.append("init_lora_weights")
+    if unsupported:
+        shown = ", ".join(f"{k}={raw[k]!r}" for k in unsupported)
+        raise AdapterError(f"{path}: {shown} not supported by qlora-lite's plain LoRA layer; use PEFT to merge or run this adapter")
     targets = raw.get("target_modules")
     cfg = LoRAConfig(
         r=int(raw["r"]),

@@ -173,6 +173,10 @@ def validate_config(cfg: RecipeConfig) -> None:
         value = getattr(cfg.train, key)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"train.{key} must be >= 0, got {value}")
+    if cfg.train.eval_max_batches is not None and cfg.train.eval_max_batches <= 0:
+        raise ConfigError(f"train.eval_max_batches must be positive or null (the whole eval split), got {cfg.train.eval_max_batches}")
+    if cfg.train.exact_match_examples and cfg.data.format == "text":
+        raise ConfigError("train.exact_match_examples needs prompts and answers: use it with data.format alpaca or chat, or set it to 0")
     for key in ("log_every", "keep_checkpoints"):
         if getattr(cfg.train, key) <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {getattr(cfg.train, key)}")

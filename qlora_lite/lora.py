@@ -158,6 +158,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, targets: list[str] | None = No
     if cfg.r <= 0:
         raise LoRAError(f"lora.r must be a positive integer, got {cfg.r}")
     targets = targets if targets is not None else resolve_targets(model, cfg.target_modules)
+    if not targets:
+        kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__ or "Conv1D" in type(m).__name__})
+        raise LoRAError(
+            f"no layer to wrap: this model has no nn.Linear / Linear4bit layers besides lm_head (found {kinds}); "
+            "qlora-lite's LoRA supports Llama-style architectures built from nn.Linear"
+        )
     model.requires_grad_(False)
     dtype = DTYPES[cfg.dtype]
     for name in targets:

@@ -88,7 +88,8 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
 def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device | None = None) -> nn.Module:
     """Load the base model frozen: NF4 + double quant through bitsandbytes, or plain weights.
 
-    The non-quantized parts (embeddings, norms, lm_head) are kept in the compute dtype.
+    The non-quantized parts (embeddings, norms, lm_head), and the whole model when
+    load_in_4bit is false, are kept in the compute dtype (bf16 on modern GPUs).
     """
     from transformers import AutoModelForCausalLM
 
@@ -104,11 +105,8 @@ def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device
         kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype)
         # Quantize each weight as it lands on the GPU instead of materialising the bf16 model first.
         kwargs["device_map"] = {"": device}
-        dtype = compute_dtype
-    else:
-        dtype = torch.bfloat16 if compute_dtype != torch.float32 else torch.float32
     try:
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, **kwargs)
     except torch.OutOfMemoryError as err:
         raise ModelLoadError(
             f"out of GPU memory while loading {path}: the base does not fit on this GPU even in 4-bit; "

@@ -46,25 +46,27 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     """Train the recipe's adapter; returns the run summary (also the last line of metrics.jsonl)."""
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resume, overwrite)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
     device = pick_device()
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
     if mixed_precision == "fp16" and cfg.lora.dtype != "float32":
         # fp16 gradient scaling cannot unscale fp16 parameters: keep the adapter in fp32 on such GPUs.
         print(f"note: fp16 mixed precision needs fp32 adapter weights; using lora.dtype=float32 instead of {cfg.lora.dtype}")
         cfg.lora.dtype = "float32"
+    # Read the checkpoint before anything is loaded or written: a resume that cannot work fails in seconds.
+    checkpoint = find_latest_checkpoint(out) if resume else None
+    state = read_trainer_state(checkpoint, cfg) if checkpoint else None
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
     save_config(cfg, out / "config.yaml")
     metrics = MetricsLog(out / "metrics.jsonl")
+    if state:
+        metrics.drop_steps_after(state["step"])  # the killed run's steps past its checkpoint are redone
 
     # --- model: frozen base (4-bit or not) + LoRA, or the LoRA of the newest checkpoint
     base_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, base_path)
     model = load_base_model(cfg.model, cfg.quant, device)
-    checkpoint = find_latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        raise TrainingError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start the run without --resume")
-    if checkpoint is not None:
+    if checkpoint:
         load_adapter(model, checkpoint, trainable=True)
     else:
         apply_lora(model, cfg.lora)
@@ -76,8 +78,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
 
     # --- data
     train_examples, eval_examples = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
-    batches_per_epoch = len(train_examples) // cfg.train.micro_batch_size
-    if batches_per_epoch == 0:
+    if len(train_examples) < cfg.train.micro_batch_size:
         raise TrainingError(
             f"only {len(train_examples)} training examples for train.micro_batch_size={cfg.train.micro_batch_size}; "
             "lower the micro-batch size or add data"
@@ -91,9 +92,9 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     optimizer = build_optimizer(trainable, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step, micro_batches_seen = 0, 0
-    if checkpoint is not None:
-        step, micro_batches_seen = restore_trainer_state(checkpoint, optimizer, scheduler)
+    step, micro_batches_seen, first_eval = 0, 0, None
+    if state:
+        step, micro_batches_seen, first_eval = restore_trainer_state(state, cfg, optimizer, scheduler, accelerator)
         print(f"resumed from {checkpoint} at step {step}")
         metrics.write({"event": "resume", "step": step, "checkpoint": str(checkpoint)})
 
@@ -103,19 +104,18 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         micro_batches_seen += 1
         return {k: v.to(device) for k, v in collate_batch(batch, tokenizer.pad_token_id).items()}
 
-    def evaluate_now() -> dict:
+    def evaluate_now(with_task_metric: bool = False) -> dict:
         result = {"step": step, "eval_loss": evaluate_loss(model, eval_examples, cfg, tokenizer.pad_token_id, device)}
-        print(f"step {step}: eval loss {result['eval_loss']:.4f}")
+        if with_task_metric and cfg.train.exact_match_examples:
+            result["exact_match"] = exact_match(model, tokenizer, eval_examples[: cfg.train.exact_match_examples], device)
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
+        metrics.write({"event": "eval", **result})
+        model.train()
         return result
 
     # --- before training: eval loss and task metric of the untouched adapter
-    first_eval = None
-    if eval_examples and checkpoint is None:
-        first_eval = evaluate_now()
-        if cfg.train.exact_match_examples:
-            first_eval["exact_match"] = exact_match(model, tokenizer, eval_examples[: cfg.train.exact_match_examples], device)
-            print(f"step {step}: exact match {first_eval['exact_match']:.1%}")
-        metrics.write({"event": "eval", **first_eval})
+    if eval_examples and not state:
+        first_eval = evaluate_now(with_task_metric=True)
 
     # --- the loop: accumulate grad_accum_steps micro-batches, clip, step
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
@@ -128,6 +128,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         targets = [count_targets(b["labels"]) for b in micro_batches]
         total_targets = max(sum(targets), 1)
         step_loss = 0.0
+        lr = scheduler.get_last_lr()[0]  # the LR this step uses
         try:
             for batch, n_targets in zip(micro_batches, targets):
                 with accelerator.autocast():
@@ -140,7 +141,8 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
                 window_tokens += count_tokens(batch)
             grad_norm = clip_gradients(accelerator, trainable, cfg.train.max_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         except torch.OutOfMemoryError as err:
             raise TrainingError(out_of_memory_message(step + 1, device, last_checkpoint)) from err
@@ -149,36 +151,25 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         # --- log, evaluate, checkpoint
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             elapsed = time.perf_counter() - window_start
-            record = {
-                "step": step,
-                "loss": step_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-            }
+            record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
             metrics.write(record)
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=format_memory_short(device))
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=format_memory_short(device))
             window_tokens, window_start = 0, time.perf_counter()
         bar.update(1)
         if eval_examples and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            metrics.write({"event": "eval", **evaluate_now()})
-            model.train()
-        if cfg.train.save_every and step % cfg.train.save_every == 0:
-            last_checkpoint = save_checkpoint(out, model, cfg, base_path, optimizer, scheduler, step, micro_batches_seen)
+            evaluate_now()
+        if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == cfg.train.max_steps):
+            trainer_state = build_trainer_state(cfg, step, micro_batches_seen, first_eval, optimizer, scheduler, accelerator)
+            last_checkpoint = save_checkpoint(out, model, cfg, base_path, trainer_state)
         maybe_kill_for_test(step)
     bar.close()
 
     # --- after training: final eval, adapter, memory report, summary
     summary: dict = {"event": "summary", "steps": step}
     if eval_examples:
-        last_eval = evaluate_now()
-        if cfg.train.exact_match_examples:
-            last_eval["exact_match"] = exact_match(model, tokenizer, eval_examples[: cfg.train.exact_match_examples], device)
-            print(f"step {step}: exact match {last_eval['exact_match']:.1%}")
-        metrics.write({"event": "eval", **last_eval})
+        last_eval = evaluate_now(with_task_metric=True)
         summary.update({f"final_{k}": v for k, v in last_eval.items() if k != "step"})
-        if first_eval:
-            summary.update({f"initial_{k}": v for k, v in first_eval.items() if k != "step"})
+        summary.update({f"initial_{k}": v for k, v in (first_eval or {}).items() if k != "step"})
     write_atomically(out / "adapter", lambda tmp: save_final_adapter(model, cfg, base_path, tokenizer, tmp))
     report = build_memory_report(model, device)
     print(format_memory_report(report, "end"))
@@ -224,11 +215,13 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def check_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) -> None:
     if not torch.isfinite(loss):
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been written yet"
+        if last_checkpoint:
+            kept = f"the last good checkpoint is {last_checkpoint}; continue from it with --resume"
+        else:
+            kept = "no checkpoint had been written yet; start again with --overwrite"
         raise TrainingError(
-            f"loss became {loss.item()} at step {step}; stopped without writing anything further ({kept}). "
-            "Lower train.lr, raise train.warmup_steps, keep train.max_grad_norm on, or check the data for empty examples; "
-            "then continue with --resume or start again"
+            f"loss became {loss.item()} at step {step}; stopped without writing anything further. "
+            f"Lower train.lr, raise train.warmup_steps, keep train.max_grad_norm on, or check the data; {kept}"
         )
 
 
@@ -236,6 +229,7 @@ def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: floa
     """Clip the global gradient norm (when max_norm > 0) and return the norm before clipping."""
     if max_norm > 0:
         return float(accelerator.clip_grad_norm_(params, max_norm))
+    accelerator.unscale_gradients()  # with fp16 loss scaling the raw gradients are scaled up
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
@@ -278,7 +272,9 @@ def exact_match(model, tokenizer, examples: list[dict], device: torch.device) ->
     hits = 0
     for example in examples:
         ids, labels = example["input_ids"], example["labels"]
-        start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)  # examples with no target are dropped by data
+        if start == 0:
+            raise TrainingError("exact match needs a prompt before the answer; use it with data.format alpaca or chat, not text")
         end = start
         while end < len(labels) and labels[end] != IGNORE_INDEX and labels[end] != tokenizer.eos_token_id:
             end += 1
@@ -311,22 +307,34 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}, default=float) + "\n")
 
+    def drop_steps_after(self, step: int) -> None:
+        """Forget lines of steps past `step` (a killed run's work that the resumed run redoes)."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
 
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train over an earlier run unless asked to resume it or to start over."""
     has_run = (out / "checkpoints").exists() or (out / "adapter").exists() or (out / "metrics.jsonl").exists()
+    has_checkpoint = find_latest_checkpoint(out) is not None
+    if resume and not has_checkpoint:
+        raise TrainingError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start again with --overwrite (or without --resume in a new output_dir)")
     if has_run and not resume:
         if not overwrite:
-            raise TrainingError(
-                f"{out} already holds a run; pass --resume to continue it, --overwrite to delete it and start over, "
-                "or choose another folder with output_dir=..."
-            )
+            how = "pass --resume to continue it, " if has_checkpoint else "it has no checkpoint to resume; "
+            raise TrainingError(f"{out} already holds a run; {how}pass --overwrite to delete it and start over, or choose another folder with output_dir=...")
         for name in ("checkpoints", "adapter"):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "checkpoints").glob(".*.tmp") if (out / "checkpoints").exists() else []:
-        shutil.rmtree(stale, ignore_errors=True)  # half-written by a killed run: never used
+    for folder in (out, out / "checkpoints"):
+        for stale in folder.glob(".*.tmp") if folder.exists() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # half-written by a killed run: never used
 
 
 def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
@@ -340,6 +348,7 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     write(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.old.tmp"
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -359,13 +368,15 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, optimizer, scheduler, step: int, micro_batches_seen: int) -> Path:
-    """Adapter + optimizer, scheduler, RNG and data position, written atomically; old ones pruned."""
-    state = {
+def build_trainer_state(cfg: RecipeConfig, step: int, micro_batches_seen: int, first_eval: dict | None, optimizer, scheduler, accelerator) -> dict:
+    """Everything besides the adapter that a resumed run needs to continue exactly."""
+    return {
         "step": step,
         "micro_batches_seen": micro_batches_seen,
+        "first_eval": first_eval or {},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -374,12 +385,16 @@ def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, optimiz
         "config": config_to_dict(cfg),
     }
 
+
+def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, trainer_state: dict) -> Path:
+    """Adapter + trainer state, written atomically; checkpoints beyond keep_checkpoints are pruned."""
+
     def write(folder: Path) -> None:
         save_adapter(unwrap(model), cfg.lora, folder, base_path)
-        torch.save(state, folder / STATE_NAME)
+        torch.save(trainer_state, folder / STATE_NAME)
 
-    path = write_atomically(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}", write)
-    for old in list_checkpoints(out)[: -max(cfg.train.keep_checkpoints, 1)]:
+    path = write_atomically(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{trainer_state['step']:07d}", write)
+    for old in list_checkpoints(out)[: -cfg.train.keep_checkpoints]:
         shutil.rmtree(old)
     return path
 
@@ -398,19 +413,63 @@ def find_latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def restore_trainer_state(checkpoint: Path, optimizer, scheduler) -> tuple[int, int]:
-    """Load optimizer, scheduler and RNG state; returns (step, micro_batches_seen)."""
+# Settings a resumed run may change: they steer the rest of the run, not what was already
+# learned. Anything else (model, quant, lora, data, batch shape, seed) would silently mix two runs.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.lr", "train.weight_decay", "train.lr_scheduler", "train.warmup_steps",
+    "train.max_grad_norm", "train.eval_every", "train.eval_max_batches", "train.exact_match_examples",
+    "train.save_every", "train.keep_checkpoints", "train.log_every", "output_dir",
+}
+
+
+def read_trainer_state(checkpoint: Path, cfg: RecipeConfig) -> dict:
+    """Load a checkpoint's trainer state and refuse to resume it under settings it was not trained with."""
     try:
         state = torch.load(checkpoint / STATE_NAME, weights_only=True, map_location="cpu")
     except Exception as err:  # a torn or foreign file: say which and what to do
         raise TrainingError(f"{checkpoint / STATE_NAME} cannot be read ({err}); delete that checkpoint folder to resume from an earlier one") from err
+    changed = [key for key in diff_configs(state["config"], config_to_dict(cfg)) if key not in RESUMABLE_CHANGES]
+    if changed:
+        raise TrainingError(
+            f"cannot resume {checkpoint}: it was trained with different {', '.join(changed)}. "
+            "Resume with the recipe and overrides it was started with, or start a new run (--overwrite or another output_dir)"
+        )
+    return state
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += diff_configs(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(prefix + key)
+    return keys
+
+
+def restore_trainer_state(state: dict, cfg: RecipeConfig, optimizer, scheduler, accelerator) -> tuple[int, int, dict]:
+    """Load optimizer, scheduler, loss-scaler and RNG state; returns (step, micro_batches_seen, first_eval).
+
+    A changed train.lr or weight_decay is applied on top of the restored state (the schedule
+    itself is rebuilt from the recipe), so lowering the LR after a NaN stop really lowers it.
+    """
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
+    scheduler.base_lrs = [cfg.train.lr] * len(optimizer.param_groups)
+    for group, lr in zip(optimizer.param_groups, [cfg.train.lr * f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if state["grad_scaler"] and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     random.setstate(state["rng"]["python"])
-    return state["step"], state["micro_batches_seen"]
+    return state["step"], state["micro_batches_seen"], state["first_eval"] or None
 
 
 def maybe_kill_for_test(step: int) -> None:

@@ -172,3 +172,21 @@ def test_unsupported_peft_options_are_refused(tiny_llama_dir, tmp_path):
     theirs.save_pretrained(str(tmp_path))
     with pytest.raises(AdapterError, match="use_dora"):
         load_adapter(load(tiny_llama_dir, False), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("init_lora_weights", "pissa"), ("alora_invocation_tokens", [5, 6]), ("rank_pattern", {"q_proj": 8}), ("bias", "all"), ("target_parameters", ["mlp.experts"])],
+)
+def test_adapter_whose_maths_differ_is_refused_by_name(tiny_llama_dir, tmp_path, key, value):
+    model = load(tiny_llama_dir, False)
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj"])
+    apply_lora(model, cfg)
+    save_adapter(model, cfg, tmp_path, "x")
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    raw[key] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
+    fresh = load(tiny_llama_dir, False)
+    with pytest.raises(AdapterError, match=f"{key}=.*not supported"):
+        load_adapter(fresh, tmp_path)
+    assert lora_state_dict(fresh) == {}

@@ -144,3 +144,12 @@ def test_merge_into_4bit_refused(tiny_llama_dir):
     apply_lora(model, LoRAConfig(r=4, alpha=8))
     with pytest.raises(LoRAError, match="qlora-lite merge"):
         merge_lora(model)
+
+
+def test_model_without_linear_layers_is_explained(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(str(tmp_path))
+    model = load(tmp_path, False)
+    with pytest.raises(LoRAError, match="no layer to wrap.*Conv1D"):
+        apply_lora(model, LoRAConfig(r=4, alpha=8))

@@ -147,7 +147,7 @@ def test_existing_run_is_not_overwritten_without_flag(tiny_llama_dir, tmp_path):
     cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 1, "data.eval_fraction": 0.0}))
     fit(cfg)
     before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(TrainingError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(TrainingError, match="already holds a run.*no checkpoint to resume.*--overwrite"):
         fit(cfg)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
     fit(cfg, overwrite=True)
@@ -166,3 +166,42 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "error: unknown recipe key 'train.learning_rate'; did you mean 'train.lr'?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_resume_refuses_changed_lora_and_applies_a_lower_lr(tiny_llama_dir, tmp_path):
+    base = {"train.max_steps": 2, "train.save_every": 1, "data.eval_fraction": 0.0, "train.lr_scheduler": "constant", "train.warmup_steps": 0}
+    fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **base)))
+    with pytest.raises(TrainingError, match=r"trained with different lora.alpha.*recipe and overrides it was started with"):
+        fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{**base, "lora.alpha": 64, "train.max_steps": 4})), resume=True)
+    fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{**base, "train.lr": 1e-6, "train.max_steps": 4})), resume=True)
+    steps = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert [m["lr"] for m in steps] == pytest.approx([5e-3, 5e-3, 1e-6, 1e-6])
+    summary = read_metrics(tmp_path / "run")[-1]
+    assert summary["event"] == "summary" and summary["steps"] == 4
+
+
+def test_resumed_run_forgets_steps_past_its_checkpoint_and_keeps_initial_eval(tiny_llama_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    args = recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 5, "train.save_every": 2})
+    killed = run_cli(["train", str(recipe), *args], {"QLORA_LITE_KILL_AT_STEP": "3"})
+    assert killed.returncode == -9
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3]
+    resumed = run_cli(["train", str(recipe), "--resume", *args])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5]  # step 3 once, from the resumed run
+    summary = metrics[-1]
+    assert summary["initial_eval_loss"] == metrics[1]["eval_loss"]  # carried in the checkpoint
+    assert "eval_loss: " in resumed.stdout and " -> " in resumed.stdout
+    # the last step is always checkpointed, so resuming a finished run has nothing left to redo
+    assert find_latest_checkpoint(tmp_path / "run").name == "step-0000005"
+
+
+def test_failed_run_without_checkpoint_points_to_overwrite(tiny_llama_dir, tmp_path):
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.lr": 1e30, "train.warmup_steps": 0, "train.max_grad_norm": 0.0, "train.optimizer": "adamw"}))
+    with pytest.raises(TrainingError, match="no checkpoint had been written yet; start again with --overwrite"):
+        fit(cfg)
+    with pytest.raises(TrainingError, match="it has no checkpoint to resume; pass --overwrite"):
+        fit(cfg)
