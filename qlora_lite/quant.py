@@ -85,7 +85,7 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
     return tok
 
 
-def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device | None = None) -> nn.Module:
+def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device | None = None, path: str | None = None) -> nn.Module:
     """Load the base model frozen: NF4 + double quant through bitsandbytes, or plain weights.
 
     The non-quantized parts (embeddings, norms, lm_head), and the whole model when
@@ -95,7 +95,7 @@ def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device
 
     device = device or pick_device()
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
-    path = resolve_model_path(model)
+    path = path or resolve_model_path(model)
     kwargs = dict(
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,

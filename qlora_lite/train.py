@@ -47,6 +47,10 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resume, overwrite)
     device = pick_device()
+    if device.type == "cpu" and cfg.train.cpu_threads:
+        # Tiny matrices gain nothing from a second thread, and spinning threads stall badly
+        # when another process holds a core: 1 thread trains the demo ~10x faster on a busy box.
+        torch.set_num_threads(cfg.train.cpu_threads)
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
     if mixed_precision == "fp16" and cfg.lora.dtype != "float32":
         # fp16 gradient scaling cannot unscale fp16 parameters: keep the adapter in fp32 on such GPUs.
@@ -65,7 +69,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     # --- model: frozen base (4-bit or not) + LoRA, or the LoRA of the newest checkpoint
     base_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, base_path)
-    model = load_base_model(cfg.model, cfg.quant, device)
+    model = load_base_model(cfg.model, cfg.quant, device, base_path)
     if checkpoint:
         load_adapter(model, checkpoint, trainable=True)
     else:

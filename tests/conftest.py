@@ -7,6 +7,8 @@ import os
 # Tests never reach the hub: set before transformers / huggingface_hub read it at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tiny models train fastest on one thread, and the CLI subprocesses of the tests inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -400,3 +400,9 @@ def test_default_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert [f.name for f in dataclasses.fields(cfg)] == ["model", "quant", "lora", "data", "train", "output_dir"]
+
+
+def test_readme_documents_every_key():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [key for key in valid_keys() if f"`{key}`" not in readme]
+    assert missing == []
