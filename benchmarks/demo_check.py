@@ -46,7 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--base-seed", type=int, default=None, help="pretrain a variant base with this seed (robustness check)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="pretrain a variant base for this many steps")
-    parser.add_argument("--show-worst", type=int, default=0, help="after training, print the N eval examples with the highest loss")
+    parser.add_argument(
+        "--show-worst", type=int, default=0, help="after training, print the N eval examples with the highest loss"
+    )
     parser.add_argument("--override", nargs="*", default=[], help="recipe overrides, e.g. train.lr=1e-3")
     return parser.parse_args()
 
