@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
