@@ -23,6 +23,7 @@ from .quant import DTYPES
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT versions wrote this pickle file
 PEFT_PREFIX = "base_model.model."
 ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -112,22 +113,32 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, 
     return cfg, raw
 
 
-def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The adapter's tensors keyed by module path (PEFT's `base_model.model.` prefix removed)."""
+def read_adapter_weights(adapter_dir: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed by module path (PEFT's `base_model.model.` prefix removed).
+
+    Weights are read from safetensors. A folder with only PEFT's older `adapter_model.bin` is
+    refused unless allow_pickle is set, and even then it is read with `weights_only=True`.
+    """
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / WEIGHTS_NAME
+    pickled = adapter_dir / PICKLE_WEIGHTS_NAME
     if not path.is_file():
-        pickled = adapter_dir / "adapter_model.bin"
-        if pickled.is_file():
+        if pickled.is_file() and not allow_pickle:
             raise AdapterError(
-                f"{adapter_dir} holds only adapter_model.bin, a pickle file that can run code when loaded; "
-                "convert it to safetensors with a tool you trust, then load it again"
+                f"{adapter_dir} holds only {PICKLE_WEIGHTS_NAME}, a pickle file that can run code when loaded; "
+                "if you trust its source pass --allow-pickle (read with torch.load(weights_only=True)), "
+                "or convert it to safetensors first"
             )
-        raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing; the adapter was not fully written")
+        if not pickled.is_file():
+            raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing; the adapter was not fully written")
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterError(f"{path} is corrupt or truncated ({err}); re-save the adapter or use an earlier checkpoint") from err
+        if path.is_file():
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(str(pickled), map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as err:
+        shown = path if path.is_file() else pickled
+        raise AdapterError(f"{shown} is corrupt or truncated ({err}); re-save the adapter or use an earlier checkpoint") from err
     out = {}
     for key, value in tensors.items():
         key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
@@ -135,14 +146,23 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> LoRAConfig:
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False, allow_pickle: bool = False) -> LoRAConfig:
     """Wrap the model's layers named in the adapter and load its weights; checks it fits this base.
 
     Every adapter tensor must land in a layer of the right shape: a shape mismatch or a module
     the model lacks means the adapter was made for a different base, and nothing is changed.
     """
     cfg, _ = read_adapter_config(adapter_dir)
-    weights = read_adapter_weights(adapter_dir)
+    weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
+    attach_adapter(model, cfg, weights, trainable)
+    return cfg
+
+
+def attach_adapter(model: nn.Module, cfg: LoRAConfig, weights: dict[str, torch.Tensor], trainable: bool = False) -> list[str]:
+    """Wrap the layers the weights name in LoRALinear and copy the weights in (kept in their own dtype).
+
+    Returns the wrapped module paths. Checks everything before changing the model.
+    """
     targets = check_adapter_fits(model, weights, cfg.r)
     # Keep the file's precision: an fp32 adapter loaded into bf16 layers would answer differently.
     saved_dtype = next(iter(weights.values())).dtype
@@ -151,13 +171,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     state = lora_state_dict(model)
     missing = sorted(set(state) - set(weights))
     if missing:  # cannot happen after check_adapter_fits, but a partial load must never pass silently
-        raise AdapterError(f"adapter in {adapter_dir} lacks tensors {missing[:4]}...; the file is incomplete")
+        raise AdapterError(f"adapter lacks tensors {missing[:4]}...; the file is incomplete")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in weights:
                 param.copy_(weights[name].to(param.dtype))
                 param.requires_grad_(trainable)
-    return cfg
+    return targets
 
 
 def check_adapter_fits(model: nn.Module, weights: dict[str, torch.Tensor], r: int) -> list[str]:

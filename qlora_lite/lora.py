@@ -178,6 +178,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, targets: list[str] | None = No
     return targets
 
 
+def remove_lora(model: nn.Module) -> list[str]:
+    """Put the plain base layers back where apply_lora wrapped them (unmerging first). Returns their paths."""
+    removed = []
+    for name, layer in lora_layers(model).items():
+        layer.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+        removed.append(name)
+    return removed
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 

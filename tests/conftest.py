@@ -41,7 +41,8 @@ def _save_tiny(tmp_path_factory, tokenizer_dir, architecture: str):
     path = tmp_path_factory.mktemp(f"tiny-{architecture}")
     # initializer_range 0.1 (not HF's 0.02): random weights large enough that a LoRA update moves
     # the logits within a few steps, so training tests can assert a loss drop in seconds.
-    build_tiny_model(path, architecture=architecture, vocab_size=256, initializer_range=0.1)
+    # max_shard_size: saved in 3 shards plus an index, so merge is tested shard by shard.
+    build_tiny_model(path, architecture=architecture, vocab_size=256, initializer_range=0.1, max_shard_size="200KB")
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(path))
@@ -50,7 +51,7 @@ def _save_tiny(tmp_path_factory, tokenizer_dir, architecture: str):
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir):
-    """A saved 2-layer Llama (hidden 64, vocab 256, fp32 weights) with its tokenizer."""
+    """A saved 2-layer Llama (hidden 64, vocab 256, fp32 weights in 3 shards) with its tokenizer."""
     return _save_tiny(tmp_path_factory, tokenizer_dir, "llama")
 
 
