@@ -6,6 +6,7 @@ the device and dtype choices, and dequantizing a 4-bit weight back to a dense te
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -102,7 +103,9 @@ def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device
         attn_implementation=model.attn_implementation,
     )
     if quant.load_in_4bit:
-        kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype)
+        # A pre-quantized checkpoint (e.g. a *-bnb-4bit repo) carries its own settings, which win.
+        if not is_prequantized(path):
+            kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype)
         # Quantize each weight as it lands on the GPU instead of materialising the bf16 model first.
         kwargs["device_map"] = {"": device}
     try:
@@ -119,6 +122,15 @@ def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device
     base.requires_grad_(False)
     base.config.use_cache = False  # the KV cache is useless in training and costs memory
     return base
+
+
+def is_prequantized(path: str) -> bool:
+    """True for a local checkpoint whose config.json records a quantization_config."""
+    config = Path(path).expanduser() / "config.json"
+    try:
+        return config.is_file() and "quantization_config" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _explain_load_failure(path: str, err: Exception) -> str:
@@ -152,6 +164,13 @@ def dequantize_weight(linear: nn.Module) -> torch.Tensor:
 
         return bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
     return linear.weight.data
+
+
+def set_4bit_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Make every Linear4bit compute in dtype (a pre-quantized checkpoint brings its own, often bf16)."""
+    for module in model.modules():
+        if is_4bit_linear(module):
+            module.compute_dtype = dtype
 
 
 def is_quantized_parameter(param: torch.Tensor) -> bool:

@@ -1,0 +1,505 @@
+"""Merge a LoRA adapter into its base and export a plain Hugging Face model folder.
+
+The default merge adds each delta, (alpha/r) B A, to the base's original full-precision
+weights, re-read from its safetensors shards, not to the NF4 weights the adapter was trained
+against: NF4 rounding is then not baked into the exported model. It works one shard at a
+time (read a shard, add the deltas that belong to it, write it), so peak memory is about one
+shard plus the adapter, whatever the size of the model.
+
+`from_4bit=True` instead merges into the dequantized NF4 weights, for users who no longer
+have the original weights (or whose base is a pre-quantized checkpoint). That output equals
+the QLoRA model as trained, and differs from base+adapter in full precision by the NF4
+rounding error, which it measures and prints.
+
+The result is written to a temporary folder and renamed into place, optionally after
+checking that merged logits equal base+adapter logits on a few probe prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import (
+    ADAPTER_KEY,
+    AdapterError,
+    attach_adapter,
+    read_adapter_config,
+    read_adapter_weights,
+)
+from .config import LoRAConfig, ModelConfig, QuantConfig
+from .memory import read_peak_rss_bytes
+from .quant import (
+    DTYPES,
+    dequantize_weight,
+    is_4bit_linear,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+from .train import write_atomically
+
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+SAFE_SINGLE_NAME = "model.safetensors"
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", **{name: name for name in DTYPES}}
+# Prompts run through base+adapter and the merged model to compare logits; any text works,
+# these just mix prose, code and an instruction header.
+PROBE_PROMPTS = (
+    "The capital of France is",
+    "def add(a, b):\n    return a + b",
+    "Below is an instruction that describes a task. Write a response.",
+)
+# Allowed max |logit difference| / max(1, max |logit|): the merged weights are rounded once to
+# the output dtype (fp32 unit roundoff 6e-8, fp16 5e-4, bf16 4e-3); the margins leave room for
+# that rounding to add up through the layers of a deep model.
+VERIFY_REL_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+# Verification holds base+adapter and then the merged model in fp32; above this many
+# parameters it is opt-in (--verify), so that merging an 8B model stays within one shard.
+AUTO_VERIFY_MAX_PARAMS = 1_000_000_000
+MAX_SHARD_BYTES = 5 * 1024**3  # shard size for --from-4bit output (the default path keeps the base's shards)
+
+
+class ExportError(ValueError):
+    """The merge cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass
+class MergeReport:
+    """What merge_adapter did and measured."""
+
+    out_dir: Path
+    dtype: str
+    num_shards: int
+    merged_modules: int
+    num_parameters: int
+    from_4bit: bool
+    max_logit_diff: float | None = None  # merged vs base+adapter (the check --verify makes)
+    threshold: float | None = None
+    nf4_logit_diff: float | None = None  # --from-4bit: merged vs full-precision base+adapter
+    peak_rss_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    base: str | None = None,
+    dtype: str = "auto",
+    from_4bit: bool = False,
+    verify: bool | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> MergeReport:
+    """Merge the LoRA adapter in adapter_dir into its base and write a plain HF model to out_dir.
+
+    Args:
+        adapter_dir: a PEFT-format LoRA adapter folder (ours or PEFT's).
+        out_dir: the folder to create; refused if it exists and is not empty, unless overwrite.
+        base: the base model folder or hub id; default: the adapter's base_model_name_or_path.
+        dtype: bf16 / fp16 / fp32 (or the long names), or auto = the base checkpoint's dtype.
+        from_4bit: merge into dequantized NF4 weights instead of the original ones (lossy).
+        verify: compare logits of merged vs base+adapter on probe prompts and fail above a
+            threshold; None = only for bases of at most AUTO_VERIFY_MAX_PARAMS parameters.
+        overwrite: replace a non-empty out_dir (only once the new folder is complete).
+        allow_pickle: accept an adapter whose weights are only in adapter_model.bin.
+    """
+    adapter_dir = Path(adapter_dir)
+    out_dir = Path(out_dir)
+    cfg, raw = read_adapter_config(adapter_dir)
+    weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
+    base_path = resolve_base_path(base or raw.get("base_model_name_or_path"), adapter_dir)
+    check_out_dir(out_dir, overwrite, [base_path, adapter_dir])
+    checkpoint = read_checkpoint_layout(base_path)
+    tokenizer_dir = find_tokenizer_dir(adapter_dir, base_path)
+    num_parameters = sum(numel(shape) for shape in checkpoint.shapes.values())
+    out_dtype = resolve_out_dtype(dtype, base_path)
+    pairs = collect_lora_pairs(weights)
+    if not from_4bit:
+        check_full_precision(checkpoint)
+        check_adapter_matches_checkpoint(pairs, checkpoint)
+    verify = num_parameters <= AUTO_VERIFY_MAX_PARAMS if verify is None else verify
+    report = MergeReport(out_dir, out_dtype, 0, len(pairs), num_parameters, from_4bit)
+    if not verify:
+        report.notes.append(
+            f"verification skipped: the base has {num_parameters / 1e9:.2f}B parameters (> {AUTO_VERIFY_MAX_PARAMS / 1e9:.0f}B); "
+            "pass --verify to compare logits (holds the model in fp32 twice)"
+        )
+
+    def write(tmp: Path) -> None:
+        if from_4bit:
+            report.num_shards = write_merged_from_4bit(base_path, cfg, pairs, out_dtype, tmp)
+        else:
+            report.num_shards = write_merged_shards(checkpoint, pairs, cfg, out_dtype, tmp)
+        write_model_files(base_path, tokenizer_dir, out_dtype, tmp)
+        if from_4bit:
+            report.nf4_logit_diff = measure_nf4_loss(base_path, checkpoint, weights, cfg, tmp)
+        if verify:
+            report.max_logit_diff, report.threshold = verify_merge(base_path, weights, cfg, tmp, out_dtype, from_4bit)
+            if report.max_logit_diff > report.threshold:
+                raise ExportError(
+                    f"merged model answers differently from base+adapter: max |logit difference| {report.max_logit_diff:.3g} "
+                    f"> threshold {report.threshold:.3g}; nothing was written to {out_dir}. Check that --base is the model "
+                    "the adapter was trained on, or try --dtype fp32"
+                )
+        report.peak_rss_bytes = read_peak_rss_bytes()
+
+    write_atomically_or_clean(out_dir, write)
+    return report
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def resolve_base_path(name_or_path: str | None, adapter_dir: Path) -> str:
+    """A local folder for the base: as given, the demo base, or a hub snapshot (where the network allows)."""
+    if not name_or_path:
+        raise ExportError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
+    local = Path(name_or_path).expanduser()
+    if name_or_path.startswith("demo:"):
+        return resolve_model_path(ModelConfig(name_or_path=name_or_path))
+    if local.is_dir():
+        return str(local)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ExportError(f"base model folder {name_or_path} does not exist; pass --base with the folder of the model the adapter was trained on")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"])
+    except Exception as err:
+        raise ExportError(
+            f"base {name_or_path!r} is not a local folder and could not be downloaded ({type(err).__name__}: {str(err)[:200]}); "
+            "download it (huggingface-cli download) and pass --base DIR"
+        ) from err
+
+
+def check_out_dir(out_dir: Path, overwrite: bool, protected: list) -> None:
+    """Refuse a non-empty out_dir without overwrite, and never one that holds the inputs."""
+    for path in protected:
+        path = Path(path).resolve()
+        if out_dir.resolve() == path or out_dir.resolve() in path.parents:
+            raise ExportError(f"--out {out_dir} would replace {path}, an input of this merge; choose another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} is a file; choose a folder name")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out_dir} exists and is not empty; choose a new folder or pass --overwrite to replace it")
+
+
+@dataclass
+class CheckpointLayout:
+    """Where each tensor of a safetensors checkpoint lives, and its shape (read from headers only)."""
+
+    folder: Path
+    shard_of: dict[str, str]  # tensor name -> shard file name
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    indexed: bool
+
+    @property
+    def shard_names(self) -> list[str]:
+        return sorted(set(self.shard_of.values()))
+
+
+def read_checkpoint_layout(base_path: str) -> CheckpointLayout:
+    folder = Path(base_path)
+    index = folder / SAFE_INDEX_NAME
+    if index.is_file():
+        shard_of = json.loads(index.read_text())["weight_map"]
+        indexed = True
+    elif (folder / SAFE_SINGLE_NAME).is_file():
+        shard_of, indexed = {}, False
+    else:
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise ExportError(
+            f"{folder} holds no safetensors weights ({SAFE_SINGLE_NAME} or {SAFE_INDEX_NAME}; found {found}); merge reads "
+            "the base's safetensors shards. Re-save the base with save_pretrained(safe_serialization=True), or use --from-4bit"
+        )
+    shapes, dtypes = {}, {}
+    for shard in sorted(set(shard_of.values())) or [SAFE_SINGLE_NAME]:
+        with safe_open(str(folder / shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                view = f.get_slice(key)
+                shapes[key], dtypes[key] = tuple(view.get_shape()), view.get_dtype()
+                shard_of.setdefault(key, shard)
+    return CheckpointLayout(folder, shard_of, shapes, dtypes, indexed)
+
+
+def find_tokenizer_dir(adapter_dir: Path, base_path: str) -> Path:
+    """The adapter's folder when it holds the tokenizer it was trained with (chat template included), else the base's."""
+    for folder in (adapter_dir, Path(base_path)):
+        if any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")):
+            return folder
+    raise ExportError(
+        f"no tokenizer in {adapter_dir} or {base_path}, so the merged folder could not be served; "
+        "copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the adapter folder"
+    )
+
+
+def is_quantized(checkpoint: CheckpointLayout) -> bool:
+    """A bitsandbytes 4/8-bit checkpoint stores its weights as packed integers."""
+    return any(dtype in ("U8", "I8") for dtype in checkpoint.dtypes.values())
+
+
+def check_full_precision(checkpoint: CheckpointLayout) -> None:
+    if is_quantized(checkpoint):
+        raise ExportError(
+            f"the base in {checkpoint.folder} is a quantized checkpoint: it has no full-precision weights to merge into. "
+            "Pass --base with the original model, or --from-4bit to merge into its dequantized weights (lossy)"
+        )
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def resolve_out_dtype(name: str, base_path: str) -> str:
+    """bf16/fp16/fp32 to torch names; auto = the dtype config.json records for the base (bf16 if none)."""
+    if name == "auto":
+        config = json.loads((Path(base_path) / "config.json").read_text())
+        recorded = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+        return recorded if recorded in DTYPES else "bfloat16"
+    if name not in DTYPE_ALIASES:
+        raise ExportError(f"--dtype {name!r} is not one of bf16, fp16, fp32 (or auto)")
+    return DTYPE_ALIASES[name]
+
+
+def collect_lora_pairs(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path -> (A, B): the pair whose product, scaled, is that module's weight delta."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        match = ADAPTER_KEY.match(key)
+        if not match:
+            raise AdapterError(f"adapter tensor {key!r} is not a LoRA A/B weight; only plain LoRA adapters can be merged")
+        pairs.setdefault(match.group("module"), {})[match.group("part")] = tensor
+    for module, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise AdapterError(f"adapter has lora_{'A' if 'B' in parts else 'B'} missing for {module}; the file is incomplete")
+    return {module: (parts["A"], parts["B"]) for module, parts in pairs.items()}
+
+
+def compute_delta(pair: tuple[torch.Tensor, torch.Tensor], cfg: LoRAConfig) -> torch.Tensor:
+    """(alpha/r) B A in fp32 (alpha/sqrt(r) with rsLoRA), exactly what LoRALinear adds."""
+    a, b = pair
+    scaling = cfg.alpha / (cfg.r**0.5) if cfg.use_rslora else cfg.alpha / cfg.r
+    return (b.float() @ a.float()) * scaling
+
+
+def check_adapter_matches_checkpoint(pairs: dict, checkpoint: CheckpointLayout) -> None:
+    """Every adapter module must be a 2-D weight in the checkpoint with matching shapes; checked before writing."""
+    for module, (a, b) in sorted(pairs.items()):
+        key = f"{module}.weight"
+        if key not in checkpoint.shapes:
+            raise AdapterError(
+                f"adapter targets {module}, but the base checkpoint in {checkpoint.folder} has no tensor {key}: "
+                "the adapter was made for a different base model (check base_model_name_or_path in adapter_config.json, or pass --base)"
+            )
+        want = checkpoint.shapes[key]
+        for part, got, need in (("A", a.shape, (a.shape[0], want[-1])), ("B", b.shape, (want[0], b.shape[-1]))):
+            if len(want) != 2 or tuple(got) != tuple(need) or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"adapter tensor {module}.lora_{part}.weight has shape {tuple(got)} but base weight {key} has shape {want}: "
+                    "the adapter was made for a different base model"
+                )
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def cast_for_export(name: str, tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Floating tensors to the output dtype (integer ones untouched); fp16 overflow is an error, not inf."""
+    if not tensor.is_floating_point():
+        return tensor
+    out = tensor.to(DTYPES[dtype])
+    if dtype == "float16" and not torch.isfinite(out).all() and torch.isfinite(tensor).all():
+        raise ExportError(f"{name} has values beyond fp16's range (65504) after merging; export with --dtype bf16 or fp32")
+    return out.contiguous()
+
+
+def write_merged_shards(checkpoint: CheckpointLayout, pairs: dict, cfg: LoRAConfig, out_dtype: str, tmp: Path) -> int:
+    """Copy the base checkpoint shard by shard, adding each target's delta in fp32; returns the shard count.
+
+    Only one shard's tensors (read, then merged and cast) are in memory at a time.
+    """
+    total_bytes = 0
+    for shard in tqdm(checkpoint.shard_names or [SAFE_SINGLE_NAME], desc="merging shards", unit="shard"):
+        tensors = {}
+        with safe_open(str(checkpoint.folder / shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                tensor = f.get_tensor(key)
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and module in pairs:
+                    tensor = tensor.float() + compute_delta(pairs[module], cfg)
+                tensors[key] = cast_for_export(key, tensor, out_dtype)
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+        del tensors
+    if checkpoint.indexed:
+        write_index(tmp, checkpoint.shard_of, total_bytes)
+    return max(1, len(checkpoint.shard_names))
+
+
+def write_index(folder: Path, shard_of: dict[str, str], total_bytes: int) -> None:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(shard_of.items()))}
+    (folder / SAFE_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_merged_from_4bit(base_path: str, cfg: LoRAConfig, pairs: dict, out_dtype: str, tmp: Path) -> int:
+    """Load the base in NF4, dequantize every 4-bit weight, add the deltas, and write shards.
+
+    Holds the merged model in memory (this path cannot stream: the NF4 weights exist only once
+    quantized). Returns the shard count.
+    """
+    model = load_nf4_base(base_path)
+    check_adapter_fits_model(model, pairs)
+    state = collect_dequantized_state(model, pairs, cfg, out_dtype)
+    del model
+    shards = split_into_shards(state, MAX_SHARD_BYTES)
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / SAFE_SINGLE_NAME), metadata={"format": "pt"})
+        return 1
+    shard_of = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        shard_of.update(dict.fromkeys(shard, name))
+    write_index(tmp, shard_of, sum(t.numel() * t.element_size() for t in state.values()))
+    return len(shards)
+
+
+def load_nf4_base(base_path: str) -> nn.Module:
+    """The base as QLoRA trained against it: NF4 weights, fp32 compute (exact dequantized matmuls)."""
+    model = load_base_model(ModelConfig(name_or_path=base_path), QuantConfig(compute_dtype="float32"), torch.device("cpu"), base_path)
+    set_4bit_compute_dtype(model, torch.float32)
+    return model
+
+
+def check_adapter_fits_model(model: nn.Module, pairs: dict) -> None:
+    from .adapters import check_adapter_fits
+
+    weights = {f"{m}.lora_{part}.weight": t for m, (a, b) in pairs.items() for part, t in (("A", a), ("B", b))}
+    check_adapter_fits(model, weights, next(iter(pairs.values()))[0].shape[0])
+
+
+def collect_dequantized_state(model: nn.Module, pairs: dict, cfg: LoRAConfig, out_dtype: str) -> dict[str, torch.Tensor]:
+    """A plain state dict: NF4 weights dequantized, deltas added in fp32, everything cast to out_dtype.
+
+    named_parameters skips tied duplicates (lm_head tied to the embeddings), as checkpoints do.
+    """
+    modules = dict(model.named_modules())
+    state = {}
+    for name, param in model.named_parameters():
+        module_path, _, leaf = name.rpartition(".")
+        module = modules[module_path]
+        tensor = dequantize_weight(module).float() if leaf == "weight" and is_4bit_linear(module) else param.detach()
+        if leaf == "weight" and module_path in pairs:
+            tensor = tensor.float() + compute_delta(pairs[module_path], cfg)
+        state[name] = cast_for_export(name, tensor, out_dtype)
+    for module_path, module in modules.items():
+        for leaf, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and leaf not in module._non_persistent_buffers_set:
+                name = f"{module_path}.{leaf}" if module_path else leaf
+                state[name] = cast_for_export(name, buffer, out_dtype)
+    return state
+
+
+def split_into_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+# --- checking -----------------------------------------------------------------------------------
+
+
+def verify_merge(base_path: str, weights: dict, cfg: LoRAConfig, merged_dir: Path, out_dtype: str, from_4bit: bool) -> tuple[float, float]:
+    """Max |logit difference| between base+adapter and the merged model on the probes, and the allowed maximum.
+
+    Both run in fp32, so the difference is the merge's own rounding (to out_dtype), not compute
+    noise. The reference base is the full-precision one, or the NF4 one for --from-4bit.
+    """
+    base = load_nf4_base(base_path) if from_4bit else load_plain_model(base_path)
+    diff, scale = compare_with_merged(base, weights, cfg, merged_dir)
+    return diff, VERIFY_REL_TOL[out_dtype] * scale
+
+
+def measure_nf4_loss(base_path: str, checkpoint: CheckpointLayout, weights: dict, cfg: LoRAConfig, merged_dir: Path) -> float | None:
+    """--from-4bit: max |logit difference| of the merged model vs full-precision base+adapter.
+
+    None when the base checkpoint is itself quantized: without the original weights the NF4
+    rounding cannot be measured.
+    """
+    if is_quantized(checkpoint):
+        return None
+    return compare_with_merged(load_plain_model(base_path), weights, cfg, merged_dir)[0]
+
+
+def compare_with_merged(base: nn.Module, weights: dict, cfg: LoRAConfig, merged_dir: Path) -> tuple[float, float]:
+    """(max |logit difference|, max(1, max |reference logit|)) of base+adapter (fp32) vs the merged model."""
+    probes = tokenize_probes(merged_dir)
+    attach_adapter(base, replace(cfg), {k: v.float() for k, v in weights.items()})
+    reference = run_probes(base, probes)
+    del base  # free it before loading the merged model: only one model in memory at a time
+    merged = run_probes(load_plain_model(str(merged_dir)), probes)
+    scale = max(1.0, max(r.abs().max().item() for r in reference))
+    return max((m - r).abs().max().item() for m, r in zip(merged, reference)), scale
+
+
+def load_plain_model(path: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def tokenize_probes(folder: Path) -> list[torch.Tensor]:
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(folder)), str(folder))
+    return [torch.tensor([tokenizer(text)["input_ids"]]) for text in PROBE_PROMPTS]
+
+
+@torch.no_grad()
+def run_probes(model: nn.Module, probes: list[torch.Tensor]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(input_ids=ids.to(device), use_cache=False).logits.float().cpu() for ids in probes]
+
+
+def write_model_files(base_path: str, tokenizer_dir: Path, out_dtype: str, tmp: Path) -> None:
+    """config.json (dtype updated, no quantization_config), generation_config.json and the tokenizer."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = json.loads((Path(base_path) / "config.json").read_text())
+    config.pop("quantization_config", None)  # the merged weights are plain tensors
+    config["dtype"] = out_dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = out_dtype
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = Path(base_path) / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, tmp / "generation_config.json")
+    else:
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(tmp))).save_pretrained(str(tmp))
+    load_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)), str(tokenizer_dir)).save_pretrained(str(tmp))
+
+
+def write_atomically_or_clean(out_dir: Path, write) -> None:
+    """write_atomically, and on failure remove the temporary folder so nothing half-written is left."""
+    try:
+        write_atomically(out_dir, write)
+    except BaseException:
+        shutil.rmtree(out_dir.parent / f".{out_dir.name}.tmp", ignore_errors=True)
+        raise
