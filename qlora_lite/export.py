@@ -44,6 +44,7 @@ from .quant import (
     load_base_model,
     load_tokenizer,
     resolve_model_path,
+    set_4bit_compute_dtype,
 )
 from .train import write_atomically
 
