@@ -23,8 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,6 +43,14 @@ from .quant import (
     load_tokenizer,
     resolve_model_path,
     set_4bit_compute_dtype,
+)
+from .shards import (
+    SAFETENSORS_DTYPES,
+    ShardError,
+    ShardWriter,
+    iter_tensors,
+    read_header,
+    write_tensors,
 )
 from .train import write_atomically
 
@@ -224,11 +230,13 @@ def read_checkpoint_layout(base_path: str) -> CheckpointLayout:
         )
     shapes, dtypes = {}, {}
     for shard in sorted(set(shard_of.values())) or [SAFE_SINGLE_NAME]:
-        with safe_open(str(folder / shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                view = f.get_slice(key)
-                shapes[key], dtypes[key] = tuple(view.get_shape()), view.get_dtype()
-                shard_of.setdefault(key, shard)
+        try:
+            entries, _ = read_header(folder / shard)
+        except (OSError, ShardError) as err:
+            raise ExportError(f"cannot read the base checkpoint shard {folder / shard} ({err}); re-download the base model") from err
+        for entry in entries:
+            shapes[entry.name], dtypes[entry.name] = entry.shape, entry.dtype
+            shard_of.setdefault(entry.name, shard)
     return CheckpointLayout(folder, shard_of, shapes, dtypes, indexed)
 
 
@@ -329,24 +337,31 @@ def cast_for_export(name: str, tensor: torch.Tensor, dtype: str) -> torch.Tensor
 def write_merged_shards(checkpoint: CheckpointLayout, pairs: dict, cfg: LoRAConfig, out_dtype: str, tmp: Path) -> int:
     """Copy the base checkpoint shard by shard, adding each target's delta in fp32; returns the shard count.
 
-    Only one shard's tensors (read, then merged and cast) are in memory at a time.
+    Tensors are read, merged, cast and written one at a time, so memory holds about one
+    tensor (and the adapter), not one shard.
     """
     total_bytes = 0
     for shard in tqdm(checkpoint.shard_names or [SAFE_SINGLE_NAME], desc="merging shards", unit="shard"):
-        tensors = {}
-        with safe_open(str(checkpoint.folder / shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                tensor = f.get_tensor(key)
+        entries, _ = read_header(checkpoint.folder / shard)
+        layout = [(e.name, export_dtype(e.dtype, out_dtype), e.shape) for e in entries]
+        with ShardWriter(tmp / shard, layout) as writer:
+            for key, tensor in iter_tensors(checkpoint.folder / shard):
                 module = key.removesuffix(".weight")
                 if key.endswith(".weight") and module in pairs:
                     tensor = tensor.float() + compute_delta(pairs[module], cfg)
-                tensors[key] = cast_for_export(key, tensor, out_dtype)
-        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
-        del tensors
+                writer.write(key, cast_for_export(key, tensor, out_dtype))
+        total_bytes += writer.data_bytes
     if checkpoint.indexed:
         write_index(tmp, checkpoint.shard_of, total_bytes)
     return max(1, len(checkpoint.shard_names))
+
+
+def export_dtype(stored: str, out_dtype: str) -> torch.dtype:
+    """The dtype a stored tensor is written in: out_dtype for floating tensors, unchanged otherwise."""
+    if stored not in SAFETENSORS_DTYPES:
+        raise ExportError(f"the base checkpoint stores tensors as {stored}, which merge cannot read; use a bf16/fp16/fp32 base")
+    dtype = SAFETENSORS_DTYPES[stored]
+    return DTYPES[out_dtype] if dtype.is_floating_point else dtype
 
 
 def write_index(folder: Path, shard_of: dict[str, str], total_bytes: int) -> None:
@@ -366,12 +381,12 @@ def write_merged_from_4bit(base_path: str, cfg: LoRAConfig, pairs: dict, out_dty
     del model
     shards = split_into_shards(state, MAX_SHARD_BYTES)
     if len(shards) == 1:
-        save_file(shards[0], str(tmp / SAFE_SINGLE_NAME), metadata={"format": "pt"})
+        write_tensors(tmp / SAFE_SINGLE_NAME, shards[0])
         return 1
     shard_of = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        write_tensors(tmp / name, shard)
         shard_of.update(dict.fromkeys(shard, name))
     write_index(tmp, shard_of, sum(t.numel() * t.element_size() for t in state.values()))
     return len(shards)

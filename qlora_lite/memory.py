@@ -99,6 +99,18 @@ def read_rss_bytes() -> int:
 
 
 def read_peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux VmHWM; getrusage elsewhere).
+
+    VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a process started from a
+    large parent would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
