@@ -8,17 +8,17 @@ import sys
 from . import __version__
 
 
-
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions whose message is the whole story: printed without a traceback."""
     from .adapters import AdapterError
     from .config import ConfigError
     from .data import DataError
+    from .generate import GenerationError
     from .lora import LoRAError
     from .quant import ModelLoadError
     from .train import TrainingError
 
-    return (AdapterError, ConfigError, DataError, LoRAError, ModelLoadError, TrainingError)
+    return (AdapterError, ConfigError, DataError, GenerationError, LoRAError, ModelLoadError, TrainingError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 lora.r=8")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     train.add_argument("--overwrite", action="store_true", help="delete an earlier run in output_dir and start over")
+    add_generate_parser(sub)
     return parser
 
 
@@ -54,18 +55,98 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- generate
+
+# generate.PROMPT_FORMATS, spelled out so that --help does not import torch and datasets.
+PROMPT_FORMATS = ("auto", "chat", "alpaca", "text")
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    generate = sub.add_parser(
+        "generate",
+        help="answer prompts with an adapter, or with several adapters sharing one base",
+        usage="qlora-lite generate (ADAPTER_DIR | --base PATH | --adapter NAME=DIR ...) [PROMPT] [options]",
+        description=(
+            "Answer PROMPT (or each line of stdin) with the base model plus an adapter, streaming the answer. "
+            "With --adapter NAME=DIR (repeatable) one base serves several adapters: start each prompt with "
+            "'NAME: ' to pick one ('base: ' for none)."
+        ),
+    )
+    generate.add_argument("adapter_dir", nargs="?", metavar="ADAPTER_DIR", help="adapter folder, e.g. runs/NAME/adapter (omit with --base / --adapter)")
+    generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt; without it, prompts are read from stdin, one per line")
+    generate.add_argument("--base", metavar="PATH", help="base model folder or hub id (default: the adapter's base_model_name_or_path)")
+    generate.add_argument(
+        "--adapter", action="append", type=parse_named_adapter, default=[], metavar="NAME=DIR",
+        help="add an adapter under a name (repeatable); route each prompt with a 'NAME: ' prefix",
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per answer (default 256)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, reproducible answers (default); > 0 samples")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling cut-off when --temperature > 0 (default 1.0)")
+    generate.add_argument(
+        "--format", choices=PROMPT_FORMATS, default="auto",
+        help="prompt layout; auto = as the adapter was trained (qlora_lite.json), else the chat template if the tokenizer has one, else raw text",
+    )
+    generate.add_argument("--no-4bit", action="store_true", help="load the base unquantized instead of NF4")
+    generate.add_argument("--allow-pickle", action="store_true", help="read an adapter_model.bin pickle (weights_only) if it is all an adapter has")
+
+
+def parse_named_adapter(spec: str) -> tuple[str, str]:
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {spec!r}; e.g. --adapter math=runs/math/adapter")
+    return name, folder
+
+
+def split_generate_inputs(args: argparse.Namespace) -> tuple[dict[str, str], str | None]:
+    """(named adapters, prompt or None) from `ADAPTER_DIR [PROMPT]`, or `[PROMPT]` with --base / --adapter."""
+    from .generate import GenerationError, collect_named_adapters
+
+    named = collect_named_adapters(args.adapter)
+    if not (args.base or named):
+        if args.adapter_dir is None:
+            raise GenerationError("nothing to load: pass an adapter folder, or --base PATH (with --adapter NAME=DIR to add adapters)")
+        return {"adapter": args.adapter_dir}, args.prompt
+    if args.prompt is not None:
+        raise GenerationError(
+            "with --base or --adapter, the only positional argument is the prompt; "
+            "add an adapter folder as --adapter NAME=DIR instead of a positional ADAPTER_DIR"
+        )
+    return named, args.adapter_dir  # argparse filled the first positional: here it is the prompt
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import (
+        GenerationSettings,
+        answer_prompts,
+        open_switcher,
+        read_prompt_lines,
+    )
+
+    named, prompt = split_generate_inputs(args)
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    switcher = open_switcher(named, args.base, load_in_4bit=not args.no_4bit, allow_pickle=args.allow_pickle)
+    prompts = [prompt] if prompt is not None else read_prompt_lines(sys.stdin)
+    answer_prompts(switcher, prompts, settings, args.format, routed=bool(args.adapter))
+    return 0
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after flags (`train R.yaml --resume a.b=1`): argparse stops
     # filling a positional list at the first flag, so collect the rest from the leftovers.
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+    # Only train takes key=value overrides; for any other command every leftover is an error.
+    unknown = [e for e in extra if "=" not in e or e.startswith("-") or args.command != "train"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*getattr(args, "overrides", []), *extra]
+    if args.command == "train":
+        args.overrides = [*args.overrides, *extra]
     quiet_library_progress_bars()
     try:
-        return {"train": run_train}[args.command](args)
+        return {"train": run_train, "generate": run_generate}[args.command](args)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ A run's output folder:
     config.yaml         the resolved recipe
     metrics.jsonl       one JSON object per logged step, eval, memory report and summary
     checkpoints/step-N  adapter + trainer_state.pt (optimizer, scheduler, RNG, data position)
-    adapter/            the final adapter, in PEFT's format, with the tokenizer
+    adapter/            the final adapter, in PEFT's format, with the tokenizer and qlora_lite.json (its data format)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .adapters import load_adapter, save_adapter
 from .config import RecipeConfig, config_to_dict, save_config
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
+from .generate import write_prompt_info
 from .lora import apply_lora
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
@@ -363,6 +364,7 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
 
 def save_final_adapter(model, cfg: RecipeConfig, base_path: str, tokenizer, folder: Path) -> None:
     save_adapter(unwrap(model), cfg.lora, folder, base_path)
+    write_prompt_info(folder, cfg.data.format)  # `generate` formats prompts the way training did
     if cfg.data.format == "chat" and not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so generation prompts the way training did
     tokenizer.save_pretrained(str(folder))  # generation and merge need the tokenizer the adapter was trained with
@@ -395,6 +397,7 @@ def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, trainer
 
     def write(folder: Path) -> None:
         save_adapter(unwrap(model), cfg.lora, folder, base_path)
+        write_prompt_info(folder, cfg.data.format)  # a checkpoint can be tried with `generate` too
         torch.save(trainer_state, folder / STATE_NAME)
 
     path = write_atomically(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{trainer_state['step']:07d}", write)

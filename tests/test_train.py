@@ -66,7 +66,7 @@ def test_loss_falls_on_4bit_base_and_outputs_are_written(tiny_model_dir, tmp_pat
     # The response tokens of this task come from a 12-word vocabulary: even a frozen random base
     # with LoRA learns their distribution. Measured: eval loss falls ~30% in 12 steps; assert 20%.
     assert summary["final_eval_loss"] < 0.8 * summary["initial_eval_loss"]
-    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "qlora_lite.json", "tokenizer.json", "tokenizer_config.json"]
     metrics = read_metrics(run)
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 13))

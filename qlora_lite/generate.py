@@ -1,0 +1,466 @@
+"""Generating text with a trained adapter, and one base model in memory serving several adapters.
+
+The prompt is turned into exactly the token ids training put before a response: the
+record is built in the adapter's data format with a placeholder answer and tokenized by
+``data.tokenize_example``, and the ids before the first learned label are the prompt. So
+BOS, the Alpaca template and the chat template's generation prompt come out as in training,
+by construction rather than by a second copy of the rules.
+
+``AdapterSwitcher`` keeps one base model (4-bit or not) and any number of adapters whose
+weights were read once, at ``add``. Switching removes the current LoRA wrappers and attaches
+the chosen adapter's in-memory weights; the base is never reloaded, so switching costs a
+copy of the adapter's tensors, not a model load.
+
+Training writes ``qlora_lite.json`` beside the adapter, ``{"data_format": "alpaca"}``, so
+that ``--format auto`` prompts the way the adapter was trained. PEFT ignores the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+from .adapters import (
+    AdapterError,
+    attach_adapter,
+    check_adapter_fits,
+    read_adapter_config,
+    read_adapter_weights,
+)
+from .config import LoRAConfig, ModelConfig, QuantConfig
+from .data import IGNORE_INDEX, DataError, tokenize_example
+from .lora import remove_lora
+from .quant import load_base_model, load_tokenizer
+
+PROMPT_INFO_NAME = "qlora_lite.json"
+"""File beside an adapter recording how training formatted prompts (ignored by PEFT)."""
+DATA_FORMATS = ("alpaca", "chat", "text")
+PROMPT_FORMATS = ("auto", *DATA_FORMATS)
+BASE_NAME = "base"
+"""The name that routes a prompt to the base model with no adapter."""
+NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+ROUTED_PROMPT = re.compile(rf"^\s*(?P<name>{NAME_PATTERN})\s*:\s?(?P<prompt>.*)$", re.DOTALL)
+# The answer that stands in for the real one when training's tokenizer builds the prompt ids;
+# only the ids before it are used, and no template renders the prompt differently for it.
+PLACEHOLDER_ANSWER = "x"
+NO_LENGTH_LIMIT = sys.maxsize
+
+
+class GenerationError(ValueError):
+    """A generation request cannot be served as asked; the message says why and what to do."""
+
+
+@dataclass
+class GenerationSettings:
+    """How to pick each new token.
+
+    Temperature 0 (the default) is greedy decoding: the same prompt always gets the same
+    answer, so two adapters (or an adapter and its base) can be compared answer for answer.
+    """
+
+    max_new_tokens: int = 256
+    """Stop after this many new tokens if EOS has not come first."""
+    temperature: float = 0.0
+    """0: greedy; > 0: sample from the softmax of logits / temperature."""
+    top_p: float = 1.0
+    """When sampling, draw only from the smallest set of tokens whose probabilities sum to top_p."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise GenerationError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter read into memory, ready to attach to the base in a switch."""
+
+    path: Path
+    cfg: LoRAConfig
+    weights: dict[str, torch.Tensor]  # module path -> tensor, on the model's device
+    data_format: str | None  # from qlora_lite.json; None for adapters trained elsewhere
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt format: how training rendered prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def write_prompt_info(folder: str | Path, data_format: str) -> Path:
+    """Record beside an adapter the data format it was trained on (for ``--format auto``)."""
+    path = Path(folder) / PROMPT_INFO_NAME
+    path.write_text(json.dumps({"data_format": data_format}, indent=2) + "\n")
+    return path
+
+
+def read_prompt_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter's ``qlora_lite.json`` as a dict; empty when the adapter was made elsewhere."""
+    path = Path(adapter_dir) / PROMPT_INFO_NAME
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise GenerationError(f"{path} is not valid JSON ({err}); delete it and pass --format alpaca|chat|text") from err
+    if not isinstance(info, dict) or info.get("data_format") not in DATA_FORMATS:
+        raise GenerationError(
+            f"{path}: data_format must be one of {', '.join(DATA_FORMATS)}, got {info!r}; fix or delete the file and pass --format"
+        )
+    return info
+
+
+def resolve_prompt_format(fmt: str, trained_format: str | None, tokenizer: Any) -> str:
+    """The format to render a prompt in: the one asked for, else training's, else the tokenizer's habit.
+
+    Without a record of training (a PEFT adapter made elsewhere, or the plain base) a tokenizer
+    with a chat template is a chat model, and any other takes raw text.
+    """
+    if fmt not in PROMPT_FORMATS:
+        raise GenerationError(f"unknown prompt format {fmt!r}; use one of {', '.join(PROMPT_FORMATS)}")
+    if fmt != "auto":
+        return fmt
+    if trained_format:
+        return trained_format
+    return "chat" if getattr(tokenizer, "chat_template", None) else "text"
+
+
+def build_prompt_ids(prompt: str, fmt: str, tokenizer: Any) -> list[int]:
+    """The token ids training put before the response, for this prompt in format alpaca, chat or text.
+
+    alpaca: BOS (if the tokenizer adds one) + the Alpaca no-input template around the prompt.
+    chat: the chat template (the tokenizer's, else ``DEFAULT_CHAT_TEMPLATE``) of one user turn,
+    with the generation prompt. text: BOS (if added) + the prompt, continued as it stands.
+
+    Raises:
+        GenerationError: The prompt is empty, or the chat template cannot render it.
+    """
+    if not prompt.strip():
+        raise GenerationError("the prompt is empty; pass some text to answer")
+    try:
+        if fmt == "text":
+            # Training learns every token of a text record: the prompt is that record less its closing EOS.
+            return tokenize_example({"text": prompt}, "text", tokenizer, NO_LENGTH_LIMIT)["input_ids"][:-1]
+        example = tokenize_example(build_prompt_record(prompt, fmt), fmt, tokenizer, NO_LENGTH_LIMIT)
+    except DataError as err:
+        raise GenerationError(f"cannot format the prompt as {fmt}: {err}") from err
+    start = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    return example["input_ids"][:start]
+
+
+def build_prompt_record(prompt: str, fmt: str) -> dict[str, Any]:
+    """A training record in format alpaca or chat whose prompt is this text and whose answer is a placeholder."""
+    if fmt == "alpaca":
+        return {"instruction": prompt, "output": PLACEHOLDER_ANSWER}
+    if fmt == "chat":
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": PLACEHOLDER_ANSWER}]}
+    raise GenerationError(f"unknown prompt format {fmt!r}; use one of {', '.join(DATA_FORMATS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating
+# ---------------------------------------------------------------------------------------------
+
+
+def build_generate_kwargs(settings: GenerationSettings, tokenizer: Any, model: nn.Module) -> dict[str, Any]:
+    """Arguments for ``model.generate``: greedy or sampling, the KV cache on, stop at EOS."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "use_cache": True,  # load_base_model turns the cache off for training; decoding needs it
+        "eos_token_id": collect_eos_ids(tokenizer, model),
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }
+    if settings.temperature == 0:
+        kwargs["do_sample"] = False
+    else:
+        # top_k=0: transformers would otherwise also cut to its default top 50; top_p alone decides.
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    return kwargs
+
+
+def collect_eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
+    """The tokenizer's EOS (training ends every answer with it) plus any the model's generation config adds."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for eos in configured if isinstance(configured, list) else [configured]:
+        if eos is not None and eos not in ids:
+            ids.append(eos)
+    return ids
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[int], settings: GenerationSettings, stream: bool = False) -> list[int]:
+    """The new token ids answering the prompt ids (EOS included when it came); with stream, also printed as they come."""
+    from transformers import TextStreamer
+
+    input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        streamer=streamer,
+        **build_generate_kwargs(settings, tokenizer, model),
+    )  # (1, T + new)
+    return output[0, input_ids.shape[1] :].tolist()
+
+
+def generate_answer(model: nn.Module, tokenizer: Any, prompt_ids: list[int], settings: GenerationSettings, stream: bool = False) -> str:
+    """The answer's text (no prompt, no special tokens); with stream, printed to stdout token by token as well."""
+    return tokenizer.decode(generate_ids(model, tokenizer, prompt_ids, settings, stream), skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One base, several adapters
+# ---------------------------------------------------------------------------------------------
+
+
+class AdapterSwitcher:
+    """One base model in memory and several LoRA adapters by name; each request picks one (or none).
+
+    Example:
+        switcher = AdapterSwitcher.from_base("models/llama")
+        switcher.add("math", "runs/math/adapter")
+        switcher.add("sql", "runs/sql/adapter")
+        switcher.generate("What is 7 * 6?", adapter="math")
+        switcher.generate("List the tables.", adapter="sql")
+        switcher.generate("Hello", adapter=None)  # the plain base
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        """Wrap a loaded base model (from ``load_base_model``, with no LoRA attached) and its tokenizer."""
+        self.model = model.eval()
+        # load_base_model turns the KV cache off for training; generation reuses past keys and values.
+        self.model.config.use_cache = True
+        self.tokenizer = tokenizer
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self.active: str | None = None
+
+    @classmethod
+    def from_base(
+        cls,
+        base_path: str,
+        load_in_4bit: bool = True,
+        compute_dtype: str = "auto",
+        tokenizer_path: str | Path | None = None,
+        device: torch.device | None = None,
+    ) -> AdapterSwitcher:
+        """Load the base (NF4 by default) and the tokenizer (from tokenizer_path, else the base's folder)."""
+        model_cfg = ModelConfig(name_or_path=str(base_path))
+        tokenizer = load_tokenizer(model_cfg, str(tokenizer_path or base_path))
+        model = load_base_model(model_cfg, QuantConfig(load_in_4bit=load_in_4bit, compute_dtype=compute_dtype), device, str(base_path))
+        return cls(model, tokenizer)
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the adapters added, in the order they were added."""
+        return list(self.adapters)
+
+    def add(self, name: str, adapter_dir: str | Path, allow_pickle: bool = False) -> None:
+        """Read an adapter into memory under a name, after checking it fits this base.
+
+        Raises:
+            GenerationError: The name is taken, reserved or not a plain word.
+            AdapterError: The folder is missing, corrupt, or the adapter was made for another base.
+        """
+        check_adapter_name(name, self.names)
+        adapter_dir = require_adapter_dir(adapter_dir)
+        cfg, _ = read_adapter_config(adapter_dir)
+        device = next(self.model.parameters()).device
+        weights = {key: tensor.to(device) for key, tensor in read_adapter_weights(adapter_dir, allow_pickle).items()}
+        try:
+            check_adapter_fits(self.model, weights, cfg.r)  # a wrong adapter fails now, not at its first request
+        except AdapterError as err:
+            raise AdapterError(f"adapter {name!r} ({adapter_dir}): {err}") from err
+        data_format = read_prompt_info(adapter_dir).get("data_format")
+        self.adapters[name] = LoadedAdapter(adapter_dir, cfg, weights, data_format)
+
+    def use(self, name: str | None) -> None:
+        """Make the named adapter active (None: the plain base). The base itself is never reloaded."""
+        if name == self.active:
+            return
+        adapter = self.get(name) if name is not None else None
+        remove_lora(self.model)
+        self.active = None
+        if adapter is not None:
+            # attach_adapter records the weights' dtype in its config: give it a copy, keep ours as read.
+            attach_adapter(self.model, replace(adapter.cfg), adapter.weights)
+            self.active = name
+        self.model.eval()
+
+    def get(self, name: str) -> LoadedAdapter:
+        """The added adapter of that name; an unknown name is an error that lists the known ones."""
+        if name not in self.adapters:
+            raise GenerationError(f"no adapter named {name!r}; added adapters: {format_names(self.names)}")
+        return self.adapters[name]
+
+    def prompt_format(self, adapter: str | None, fmt: str = "auto") -> str:
+        """The format prompts to this adapter (None: the base) are rendered in; see resolve_prompt_format."""
+        trained_format = self.get(adapter).data_format if adapter is not None else None
+        return resolve_prompt_format(fmt, trained_format, self.tokenizer)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        adapter: str | None,
+        settings: GenerationSettings | None = None,
+        fmt: str = "auto",
+        stream: bool = False,
+    ) -> str:
+        """Answer a prompt with the named adapter (None: the plain base), formatted as it was trained.
+
+        Args:
+            prompt: The user's text (an instruction, a chat message, or text to continue).
+            adapter: Name given to ``add``, or None for the base model alone.
+            settings: Decoding settings; greedy with 256 new tokens when None.
+            fmt: ``auto`` (the adapter's training format), ``chat``, ``alpaca`` or ``text``.
+            stream: Also print the answer to stdout as it is generated.
+
+        Returns:
+            The answer's text.
+        """
+        prompt_ids = build_prompt_ids(prompt, self.prompt_format(adapter, fmt), self.tokenizer)
+        self.use(adapter)
+        return generate_answer(self.model, self.tokenizer, prompt_ids, settings or GenerationSettings(), stream)
+
+
+def check_adapter_name(name: str, taken: list[str]) -> None:
+    """Refuse a name that routing could not address: reserved, taken, or not a plain word."""
+    if name == BASE_NAME:
+        raise GenerationError(f"adapter name {BASE_NAME!r} is reserved for the plain base model; choose another name")
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise GenerationError(f"adapter name {name!r} must be letters, digits, '_', '.' or '-' (e.g. math, sql-v2)")
+    if name in taken:
+        raise GenerationError(f"adapter name {name!r} is given twice; give each adapter its own name")
+
+
+def require_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The folder as a Path, after checking it exists (the adapter loader then checks its files)."""
+    adapter_dir = Path(adapter_dir).expanduser()
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter folder {adapter_dir} does not exist; pass the folder training wrote, e.g. runs/NAME/adapter")
+    return adapter_dir
+
+
+def format_names(names: Iterable[str]) -> str:
+    return ", ".join([*names, BASE_NAME])
+
+
+# ---------------------------------------------------------------------------------------------
+# What the command line needs: open, route, read, answer
+# ---------------------------------------------------------------------------------------------
+
+
+def open_switcher(
+    adapters: dict[str, str | Path],
+    base: str | None = None,
+    load_in_4bit: bool = True,
+    allow_pickle: bool = False,
+) -> AdapterSwitcher:
+    """Load the base once and add each named adapter.
+
+    The base is ``base`` if given, else the first adapter's ``base_model_name_or_path``. The
+    tokenizer comes from the adapter's folder when exactly one adapter is given and training
+    saved the tokenizer there, else from the base.
+
+    Raises:
+        GenerationError: No base is given and the adapter names none that exists here.
+        AdapterError: An adapter folder is missing, corrupt or made for another base.
+    """
+    collect_named_adapters(adapters.items())  # names are checked before anything slow
+    folders = {name: require_adapter_dir(path) for name, path in adapters.items()}
+    configs = {name: read_adapter_config(folder)[1] for name, folder in folders.items()}  # fail before the slow base load
+    base_path = base or resolve_base_path(next(iter(folders.values()), None), next(iter(configs.values()), {}))
+    only = next(iter(folders.values())) if len(folders) == 1 else None
+    tokenizer_path = only if only is not None and (only / "tokenizer_config.json").is_file() else None
+    switcher = AdapterSwitcher.from_base(base_path, load_in_4bit=load_in_4bit, tokenizer_path=tokenizer_path)
+    for name, folder in folders.items():
+        switcher.add(name, folder, allow_pickle=allow_pickle)
+    return switcher
+
+
+def collect_named_adapters(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``--adapter NAME=DIR`` pairs as a dict, refusing a reserved, malformed or repeated name."""
+    named: dict[str, str] = {}
+    for name, folder in pairs:
+        check_adapter_name(name, list(named))
+        named[name] = folder
+    return named
+
+
+def resolve_base_path(adapter_dir: Path | None, peft_config: dict[str, Any]) -> str:
+    """The base an adapter names in adapter_config.json, refused early when it is a local path that is gone."""
+    if adapter_dir is None:
+        raise GenerationError("nothing to load: pass an adapter folder, or --base PATH (with --adapter NAME=DIR to add adapters)")
+    base = peft_config.get("base_model_name_or_path")
+    if not base:
+        raise GenerationError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH")
+    if not Path(base).expanduser().exists() and (base.startswith(("/", ".", "~")) or base.count("/") > 1):
+        raise GenerationError(
+            f"{adapter_dir}/adapter_config.json names base model {base}, which does not exist on this machine; "
+            "pass --base PATH pointing at the same base model"
+        )
+    return base
+
+
+def route_prompt(line: str, names: list[str]) -> tuple[str | None, str]:
+    """Split ``NAME: prompt`` into (adapter name or None for ``base``, prompt).
+
+    With a single adapter, a line without a known prefix goes to it whole.
+
+    Raises:
+        GenerationError: Several adapters are loaded and the line names none of them.
+    """
+    match = ROUTED_PROMPT.match(line)
+    if match and match.group("name") in (*names, BASE_NAME):
+        name = match.group("name")
+        return (None if name == BASE_NAME else name), match.group("prompt")
+    if len(names) == 1:
+        return names[0], line
+    shown = line if len(line) <= 60 else line[:57] + "..."
+    raise GenerationError(
+        f"prompt {shown!r} names no adapter; start each line with one of {format_names(names)} and a colon, "
+        f"e.g. '{BASE_NAME}: {shown}'"
+    )
+
+
+def read_prompt_lines(stream: TextIO) -> Iterator[str]:
+    """Prompts from a text stream, one per line, blank lines skipped (read lazily, so a terminal works)."""
+    for line in stream:
+        line = line.rstrip("\r\n")
+        if line.strip():
+            yield line
+
+
+def answer_prompts(
+    switcher: AdapterSwitcher,
+    prompts: Iterable[str],
+    settings: GenerationSettings,
+    fmt: str = "auto",
+    routed: bool = False,
+) -> int:
+    """Stream an answer to each prompt to stdout; returns the number answered.
+
+    Routed: each prompt starts ``NAME:`` (``base:`` for no adapter) and its answer is preceded
+    by ``[NAME]``. Otherwise every prompt goes to the only adapter (or to the base when there is none).
+    """
+    answered = 0
+    for line in prompts:
+        if routed:
+            adapter, prompt = route_prompt(line, switcher.names)
+            print(f"[{adapter or BASE_NAME}] ", end="", flush=True)
+        else:
+            adapter, prompt = (switcher.names[0] if switcher.names else None), line
+        switcher.generate(prompt, adapter=adapter, settings=settings, fmt=fmt, stream=True)
+        answered += 1
+    return answered

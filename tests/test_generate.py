@@ -1,0 +1,373 @@
+"""generate: prompts formatted exactly as in training, greedy decoding equal to a hand-written argmax
+loop, adapters switched on one base with the same logits as each loaded alone, and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qlora_lite import cli
+from qlora_lite.adapters import AdapterError, load_adapter, save_adapter
+from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig, load_config
+from qlora_lite.data import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, tokenize_example
+from qlora_lite.generate import (
+    PROMPT_INFO_NAME,
+    AdapterSwitcher,
+    GenerationError,
+    GenerationSettings,
+    build_generate_kwargs,
+    build_prompt_ids,
+    generate_ids,
+    open_switcher,
+    read_prompt_info,
+    resolve_prompt_format,
+    route_prompt,
+    write_prompt_info,
+)
+from qlora_lite.lora import apply_lora, lora_layers
+from qlora_lite.quant import load_base_model, load_tokenizer
+from qlora_lite.tiny import build_tiny_model
+from qlora_lite.train import fit
+
+BOS, EOS = 2, 3
+# Switching re-attaches the same tensors to the same base, so the forward pass is the same
+# sequence of fp32 (or NF4-dequantize + fp32) operations as a fresh load: measured 0.0 difference.
+SWITCH_ATOL = 1e-6
+IDS = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+# Two adapters that differ in rank, alpha and targets: a touches attention, b the MLP and o_proj.
+ADAPTER_A = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], dtype="float32")
+ADAPTER_B = LoRAConfig(r=8, alpha=32, dropout=0.0, target_modules=["o_proj", "up_proj", "down_proj"], dtype="float32")
+
+
+def load(model_dir, four_bit: bool):
+    return load_base_model(ModelConfig(name_or_path=str(model_dir)), QuantConfig(load_in_4bit=four_bit, compute_dtype="float32")).eval()
+
+
+def make_adapter(model_dir, out_dir, cfg: LoRAConfig, seed: int, data_format: str | None = None):
+    """Save an adapter with random non-zero B (a fresh one would not change the logits)."""
+    model = load(model_dir, False)
+    apply_lora(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    save_adapter(model, cfg, out_dir, str(model_dir))
+    if data_format:
+        write_prompt_info(out_dir, data_format)
+    return out_dir
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(tiny_llama_dir, root / "a", ADAPTER_A, seed=1, data_format="alpaca"),
+        "b": make_adapter(tiny_llama_dir, root / "b", ADAPTER_B, seed=2, data_format="text"),
+    }
+
+
+@pytest.fixture(scope="module")
+def other_base_adapter(tmp_path_factory):
+    """An adapter made on a narrower Qwen2 (hidden 32): same module names as tiny Llama, other shapes."""
+    root = tmp_path_factory.mktemp("other")
+    build_tiny_model(root / "base", architecture="qwen2", hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    return make_adapter(root / "base", root / "adapter", ADAPTER_A, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Switching adapters on one base
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_switched_adapter_logits_equal_adapter_loaded_alone(tiny_llama_dir, tokenizer, adapter_dirs, four_bit, monkeypatch):
+    expected = {None: logits(load(tiny_llama_dir, four_bit))}
+    for name, folder in adapter_dirs.items():
+        alone = load(tiny_llama_dir, four_bit)
+        load_adapter(alone, folder)
+        expected[name] = logits(alone)
+    # the adapters matter, and differently: otherwise equal logits would prove nothing
+    assert (expected["a"] - expected[None]).abs().max() > 0.05
+    assert (expected["b"] - expected[None]).abs().max() > 0.05
+    assert (expected["a"] - expected["b"]).abs().max() > 0.05
+
+    switcher = AdapterSwitcher(load(tiny_llama_dir, four_bit), tokenizer)
+    for name, folder in adapter_dirs.items():
+        switcher.add(name, folder)
+    model_id = id(switcher.model)
+    q_proj = switcher.model.model.layers[0].self_attn.q_proj
+    weight_ptr = q_proj.weight.data_ptr()
+    # From here on neither the base nor an adapter file may be read again.
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", pytest.fail)
+    monkeypatch.setattr("qlora_lite.generate.read_adapter_weights", pytest.fail)
+    wrapped_layers = {"a": 2 * 2, "b": 2 * 3, None: 0}
+    for name in ["a", "b", "a", None, "b"]:
+        switcher.use(name)
+        assert (logits(switcher.model) - expected[name]).abs().max().item() <= SWITCH_ATOL
+        assert len(lora_layers(switcher.model)) == wrapped_layers[name]
+        assert id(switcher.model) == model_id
+        layer = switcher.model.model.layers[0].self_attn.q_proj
+        assert getattr(layer, "base_layer", layer) is q_proj and q_proj.weight.data_ptr() == weight_ptr
+    assert switcher.active == "b"
+
+
+def test_add_refuses_an_adapter_for_another_base_before_attaching(tiny_llama_dir, tokenizer, adapter_dirs, other_base_adapter):
+    switcher = AdapterSwitcher(load(tiny_llama_dir, False), tokenizer)
+    switcher.add("a", adapter_dirs["a"])
+    switcher.use("a")
+    with pytest.raises(AdapterError, match=r"adapter 'wide' \(.*\): .*lora_A.weight has shape \(4, 32\) but this base needs \(4, 64\)"):
+        switcher.add("wide", other_base_adapter)
+    assert switcher.names == ["a"] and switcher.active == "a" and len(lora_layers(switcher.model)) == 4
+    with pytest.raises(GenerationError, match="no adapter named 'c'; added adapters: a, base"):
+        switcher.use("c")
+    assert switcher.active == "a"  # an unknown name changes nothing
+    with pytest.raises(GenerationError, match="'a' is given twice"):
+        switcher.add("a", adapter_dirs["b"])
+    with pytest.raises(GenerationError, match="'base' is reserved"):
+        switcher.add("base", adapter_dirs["b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_equals_argmax_of_full_forwards(tiny_llama_dir, tokenizer, adapter_dirs):
+    switcher = AdapterSwitcher(load(tiny_llama_dir, False), tokenizer)
+    switcher.add("b", adapter_dirs["b"])
+    switcher.use("b")
+    assert switcher.model.config.use_cache is True  # load_base_model turned it off for training
+    prompt = build_prompt_ids("the quick brown fox", "text", tokenizer)
+    new_tokens = 10
+    got = generate_ids(switcher.model, tokenizer, prompt, GenerationSettings(max_new_tokens=new_tokens))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            # no KV cache: every step recomputes the whole sequence, an independent reference
+            next_id = int(switcher.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+            ids.append(next_id)
+            if next_id == EOS:
+                break
+    assert got == ids[len(prompt) :]
+    assert len(got) == new_tokens  # measured: this prompt runs the full 10 tokens without EOS
+
+
+def test_sampling_settings_and_seeded_reproducibility(tiny_llama_dir, tokenizer):
+    model = AdapterSwitcher(load(tiny_llama_dir, False), tokenizer).model
+    greedy = build_generate_kwargs(GenerationSettings(), tokenizer, model)
+    assert greedy == {"max_new_tokens": 256, "use_cache": True, "eos_token_id": [EOS], "pad_token_id": 0, "do_sample": False}
+    settings = GenerationSettings(max_new_tokens=12, temperature=1.5, top_p=0.9)
+    sampled = build_generate_kwargs(settings, tokenizer, model)
+    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (True, 1.5, 0.9, 0)
+    prompt = build_prompt_ids("the quick brown fox", "text", tokenizer)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(generate_ids(model, tokenizer, prompt, settings))
+    greedy_ids = generate_ids(model, tokenizer, prompt, GenerationSettings(max_new_tokens=12))
+    assert runs[0] == runs[1]  # same seed, same sample
+    assert runs[0] != runs[2] and runs[0] != greedy_ids  # sampling really samples
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, r"--max-new-tokens must be at least 1, got 0"),
+        ({"temperature": -0.1}, r"--temperature must be >= 0 \(0 = greedy\), got -0.1"),
+        ({"top_p": 0.0}, r"--top-p must be in \(0, 1\], got 0.0"),
+    ],
+)
+def test_bad_generation_settings_are_explained(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        GenerationSettings(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt formats
+# ---------------------------------------------------------------------------------------------
+
+
+def training_prompt_ids(record: dict, fmt: str, tokenizer) -> list[int]:
+    example = tokenize_example(record, fmt, tokenizer, max_seq_len=1024)
+    start = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    return example["input_ids"][:start]
+
+
+def bos_copy(tokenizer):
+    bos_tokenizer = copy.deepcopy(tokenizer)
+    bos_tokenizer.add_bos_token = True
+    return bos_tokenizer
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_alpaca_prompt_ids_equal_the_prompt_ids_of_training(tokenizer, adds_bos):
+    tok = bos_copy(tokenizer) if adds_bos else tokenizer
+    instruction = "Name a colour."
+    ids = build_prompt_ids(instruction, "alpaca", tok)
+    assert ids == training_prompt_ids({"instruction": instruction, "output": "Blue is a colour."}, "alpaca", tok)
+    template_ids = tokenizer(ALPACA_PROMPT_NO_INPUT.format(instruction=instruction), add_special_tokens=False)["input_ids"]
+    assert ids == ([BOS] if adds_bos else []) + template_ids
+
+
+def test_chat_prompt_uses_the_template_with_the_generation_prompt(tokenizer):
+    # no template of its own: the default one, as in training ("<|user|>\n{content}</s>\n<|assistant|>\n")
+    ids = build_prompt_ids("Hi there", "chat", tokenizer)
+    assert ids == tokenizer("<|user|>\nHi there</s>\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    assert ids.count(EOS) == 1
+    templated = bos_copy(tokenizer)
+    templated.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    ids = build_prompt_ids("Hi there", "chat", templated)
+    assert ids == tokenizer("<s>[user] Hi there\n[assistant] ", add_special_tokens=False)["input_ids"]
+    assert ids.count(BOS) == 1  # the template writes BOS; it is not added a second time
+    record = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]}
+    assert ids == training_prompt_ids(record, "chat", templated)
+
+
+def test_text_prompt_is_the_raw_text(tokenizer):
+    raw = tokenizer("the quick brown fox", add_special_tokens=False)["input_ids"]
+    assert build_prompt_ids("the quick brown fox", "text", tokenizer) == raw
+    assert build_prompt_ids("the quick brown fox", "text", bos_copy(tokenizer)) == [BOS] + raw
+    with pytest.raises(GenerationError, match="the prompt is empty"):
+        build_prompt_ids("  ", "text", tokenizer)
+
+
+def test_auto_format_follows_training_then_the_tokenizer(tokenizer, tmp_path):
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert resolve_prompt_format("auto", "alpaca", templated) == "alpaca"
+    assert resolve_prompt_format("auto", None, templated) == "chat"
+    assert resolve_prompt_format("auto", None, tokenizer) == "text"
+    assert resolve_prompt_format("text", "chat", templated) == "text"  # an explicit format wins
+    assert read_prompt_info(tmp_path) == {}
+    write_prompt_info(tmp_path, "chat")
+    assert json.loads((tmp_path / PROMPT_INFO_NAME).read_text()) == {"data_format": "chat"}
+    (tmp_path / PROMPT_INFO_NAME).write_text('{"data_format": "sharegpt"}')
+    with pytest.raises(GenerationError, match=r"data_format must be one of alpaca, chat, text.*delete the file and pass --format"):
+        read_prompt_info(tmp_path)
+
+
+def test_route_prompt_by_name_prefix():
+    assert route_prompt("math: 2 + 2?", ["math", "sql"]) == ("math", "2 + 2?")
+    assert route_prompt("base: hello", ["math", "sql"]) == (None, "hello")
+    assert route_prompt("Note: keep it short", ["math"]) == ("math", "Note: keep it short")  # one adapter takes all
+    with pytest.raises(GenerationError, match=r"names no adapter; start each line with one of math, sql, base and a colon"):
+        route_prompt("Note: keep it short", ["math", "sql"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training records the format; the command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trained_adapter_generates_from_its_folder_alone(tiny_llama_dir, tmp_path, capsys):
+    """fit -> `generate ADAPTER_DIR PROMPT`: base, tokenizer and alpaca format all come from the adapter folder."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Repeat the word.", "input": w, "output": f"{w} {w}"}) + "\n" for w in ["cat", "dog", "sun", "tree"]))
+    overrides = [
+        f"model.name_or_path={tiny_llama_dir}", f"data.path={data}", "train.max_steps=2", "train.micro_batch_size=2",
+        "train.grad_accum_steps=1", "train.save_every=0", "train.eval_every=0", "lora.r=4", f"output_dir={tmp_path / 'run'}",
+    ]
+    fit(load_config(None, overrides))
+    adapter_dir = tmp_path / "run" / "adapter"
+    assert json.loads((adapter_dir / PROMPT_INFO_NAME).read_text()) == {"data_format": "alpaca"}
+
+    switcher = open_switcher({"adapter": adapter_dir})
+    assert switcher.prompt_format("adapter") == "alpaca"
+    expected = switcher.generate("Repeat the word.", adapter="adapter", settings=GenerationSettings(max_new_tokens=6))
+    assert expected.strip()  # a real answer, so the CLI comparison below can fail
+    capsys.readouterr()
+    assert cli.main(["generate", str(adapter_dir), "Repeat the word.", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.fixture
+def expected_answers(tiny_llama_dir, adapter_dirs):
+    """What each adapter (and the base) answers to each prompt, from the Python API, full precision."""
+    switcher = open_switcher(dict(adapter_dirs), str(tiny_llama_dir), load_in_4bit=False)
+    settings = GenerationSettings(max_new_tokens=5)
+    prompts = ["Name a colour.", "the quick brown fox"]
+    return {(name, p): switcher.generate(p, adapter=name, settings=settings) for name in ("a", "b", None) for p in prompts}
+
+
+def test_cli_answers_prompt_argument_and_stdin(adapter_dirs, expected_answers, capsys, monkeypatch):
+    common = ["--no-4bit", "--max-new-tokens", "5"]
+    assert cli.main(["generate", str(adapter_dirs["a"]), "Name a colour.", *common]) == 0
+    assert capsys.readouterr().out == expected_answers[("a", "Name a colour.")] + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a colour.\n\n   \nthe quick brown fox\n"))
+    assert cli.main(["generate", str(adapter_dirs["a"]), *common]) == 0
+    answers = [expected_answers[("a", p)] for p in ("Name a colour.", "the quick brown fox")]
+    assert capsys.readouterr().out == "".join(a + "\n" for a in answers)  # blank lines skipped
+
+
+def test_cli_routes_each_prompt_to_its_adapter(tiny_llama_dir, adapter_dirs, expected_answers, capsys, monkeypatch):
+    lines = ["b: the quick brown fox", "a: Name a colour.", "base: Name a colour.", "a:the quick brown fox"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    argv = ["generate", "--base", str(tiny_llama_dir), "--adapter", f"a={adapter_dirs['a']}", "--adapter", f"b={adapter_dirs['b']}"]
+    assert cli.main([*argv, "--no-4bit", "--max-new-tokens", "5"]) == 0
+    want = [("b", "the quick brown fox"), ("a", "Name a colour."), (None, "Name a colour."), ("a", "the quick brown fox")]
+    assert capsys.readouterr().out == "".join(f"[{n or 'base'}] {expected_answers[(n, p)]}\n" for n, p in want)
+    # the answers differ between adapters, so the routing above is really observed
+    assert len({expected_answers[(n, "Name a colour.")] for n in ("a", "b", None)}) == 3
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI expecting exit code 2 (returned, or from argparse); return stderr."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_errors_name_cause_and_fix(tiny_llama_dir, adapter_dirs, other_base_adapter, tmp_path, capsys, monkeypatch):
+    two = ["--adapter", f"a={adapter_dirs['a']}", "--adapter", f"b={adapter_dirs['b']}", "--no-4bit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("c: hello\n"))
+    assert "error: prompt 'c: hello' names no adapter; start each line with one of a, b, base and a colon" in cli_error(["generate", *two], capsys)
+
+    err = cli_error(["generate", "--base", str(tiny_llama_dir), "--adapter", f"wide={other_base_adapter}", "--no-4bit", "hi"], capsys)
+    assert "error: adapter 'wide'" in err and "has shape (4, 32) but this base needs (4, 64): the adapter was made for a different base model" in err
+
+    err = cli_error(["generate", str(tmp_path / "nope"), "hi"], capsys)
+    assert f"error: adapter folder {tmp_path / 'nope'} does not exist; pass the folder training wrote" in err
+
+    err = cli_error(["generate", "--base", str(tiny_llama_dir), "--adapter", str(adapter_dirs["a"]), "hi"], capsys)
+    assert "argument --adapter: expected NAME=DIR, got" in err and "e.g. --adapter math=runs/math/adapter" in err
+
+    assert "'base' is reserved" in cli_error(["generate", "--adapter", f"base={adapter_dirs['a']}", "hi"], capsys)
+    assert "--top-p must be in (0, 1]" in cli_error(["generate", str(adapter_dirs["a"]), "hi", "--top-p", "2"], capsys)
+    assert "unrecognized arguments: lora.r=4" in cli_error(["generate", str(adapter_dirs["a"]), "hi", "lora.r=4"], capsys)
+    assert "the only positional argument is the prompt" in cli_error(["generate", "--base", str(tiny_llama_dir), str(adapter_dirs["a"]), "hi"], capsys)
+    assert "nothing to load: pass an adapter folder, or --base PATH" in cli_error(["generate"], capsys)
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    raw = json.loads((adapter_dirs["a"] / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**raw, "base_model_name_or_path": str(tmp_path / "gone")}))
+    err = cli_error(["generate", str(moved), "hi"], capsys)
+    assert f"names base model {tmp_path / 'gone'}, which does not exist on this machine; pass --base PATH" in err
+
+
+def test_tokenizer_comes_from_the_adapter_folder_when_saved_there(tiny_llama_dir, adapter_dirs, tmp_path):
+    folder = tmp_path / "with-tokenizer"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((adapter_dirs["a"] / name).read_bytes())
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(str(folder))
+    assert open_switcher({"x": folder}, load_in_4bit=False).tokenizer.chat_template == tok.chat_template
+    assert open_switcher({"x": adapter_dirs["a"]}, load_in_4bit=False).tokenizer.chat_template is None
