@@ -25,6 +25,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT versions wrote this pickle file
 PEFT_PREFIX = "base_model.model."
+PROMPT_INFO_NAME = "qlora_lite.json"  # beside the adapter: how training formatted prompts (PEFT ignores it)
+DATA_FORMATS = ("alpaca", "chat", "text")
 ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 # adapter_config.json keys whose value we read or that cannot change what a plain LoRA layer
@@ -82,6 +84,52 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, base_mo
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     (out_dir / CONFIG_NAME).write_text(json.dumps(build_peft_config(cfg, targets, base_model_name_or_path), indent=2))
     return out_dir
+
+
+def write_prompt_info(folder: str | Path, data_format: str) -> Path:
+    """Record beside an adapter the data format it was trained on (for `generate --format auto`)."""
+    path = Path(folder) / PROMPT_INFO_NAME
+    path.write_text(json.dumps({"data_format": data_format}, indent=2) + "\n")
+    return path
+
+
+def read_prompt_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter's qlora_lite.json as a dict; empty when the adapter was made elsewhere."""
+    path = Path(adapter_dir) / PROMPT_INFO_NAME
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path} is not valid JSON ({err}); delete it and pass --format alpaca|chat|text") from err
+    if not isinstance(info, dict) or info.get("data_format") not in DATA_FORMATS:
+        raise AdapterError(
+            f"{path}: data_format must be one of {', '.join(DATA_FORMATS)}, got {info!r}; fix or delete the file and pass --format"
+        )
+    return info
+
+
+def find_base_model(adapter_dir: str | Path, peft_config: dict[str, Any], base: str | None = None) -> str:
+    """The base to put the adapter on: `base` if given, else the one adapter_config.json names.
+
+    A local path that no longer exists is refused here, before any slow load; `demo:` names
+    resolve to the cached demo base. Hub ids are returned as they are.
+    """
+    name = base or peft_config.get("base_model_name_or_path")
+    if not name:
+        raise AdapterError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path); pass --base PATH")
+    if name.startswith("demo:"):
+        from .config import ModelConfig
+        from .quant import resolve_model_path
+
+        return resolve_model_path(ModelConfig(name_or_path=name))
+    if not Path(name).expanduser().exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        named_by = "--base" if base else f"{adapter_dir}/adapter_config.json"
+        raise AdapterError(
+            f"{named_by} names base model {name}, which does not exist on this machine; "
+            "pass --base PATH pointing at the model the adapter was trained on"
+        )
+    return name
 
 
 def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, Any]]:

@@ -30,6 +30,7 @@ from .adapters import (
     ADAPTER_KEY,
     AdapterError,
     attach_adapter,
+    find_base_model,
     read_adapter_config,
     read_adapter_weights,
 )
@@ -41,7 +42,6 @@ from .quant import (
     is_4bit_linear,
     load_base_model,
     load_tokenizer,
-    resolve_model_path,
     set_4bit_compute_dtype,
 )
 from .shards import (
@@ -52,7 +52,7 @@ from .shards import (
     read_header,
     write_tensors,
 )
-from .train import write_atomically
+from .folders import write_atomically
 
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 SAFE_SINGLE_NAME = "model.safetensors"
@@ -122,7 +122,7 @@ def merge_adapter(
     out_dir = Path(out_dir)
     cfg, raw = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
-    base_path = resolve_base_path(base or raw.get("base_model_name_or_path"), adapter_dir)
+    base_path = download_base(find_base_model(adapter_dir, raw, base))
     check_out_dir(out_dir, overwrite, [base_path, adapter_dir])
     checkpoint = read_checkpoint_layout(base_path)
     tokenizer_dir = find_tokenizer_dir(adapter_dir, base_path)
@@ -158,29 +158,22 @@ def merge_adapter(
                 )
         report.peak_rss_bytes = read_peak_rss_bytes()
 
-    write_atomically_or_clean(out_dir, write)
+    write_atomically(out_dir, write)
     return report
 
 
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def resolve_base_path(name_or_path: str | None, adapter_dir: Path) -> str:
-    """A local folder for the base: as given, the demo base, or a hub snapshot (where the network allows)."""
-    if not name_or_path:
-        raise ExportError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base PATH")
-    local = Path(name_or_path).expanduser()
-    if name_or_path.startswith("demo:"):
-        return resolve_model_path(ModelConfig(name_or_path=name_or_path))
-    if local.is_dir():
-        return str(local)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ExportError(f"base model folder {name_or_path} does not exist; pass --base with the folder of the model the adapter was trained on")
+def download_base(name_or_path: str) -> str:
+    """A local folder for the base: as given, or a hub snapshot of its weights, config and tokenizer."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"])
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean the same to the user
         raise ExportError(
             f"base {name_or_path!r} is not a local folder and could not be downloaded ({type(err).__name__}: {str(err)[:200]}); "
             "download it (huggingface-cli download) and pass --base DIR"
@@ -510,12 +503,3 @@ def write_model_files(base_path: str, tokenizer_dir: Path, out_dtype: str, tmp: 
     else:
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(tmp))).save_pretrained(str(tmp))
     load_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)), str(tokenizer_dir)).save_pretrained(str(tmp))
-
-
-def write_atomically_or_clean(out_dir: Path, write) -> None:
-    """write_atomically, and on failure remove the temporary folder so nothing half-written is left."""
-    try:
-        write_atomically(out_dir, write)
-    except BaseException:
-        shutil.rmtree(out_dir.parent / f".{out_dir.name}.tmp", ignore_errors=True)
-        raise

@@ -17,7 +17,6 @@ that ``--format auto`` prompts the way the adapter was trained. PEFT ignores the
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -29,20 +28,20 @@ import torch
 from torch import nn
 
 from .adapters import (
+    DATA_FORMATS,
     AdapterError,
     attach_adapter,
     check_adapter_fits,
+    find_base_model,
     read_adapter_config,
     read_adapter_weights,
+    read_prompt_info,
 )
 from .config import LoRAConfig, ModelConfig, QuantConfig
 from .data import IGNORE_INDEX, DataError, tokenize_example
 from .lora import remove_lora
 from .quant import load_base_model, load_tokenizer
 
-PROMPT_INFO_NAME = "qlora_lite.json"
-"""File beside an adapter recording how training formatted prompts (ignored by PEFT)."""
-DATA_FORMATS = ("alpaca", "chat", "text")
 PROMPT_FORMATS = ("auto", *DATA_FORMATS)
 BASE_NAME = "base"
 """The name that routes a prompt to the base model with no adapter."""
@@ -95,29 +94,6 @@ class LoadedAdapter:
 # ---------------------------------------------------------------------------------------------
 # Prompt format: how training rendered prompts
 # ---------------------------------------------------------------------------------------------
-
-
-def write_prompt_info(folder: str | Path, data_format: str) -> Path:
-    """Record beside an adapter the data format it was trained on (for ``--format auto``)."""
-    path = Path(folder) / PROMPT_INFO_NAME
-    path.write_text(json.dumps({"data_format": data_format}, indent=2) + "\n")
-    return path
-
-
-def read_prompt_info(adapter_dir: str | Path) -> dict[str, Any]:
-    """The adapter's ``qlora_lite.json`` as a dict; empty when the adapter was made elsewhere."""
-    path = Path(adapter_dir) / PROMPT_INFO_NAME
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise GenerationError(f"{path} is not valid JSON ({err}); delete it and pass --format alpaca|chat|text") from err
-    if not isinstance(info, dict) or info.get("data_format") not in DATA_FORMATS:
-        raise GenerationError(
-            f"{path}: data_format must be one of {', '.join(DATA_FORMATS)}, got {info!r}; fix or delete the file and pass --format"
-        )
-    return info
 
 
 def resolve_prompt_format(fmt: str, trained_format: str | None, tokenizer: Any) -> str:
@@ -380,7 +356,9 @@ def open_switcher(
     collect_named_adapters(adapters.items())  # names are checked before anything slow
     folders = {name: require_adapter_dir(path) for name, path in adapters.items()}
     configs = {name: read_adapter_config(folder)[1] for name, folder in folders.items()}  # fail before the slow base load
-    base_path = base or resolve_base_path(next(iter(folders.values()), None), next(iter(configs.values()), {}))
+    if not folders and not base:
+        raise GenerationError("nothing to load: pass an adapter folder, or --base PATH (with --adapter NAME=DIR to add adapters)")
+    base_path = base or find_base_model(*next(iter(zip(folders.values(), configs.values()))))
     only = next(iter(folders.values())) if len(folders) == 1 else None
     tokenizer_path = only if only is not None and (only / "tokenizer_config.json").is_file() else None
     switcher = AdapterSwitcher.from_base(base_path, load_in_4bit=load_in_4bit, tokenizer_path=tokenizer_path)
@@ -396,21 +374,6 @@ def collect_named_adapters(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
         check_adapter_name(name, list(named))
         named[name] = folder
     return named
-
-
-def resolve_base_path(adapter_dir: Path | None, peft_config: dict[str, Any]) -> str:
-    """The base an adapter names in adapter_config.json, refused early when it is a local path that is gone."""
-    if adapter_dir is None:
-        raise GenerationError("nothing to load: pass an adapter folder, or --base PATH (with --adapter NAME=DIR to add adapters)")
-    base = peft_config.get("base_model_name_or_path")
-    if not base:
-        raise GenerationError(f"{adapter_dir}/adapter_config.json names no base model; pass --base PATH")
-    if not Path(base).expanduser().exists() and (base.startswith(("/", ".", "~")) or base.count("/") > 1):
-        raise GenerationError(
-            f"{adapter_dir}/adapter_config.json names base model {base}, which does not exist on this machine; "
-            "pass --base PATH pointing at the same base model"
-        )
-    return base
 
 
 def route_prompt(line: str, names: list[str]) -> tuple[str | None, str]:

@@ -15,16 +15,15 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import load_adapter, save_adapter
+from .adapters import load_adapter, save_adapter, write_prompt_info
 from .config import RecipeConfig, config_to_dict, save_config
+from .folders import write_atomically
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
-from .generate import write_prompt_info
 from .lora import apply_lora
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
@@ -340,26 +339,6 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     for folder in (out, out / "checkpoints"):
         for stale in folder.glob(".*.tmp") if folder.exists() else []:
             shutil.rmtree(stale, ignore_errors=True)  # half-written by a killed run: never used
-
-
-def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Write a folder under a temporary name, then rename it into place.
-
-    A crash leaves either the old folder or a `.tmp` one that readers ignore, never a half-written `final`.
-    """
-    tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        old = final.parent / f".{final.name}.old.tmp"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    return final
 
 
 def save_final_adapter(model, cfg: RecipeConfig, base_path: str, tokenizer, folder: Path) -> None:

@@ -263,7 +263,7 @@ def test_missing_tokenizer_is_refused_before_writing(tiny_llama_dir, tmp_path):
 
 def test_missing_base_folder_says_pass_base(tiny_llama_dir, tmp_path):
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
-    with pytest.raises(ExportError, match="does not exist; pass --base"):
+    with pytest.raises(AdapterError, match="--base names base model .*gone, which does not exist on this machine"):
         merge_adapter(adapter, tmp_path / "merged", base=str(tmp_path / "gone"))
 
 

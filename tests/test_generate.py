@@ -12,11 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qlora_lite import cli
-from qlora_lite.adapters import AdapterError, load_adapter, save_adapter
+from qlora_lite.adapters import PROMPT_INFO_NAME, AdapterError, load_adapter, read_prompt_info, save_adapter, write_prompt_info
 from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig, load_config
 from qlora_lite.data import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, tokenize_example
 from qlora_lite.generate import (
-    PROMPT_INFO_NAME,
     AdapterSwitcher,
     GenerationError,
     GenerationSettings,
@@ -24,10 +23,8 @@ from qlora_lite.generate import (
     build_prompt_ids,
     generate_ids,
     open_switcher,
-    read_prompt_info,
     resolve_prompt_format,
     route_prompt,
-    write_prompt_info,
 )
 from qlora_lite.lora import apply_lora, lora_layers
 from qlora_lite.quant import load_base_model, load_tokenizer
@@ -253,7 +250,7 @@ def test_auto_format_follows_training_then_the_tokenizer(tokenizer, tmp_path):
     write_prompt_info(tmp_path, "chat")
     assert json.loads((tmp_path / PROMPT_INFO_NAME).read_text()) == {"data_format": "chat"}
     (tmp_path / PROMPT_INFO_NAME).write_text('{"data_format": "sharegpt"}')
-    with pytest.raises(GenerationError, match=r"data_format must be one of alpaca, chat, text.*delete the file and pass --format"):
+    with pytest.raises(AdapterError, match=r"data_format must be one of alpaca, chat, text.*delete the file and pass --format"):
         read_prompt_info(tmp_path)
 
 
