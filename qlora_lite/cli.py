@@ -13,12 +13,14 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .adapters import AdapterError
     from .config import ConfigError
     from .data import DataError
+    from .export import ExportError
     from .generate import GenerationError
     from .lora import LoRAError
     from .quant import ModelLoadError
+    from .shards import ShardError
     from .train import TrainingError
 
-    return (AdapterError, ConfigError, DataError, GenerationError, LoRAError, ModelLoadError, TrainingError)
+    return (AdapterError, ConfigError, DataError, ExportError, GenerationError, LoRAError, ModelLoadError, ShardError, TrainingError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 lora.r=8")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     train.add_argument("--overwrite", action="store_true", help="delete an earlier run in output_dir and start over")
+    add_merge_parser(sub)
     add_generate_parser(sub)
     return parser
 
@@ -52,6 +55,62 @@ def format_summary(summary: dict) -> str:
             after = summary[f"final_{key}"]
             fmt = "{:.1%}" if key == "exact_match" else "{:.4f}"
             lines.append(f"  {key}: " + (f"{fmt.format(before)} -> " if before is not None else "") + fmt.format(after))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- merge
+
+
+def add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    merge = sub.add_parser(
+        "merge",
+        help="merge an adapter into its base and write a plain Hugging Face model",
+        description=(
+            "Add the adapter's deltas (alpha/r) B A to the base's original full-precision weights, shard by "
+            "shard, and write OUT_DIR as a plain Hugging Face model folder (loads with transformers alone)."
+        ),
+    )
+    merge.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a PEFT-format LoRA adapter folder, e.g. runs/NAME/adapter")
+    merge.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create (must be new or empty, unless --overwrite)")
+    merge.add_argument("--base", metavar="PATH_OR_ID", help="base model folder or hub id (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="output dtype; auto = the base checkpoint's (default)")
+    merge.add_argument("--from-4bit", action="store_true", help="merge into the dequantized NF4 weights (lossy; for when the original weights are gone)")
+    merge.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=None,
+        help="compare merged vs base+adapter logits on probe prompts and fail above a threshold "
+        "(default: on for bases up to 1B parameters)",
+    )
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (only once the new one is complete)")
+    merge.add_argument("--allow-pickle", action="store_true", help="read an adapter_model.bin pickle (weights_only) if it is all the adapter has")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .export import merge_adapter
+
+    report = merge_adapter(
+        args.adapter_dir, args.out, base=args.base, dtype=args.dtype, from_4bit=args.from_4bit,
+        verify=args.verify, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+    print(format_merge_report(report))
+    return 0
+
+
+def format_merge_report(report) -> str:
+    source = "dequantized NF4 weights" if report.from_4bit else "original weights"
+    lines = [
+        f"merged {report.merged_modules} LoRA layers into the base's {source}: {report.num_parameters / 1e6:,.1f}M parameters, "
+        f"{report.num_shards} shard(s), {report.dtype} -> {report.out_dir}"
+    ]
+    if report.from_4bit:
+        lost = "not measurable: the base is itself quantized" if report.nf4_logit_diff is None else f"{report.nf4_logit_diff:.4g}"
+        lines.append(f"  lossy: merged into NF4-rounded weights; max |logit difference| vs full-precision base+adapter: {lost}")
+    if report.max_logit_diff is not None:
+        lines.append(
+            f"  verify: max |logit difference| merged vs base+adapter on {report.num_probes} probe prompts: "
+            f"{report.max_logit_diff:.3g} (threshold {report.threshold:.3g}) ok"
+        )
+    lines += [f"  note: {note}" for note in report.notes]
+    lines.append(f"  peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB")
     return "\n".join(lines)
 
 
@@ -146,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     quiet_library_progress_bars()
     try:
-        return {"train": run_train, "generate": run_generate}[args.command](args)
+        return {"train": run_train, "merge": run_merge, "generate": run_generate}[args.command](args)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

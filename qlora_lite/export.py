@@ -92,6 +92,7 @@ class MergeReport:
     threshold: float | None = None
     nf4_logit_diff: float | None = None  # --from-4bit: merged vs full-precision base+adapter
     peak_rss_bytes: int = 0
+    num_probes: int = len(PROBE_PROMPTS)
     notes: list[str] = field(default_factory=list)
 
 

@@ -272,3 +272,32 @@ def test_fp16_overflow_is_an_error_not_inf(tiny_llama_dir, tmp_path):
     with pytest.raises(ExportError, match="beyond fp16's range.*--dtype bf16"):
         merge_adapter(adapter, tmp_path / "merged", dtype="fp16", verify=False)
     assert not (tmp_path / "merged").exists()
+
+
+def test_cli_merge_prints_what_it_did(tiny_llama_dir, tmp_path, capsys):
+    from qlora_lite import cli
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    assert cli.main(["merge", str(adapter), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "merged 14 LoRA layers into the base's original weights: 0.1M parameters, 3 shard(s), float32" in out
+    assert "verify: max |logit difference| merged vs base+adapter on 3 probe prompts" in out
+    assert (plain_logits(tmp_path / "merged") - adapter_logits(tiny_llama_dir, adapter)).abs().max().item() <= FP32_ATOL
+
+
+def test_cli_merge_errors_exit_2_with_the_cause(tiny_llama_dir, tmp_path, capsys):
+    from qlora_lite import cli
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    cases = [
+        (["merge", str(adapter), "--out", str(tmp_path / "taken")], "exists and is not empty"),
+        (["merge", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], "adapter_config.json is missing"),
+        (["merge", str(adapter), "--out", str(tmp_path / "m"), "--base", str(tmp_path / "gone")], "does not exist on this machine"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
