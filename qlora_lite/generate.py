@@ -111,7 +111,7 @@ def resolve_prompt_format(fmt: str, trained_format: str | None, tokenizer: Any) 
     return "chat" if getattr(tokenizer, "chat_template", None) else "text"
 
 
-def build_prompt_ids(prompt: str, fmt: str, tokenizer: Any) -> list[int]:
+def build_prompt_ids(prompt: str, fmt: str, tokenizer: Any, input_text: str = "") -> list[int]:
     """The token ids training put before the response, for this prompt in format alpaca, chat or text.
 
     alpaca: BOS (if the tokenizer adds one) + the Alpaca no-input template around the prompt.
@@ -123,21 +123,26 @@ def build_prompt_ids(prompt: str, fmt: str, tokenizer: Any) -> list[int]:
     """
     if not prompt.strip():
         raise GenerationError("the prompt is empty; pass some text to answer")
+    if input_text and fmt != "alpaca":
+        raise GenerationError(f"--input is the alpaca format's input field, but prompts are formatted as {fmt}; drop --input or pass --format alpaca")
     try:
         if fmt == "text":
             # Training learns every token of a text record: the prompt is that record less its closing EOS.
             return tokenize_example({"text": prompt}, "text", tokenizer, NO_LENGTH_LIMIT)["input_ids"][:-1]
-        example = tokenize_example(build_prompt_record(prompt, fmt), fmt, tokenizer, NO_LENGTH_LIMIT)
+        example = tokenize_example(build_prompt_record(prompt, fmt, input_text), fmt, tokenizer, NO_LENGTH_LIMIT)
     except DataError as err:
         raise GenerationError(f"cannot format the prompt as {fmt}: {err}") from err
     start = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
     return example["input_ids"][:start]
 
 
-def build_prompt_record(prompt: str, fmt: str) -> dict[str, Any]:
-    """A training record in format alpaca or chat whose prompt is this text and whose answer is a placeholder."""
+def build_prompt_record(prompt: str, fmt: str, input_text: str = "") -> dict[str, Any]:
+    """A training record in format alpaca or chat whose prompt is this text and whose answer is a placeholder.
+
+    input_text fills alpaca's optional input field (the template with "### Input:").
+    """
     if fmt == "alpaca":
-        return {"instruction": prompt, "output": PLACEHOLDER_ANSWER}
+        return {"instruction": prompt, "input": input_text, "output": PLACEHOLDER_ANSWER}
     if fmt == "chat":
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": PLACEHOLDER_ANSWER}]}
     raise GenerationError(f"unknown prompt format {fmt!r}; use one of {', '.join(DATA_FORMATS)}")
@@ -292,6 +297,7 @@ class AdapterSwitcher:
         settings: GenerationSettings | None = None,
         fmt: str = "auto",
         stream: bool = False,
+        input_text: str = "",
     ) -> str:
         """Answer a prompt with the named adapter (None: the plain base), formatted as it was trained.
 
@@ -301,11 +307,12 @@ class AdapterSwitcher:
             settings: Decoding settings; greedy with 256 new tokens when None.
             fmt: ``auto`` (the adapter's training format), ``chat``, ``alpaca`` or ``text``.
             stream: Also print the answer to stdout as it is generated.
+            input_text: The alpaca format's input field (the text the instruction is about).
 
         Returns:
             The answer's text.
         """
-        prompt_ids = build_prompt_ids(prompt, self.prompt_format(adapter, fmt), self.tokenizer)
+        prompt_ids = build_prompt_ids(prompt, self.prompt_format(adapter, fmt), self.tokenizer, input_text)
         self.use(adapter)
         return generate_answer(self.model, self.tokenizer, prompt_ids, settings or GenerationSettings(), stream)
 
@@ -411,6 +418,7 @@ def answer_prompts(
     settings: GenerationSettings,
     fmt: str = "auto",
     routed: bool = False,
+    input_text: str = "",
 ) -> int:
     """Stream an answer to each prompt to stdout; returns the number answered.
 
@@ -424,6 +432,6 @@ def answer_prompts(
             print(f"[{adapter or BASE_NAME}] ", end="", flush=True)
         else:
             adapter, prompt = (switcher.names[0] if switcher.names else None), line
-        switcher.generate(prompt, adapter=adapter, settings=settings, fmt=fmt, stream=True)
+        switcher.generate(prompt, adapter=adapter, settings=settings, fmt=fmt, stream=True, input_text=input_text)
         answered += 1
     return answered

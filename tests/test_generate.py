@@ -217,6 +217,17 @@ def test_alpaca_prompt_ids_equal_the_prompt_ids_of_training(tokenizer, adds_bos)
     assert ids == ([BOS] if adds_bos else []) + template_ids
 
 
+def test_alpaca_input_field_uses_the_with_input_template(tokenizer):
+    from qlora_lite.data import ALPACA_PROMPT_WITH_INPUT
+
+    ids = build_prompt_ids("Apply rot13 to this word.", "alpaca", tokenizer, input_text="HELLO")
+    assert ids == training_prompt_ids({"instruction": "Apply rot13 to this word.", "input": "HELLO", "output": "URYYB"}, "alpaca", tokenizer)
+    template = ALPACA_PROMPT_WITH_INPUT.format(instruction="Apply rot13 to this word.", input="HELLO")
+    assert ids == tokenizer(template, add_special_tokens=False)["input_ids"]
+    with pytest.raises(GenerationError, match="--input is the alpaca format's input field"):
+        build_prompt_ids("hi", "chat", tokenizer, input_text="HELLO")
+
+
 def test_chat_prompt_uses_the_template_with_the_generation_prompt(tokenizer):
     # no template of its own: the default one, as in training ("<|user|>\n{content}</s>\n<|assistant|>\n")
     ids = build_prompt_ids("Hi there", "chat", tokenizer)
