@@ -379,3 +379,25 @@ def test_tokenizer_comes_from_the_adapter_folder_when_saved_there(tiny_llama_dir
     tok.save_pretrained(str(folder))
     assert open_switcher({"x": folder}, load_in_4bit=False).tokenizer.chat_template == tok.chat_template
     assert open_switcher({"x": adapter_dirs["a"]}, load_in_4bit=False).tokenizer.chat_template is None
+
+
+def test_peft_made_adapter_generates_as_in_peft(tiny_qwen2_dir, tokenizer, tmp_path):
+    """An adapter saved by peft itself (pickle .bin only, as older PEFT wrote) answers as PeftModel does."""
+    peft = pytest.importorskip("peft")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_dir), dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    torch.manual_seed(5)
+    peft_model = peft.get_peft_model(base, config).eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"), safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    with pytest.raises(AdapterError, match="--allow-pickle"):
+        open_switcher({"p": tmp_path / "peft"}, base=str(tiny_qwen2_dir), load_in_4bit=False)
+    switcher = open_switcher({"p": tmp_path / "peft"}, base=str(tiny_qwen2_dir), load_in_4bit=False, allow_pickle=True)
+    switcher.use("p")
+    assert (logits(switcher.model) - logits(peft_model)).abs().max().item() <= 1e-5
+    prompt_ids = build_prompt_ids("the quick brown", "text", tokenizer)
+    settings = GenerationSettings(max_new_tokens=8)
+    ours = generate_ids(switcher.model, tokenizer, prompt_ids, settings)
+    with torch.no_grad():
+        theirs = peft_model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=8, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    assert ours == theirs[0, len(prompt_ids) :].tolist() and len(ours) >= 1
