@@ -53,6 +53,7 @@ def build_tiny_model(
     seed: int = 0,
     initializer_range: float = 0.02,
     max_shard_size: str | None = None,
+    tie_word_embeddings: bool = False,
 ) -> torch.nn.Module:
     """Build a random-weight causal LM of a real architecture and save it (fp32 safetensors)."""
     if architecture not in TINY_ARCHITECTURES:
@@ -67,7 +68,7 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,  # small real models (Llama-3.2-1B, Qwen2.5-1.5B) tie them
         initializer_range=initializer_range,
         pad_token_id=0,
         bos_token_id=2,

@@ -301,3 +301,20 @@ def test_cli_merge_errors_exit_2_with_the_cause(tiny_llama_dir, tmp_path, capsys
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("from_4bit", [False, True])
+def test_tied_embeddings_stay_tied(tokenizer, tmp_path, from_4bit):
+    """Llama-3.2-1B and Qwen2.5-1.5B tie lm_head to the embeddings: the checkpoint has no lm_head.weight."""
+    base = tmp_path / "tied"
+    build_tiny_model(base, initializer_range=0.1, max_shard_size="200KB", tie_word_embeddings=True)
+    tokenizer.save_pretrained(str(base))
+    adapter = make_adapter(base, tmp_path / "adapter")
+    report = merge_adapter(adapter, tmp_path / "merged", dtype="fp32", from_4bit=from_4bit)
+    index = tmp_path / "merged" / "model.safetensors.index.json"
+    keys = json.loads(index.read_text())["weight_map"] if index.is_file() else load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert report.max_logit_diff <= (NF4_MERGE_ATOL if from_4bit else FP32_ATOL)
