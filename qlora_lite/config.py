@@ -1,6 +1,7 @@
 """Recipes: YAML files mapped onto typed dataclasses, with dotted overrides.
 
-A recipe has six sections (model, quant, lora, data, train, output_dir). Every key is a
+A recipe has a method (lora, prompt_tuning, selective, adapter or full) and the sections
+model, quant, lora, prompt, selective, bottleneck, data, train, plus output_dir. Every key is a
 field below with a docstring-style comment; an unknown key is an error that names the
 nearest valid key, so a typo never silently falls back to a default.
 """
@@ -61,6 +62,38 @@ class LoRAConfig:
     """Rank-stabilised scaling alpha/sqrt(r), which keeps the update's size steady as r grows."""
     dtype: str = "bfloat16"
     """Dtype of the adapter weights."""
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = 20
+    """method prompt_tuning: soft-prompt length, prepended to every input (typical 20-100)."""
+    init: str = "sample_vocab"
+    """Soft-prompt start: `text` (embeddings of prompt.init_text), `sample_vocab` (random vocabulary embeddings) or `random`."""
+    init_text: str = ""
+    """With prompt.init=text: the text whose token embeddings start the soft prompt (repeated or cut to length)."""
+    dtype: str = "float32"
+    """Storage dtype of the soft prompt (it is tiny; fp32 keeps small updates)."""
+
+
+@dataclass
+class SelectiveConfig:
+    patterns: list[str] = field(default_factory=lambda: ["norm"])
+    """method selective: train the parameters whose name matches any of these regexes (re.search), e.g. `norm`, `bias`, `layers\\.1\\.mlp`."""
+    unquantized_modules: list[str] = field(default_factory=list)
+    """Linear layers to load in full precision instead of NF4 so a pattern can select them (e.g. `down_proj`)."""
+
+
+@dataclass
+class BottleneckConfig:
+    size: int = 16
+    """method adapter: width of each bottleneck adapter (down-project to this size, then back up)."""
+    placement: str = "both"
+    """Where adapters go in each layer: after the `attn` output, after the `mlp` output, or `both` (Houlsby)."""
+    activation: str = "gelu"
+    """Nonlinearity between the down and up projections: `gelu`, `relu` or `silu`."""
+    dtype: str = "float32"
+    """Storage dtype of the adapter weights."""
 
 
 @dataclass
@@ -127,9 +160,14 @@ class TrainConfig:
 
 @dataclass
 class RecipeConfig:
+    method: str = "lora"
+    """What is trained: `lora`, `prompt_tuning` (soft prompt), `selective` (named base parameters), `adapter` (bottleneck adapters) or `full` (every weight; needs quant.load_in_4bit false)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    selective: SelectiveConfig = field(default_factory=SelectiveConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/default"
@@ -139,7 +177,13 @@ class RecipeConfig:
         validate_config(self)
 
 
+METHODS = ("lora", "prompt_tuning", "selective", "adapter", "full")
 CHOICES = {
+    "prompt.init": ("text", "sample_vocab", "random"),
+    "prompt.dtype": ("bfloat16", "float16", "float32"),
+    "bottleneck.placement": ("attn", "mlp", "both"),
+    "bottleneck.activation": ("gelu", "relu", "silu"),
+    "bottleneck.dtype": ("bfloat16", "float16", "float32"),
     "quant.quant_type": ("nf4", "fp4"),
     "quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "lora.dtype": ("bfloat16", "float16", "float32"),
@@ -152,6 +196,9 @@ CHOICES = {
 
 def validate_config(cfg: RecipeConfig) -> None:
     """Check values that have a fixed range; raise ConfigError naming the key and the fix."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    validate_method(cfg)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -187,6 +234,23 @@ def validate_config(cfg: RecipeConfig) -> None:
     targets = cfg.lora.target_modules
     if (isinstance(targets, str) and targets != "all-linear") or not targets:
         raise ConfigError(f"lora.target_modules must be a non-empty list of module names or 'all-linear', got {targets!r}")
+
+
+def validate_method(cfg: RecipeConfig) -> None:
+    """Settings that only make sense, or only fail, with a given method."""
+    if cfg.method == "full" and cfg.quant.load_in_4bit:
+        raise ConfigError("method full trains every weight, which 4-bit weights cannot hold: set quant.load_in_4bit: false (or use method lora)")
+    if cfg.method == "prompt_tuning":
+        if cfg.data.packing:
+            raise ConfigError("method prompt_tuning prepends the soft prompt to each example, which packed rows cannot take: set data.packing: false")
+        if cfg.prompt.num_virtual_tokens <= 0:
+            raise ConfigError(f"prompt.num_virtual_tokens must be a positive integer, got {cfg.prompt.num_virtual_tokens}; typical values are 20 to 100")
+        if cfg.prompt.init == "text" and not cfg.prompt.init_text.strip():
+            raise ConfigError("prompt.init is text but prompt.init_text is empty: give the text to start from, or use prompt.init: sample_vocab")
+    if cfg.method == "selective" and not cfg.selective.patterns:
+        raise ConfigError("selective.patterns is empty: name what to train, e.g. [norm] or [bias, norm]")
+    if cfg.method == "adapter" and cfg.bottleneck.size <= 0:
+        raise ConfigError(f"bottleneck.size must be a positive integer, got {cfg.bottleneck.size}; typical values are 8 to 64")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -399,10 +400,35 @@ def test_default_config_round_trips(tmp_path):
     assert cfg == RecipeConfig()
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
-    assert [f.name for f in dataclasses.fields(cfg)] == ["model", "quant", "lora", "data", "train", "output_dir"]
+    assert [f.name for f in dataclasses.fields(cfg)] == ["method", "model", "quant", "lora", "prompt", "selective", "bottleneck", "data", "train", "output_dir"]
 
 
 def test_readme_documents_every_key():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [key for key in valid_keys() if f"`{key}`" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=dora"], "method: 'dora' is not one of lora, prompt_tuning, selective, adapter, full"),
+        (["method=full"], "set quant.load_in_4bit: false"),
+        (["method=prompt_tuning", "data.packing=true"], "set data.packing: false"),
+        (["method=prompt_tuning", "prompt.num_virtual_tokens=0"], "prompt.num_virtual_tokens must be a positive integer, got 0"),
+        (["method=prompt_tuning", "prompt.init=text"], "prompt.init_text is empty"),
+        (["method=selective", "selective.patterns=[]"], "selective.patterns is empty"),
+        (["method=adapter", "bottleneck.size=-4"], "bottleneck.size must be a positive integer, got -4"),
+        (["bottleneck.placement=ffn"], "bottleneck.placement: 'ffn' is not one of attn, mlp, both"),
+        (["prompt.init=vocab"], "prompt.init: 'vocab' is not one of text, sample_vocab, random"),
+    ],
+)
+def test_method_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_method_settings_that_fit_are_accepted():
+    cfg = load_config(None, ["method=prompt_tuning", "prompt.init=text", "prompt.init_text=Translate to French", "prompt.num_virtual_tokens=50"])
+    assert (cfg.method, cfg.prompt.num_virtual_tokens, cfg.prompt.init_text) == ("prompt_tuning", 50, "Translate to French")
+    assert load_config(None, ["method=full", "quant.load_in_4bit=false"]).method == "full"
