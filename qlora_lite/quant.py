@@ -46,8 +46,12 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_bnb_config(quant: QuantConfig, compute_dtype: torch.dtype):
-    """The BitsAndBytesConfig of QLoRA: NF4 storage, double quantization, matmuls in compute_dtype."""
+def build_bnb_config(quant: QuantConfig, compute_dtype: torch.dtype, skip_modules: list[str] | None = None):
+    """The BitsAndBytesConfig of QLoRA: NF4 storage, double quantization, matmuls in compute_dtype.
+
+    skip_modules (module names or name suffixes) stay in compute_dtype instead of NF4, so that
+    selective tuning can train them; lm_head is always kept, as transformers does by default.
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -56,6 +60,7 @@ def build_bnb_config(quant: QuantConfig, compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=["lm_head", *(skip_modules or [])] if skip_modules else None,
     )
 
 
@@ -86,8 +91,16 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
     return tok
 
 
-def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device | None = None, path: str | None = None) -> nn.Module:
+def load_base_model(
+    model: ModelConfig,
+    quant: QuantConfig,
+    device: torch.device | None = None,
+    path: str | None = None,
+    skip_modules: list[str] | None = None,
+) -> nn.Module:
     """Load the base model frozen: NF4 + double quant through bitsandbytes, or plain weights.
+
+    skip_modules: linear layers (names or suffixes) to keep unquantized in a 4-bit load.
 
     The non-quantized parts (embeddings, norms, lm_head), and the whole model when
     load_in_4bit is false, are kept in the compute dtype (bf16 on modern GPUs).
@@ -105,7 +118,7 @@ def load_base_model(model: ModelConfig, quant: QuantConfig, device: torch.device
     if quant.load_in_4bit:
         # A pre-quantized checkpoint (e.g. a *-bnb-4bit repo) carries its own settings, which win.
         if not is_prequantized(path):
-            kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype)
+            kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype, skip_modules)
         # Quantize each weight as it lands on the GPU instead of materialising the bf16 model first.
         kwargs["device_map"] = {"": device}
     try:
