@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import load_adapter, save_adapter, write_prompt_info
+from .adapters import write_prompt_info
 from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
-from .lora import apply_lora
+from .methods import attach_method, load_method, save_method
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
 from .quant import enable_gradient_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_path
@@ -66,16 +66,14 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     if state:
         metrics.drop_steps_after(state["step"])  # the killed run's steps past its checkpoint are redone
 
-    # --- model: frozen base (4-bit or not) + LoRA, or the LoRA of the newest checkpoint
+    # --- model: frozen base (4-bit or not) + what the method trains, fresh or from the newest checkpoint
     base_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, base_path)
-    model = load_base_model(cfg.model, cfg.quant, device, base_path)
-    if checkpoint:
-        load_adapter(model, checkpoint, trainable=True)
-    else:
-        apply_lora(model, cfg.lora)
+    unquantized = cfg.selective.unquantized_modules if cfg.method == "selective" else None
+    model = load_base_model(cfg.model, cfg.quant, device, base_path, skip_modules=unquantized)
     if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)  # on the base, before prompt tuning wraps it
+    model = load_method(model, cfg, checkpoint, trainable=True) if checkpoint else attach_method(model, cfg, tokenizer)
     report = build_memory_report(model, device)
     print(format_memory_report(report, "start"))
     metrics.write({"event": "memory", "when": "start", **report})
@@ -342,7 +340,7 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def save_final_adapter(model, cfg: RecipeConfig, base_path: str, tokenizer, folder: Path) -> None:
-    save_adapter(unwrap(model), cfg.lora, folder, base_path)
+    save_method(unwrap(model), cfg, folder, base_path)
     write_prompt_info(folder, cfg.data.format)  # `generate` formats prompts the way training did
     if cfg.data.format == "chat" and not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so generation prompts the way training did
@@ -375,7 +373,7 @@ def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, trainer
     """Adapter + trainer state, written atomically; checkpoints beyond keep_checkpoints are pruned."""
 
     def write(folder: Path) -> None:
-        save_adapter(unwrap(model), cfg.lora, folder, base_path)
+        save_method(unwrap(model), cfg, folder, base_path)
         write_prompt_info(folder, cfg.data.format)  # a checkpoint can be tried with `generate` too
         torch.save(trainer_state, folder / STATE_NAME)
 

@@ -1,0 +1,50 @@
+"""Every method trains through the same fit(), and what it saves loads back to the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train import read_metrics, recipe_overrides
+from transformers import AutoModelForCausalLM
+
+from qlora_lite.config import load_config
+from qlora_lite.methods import MethodError, load_full_weights, load_method
+from qlora_lite.quant import load_base_model, load_tokenizer
+from qlora_lite.train import fit
+
+IDS = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits.float()
+
+
+def train(tmp_path, model_dir, method: str, **extra):
+    cfg = load_config(None, recipe_overrides(tmp_path, model_dir, method=method, **extra))
+    return cfg, fit(cfg)
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_a_plain_model(tiny_llama_dir, tmp_path):
+    cfg, summary = train(tmp_path, tiny_llama_dir, "full", **{"quant.load_in_4bit": False, "train.lr": 3e-3, "train.optimizer": "adamw"})
+    # Measured: eval loss 5.70 -> 3.72 in 8 steps (-35%); assert at least -25%.
+    assert summary["final_eval_loss"] < 0.75 * summary["initial_eval_loss"]
+    out = tmp_path / "run" / "adapter"
+    trained = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    changed = [n for n, p in base.named_parameters() if not torch.equal(p, dict(trained.named_parameters())[n])]
+    assert len(changed) == len(list(base.named_parameters())) == 21  # 2 layers x 9 + embed, norm, lm_head
+    # load_method (what --resume uses) on a fresh base gives the saved model's logits.
+    fresh = load_base_model(cfg.model, cfg.quant, torch.device("cpu"))
+    assert torch.equal(logits(load_method(fresh, cfg, out, trainable=False)), logits(trained))
+    assert load_tokenizer(cfg.model, str(out)).eos_token_id == 3  # the folder is a complete model
+    assert read_metrics(tmp_path / "run")[-1]["event"] == "summary"
+
+
+def test_full_weights_from_another_base_are_refused(tiny_llama_dir, tiny_qwen2_dir, tmp_path):
+    AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_dir)).save_pretrained(str(tmp_path / "qwen"))
+    llama = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    with pytest.raises(MethodError, match="which this base model does not have: the checkpoint was made for another base"):
+        load_full_weights(llama, tmp_path / "qwen")
+    with pytest.raises(MethodError, match="holds no safetensors weights"):
+        load_full_weights(llama, tmp_path)
