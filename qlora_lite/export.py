@@ -1,6 +1,11 @@
-"""Merge a LoRA adapter into its base and export a plain Hugging Face model folder.
+"""Merge an adapter into its base and export a plain Hugging Face model folder.
 
-The default merge adds each delta, (alpha/r) B A, to the base's original full-precision
+Two kinds of adapter fold into the base's weights: LoRA (each target weight gains the
+delta (alpha/r) B A) and selective (each trained tensor replaces the base's tensor of the
+same name). Bottleneck adapters and soft prompts cannot: one is nonlinear, the other is
+input rather than weights; both are refused with a message that says to serve base + adapter.
+
+For LoRA, the default merge adds each delta, (alpha/r) B A, to the base's original full-precision
 weights, re-read from its safetensors shards, not to the NF4 weights the adapter was trained
 against: NF4 rounding is then not baked into the exported model. It works one shard at a
 time (read a shard, add the deltas that belong to it, write it), so peak memory is about one
@@ -12,15 +17,20 @@ the QLoRA model as trained, and differs from base+adapter in full precision by t
 rounding error, which it measures and prints.
 
 The result is written to a temporary folder and renamed into place, optionally after
-checking that merged logits equal base+adapter logits on a few probe prompts.
+checking that merged logits equal base+adapter logits on a few probe prompts. A selective
+merge takes the same paths (shard by shard, or --from-4bit), writing each trained tensor in
+place of the base's.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +54,7 @@ from .quant import (
     load_tokenizer,
     set_4bit_compute_dtype,
 )
+from .selective import attach_selective, check_selective_fits, read_adapter_json, read_selective
 from .shards import (
     SAFETENSORS_DTYPES,
     ShardError,
@@ -72,6 +83,18 @@ VERIFY_REL_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 # parameters it is opt-in (--verify), so that merging an 8B model stays within one shard.
 AUTO_VERIFY_MAX_PARAMS = 1_000_000_000
 MAX_SHARD_BYTES = 5 * 1024**3  # shard size for --from-4bit output (the default path keeps the base's shards)
+# Adapter kinds that change what the model computes without changing a weight: nothing to fold in.
+UNMERGEABLE = {
+    "BOTTLENECK": (
+        "{adapter_dir} holds bottleneck adapters, h + up(act(down(h))): the activation between the two projections "
+        "makes them nonlinear, so they cannot be folded into the base's weights. Serve the base + adapter instead "
+        "(qlora-lite generate {adapter_dir}, or load_bottleneck in Python)"
+    ),
+    "PROMPT_TUNING": (
+        "{adapter_dir} holds a soft prompt: vectors prepended to the input, not a change to any weight, so there is "
+        "nothing to merge into the base. Serve the base + adapter instead (qlora-lite generate {adapter_dir})"
+    ),
+}
 
 
 class ExportError(ValueError):
@@ -85,7 +108,7 @@ class MergeReport:
     out_dir: Path
     dtype: str
     num_shards: int
-    merged_modules: int
+    merged_modules: int  # LoRA layers merged, or base tensors replaced (SELECTIVE)
     num_parameters: int
     from_4bit: bool
     max_logit_diff: float | None = None  # merged vs base+adapter (the check --verify makes)
@@ -94,6 +117,7 @@ class MergeReport:
     peak_rss_bytes: int = 0
     num_probes: int = len(PROBE_PROMPTS)
     notes: list[str] = field(default_factory=list)
+    peft_type: str = "LORA"  # the adapter kind merged: LORA or SELECTIVE
 
 
 def merge_adapter(
@@ -106,10 +130,11 @@ def merge_adapter(
     overwrite: bool = False,
     allow_pickle: bool = False,
 ) -> MergeReport:
-    """Merge the LoRA adapter in adapter_dir into its base and write a plain HF model to out_dir.
+    """Merge the adapter in adapter_dir into its base and write a plain HF model to out_dir.
 
     Args:
-        adapter_dir: a PEFT-format LoRA adapter folder (ours or PEFT's).
+        adapter_dir: a PEFT-format LoRA adapter folder (ours or PEFT's), or a selective one.
+            Bottleneck adapters and soft prompts are refused (ExportError): they cannot be merged.
         out_dir: the folder to create; refused if it exists and is not empty, unless overwrite.
         base: the base model folder or hub id; default: the adapter's base_model_name_or_path.
         dtype: bf16 / fp16 / fp32 (or the long names), or auto = the base checkpoint's dtype.
@@ -121,20 +146,18 @@ def merge_adapter(
     """
     adapter_dir = Path(adapter_dir)
     out_dir = Path(out_dir)
-    cfg, raw = read_adapter_config(adapter_dir)
-    weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
-    base_path = download_base(find_base_model(adapter_dir, raw, base))
+    plan = plan_merge(adapter_dir, allow_pickle)
+    base_path = download_base(find_base_model(adapter_dir, plan.peft_config, base))
     check_out_dir(out_dir, overwrite, [base_path, adapter_dir])
     checkpoint = read_checkpoint_layout(base_path)
     tokenizer_dir = find_tokenizer_dir(adapter_dir, base_path)
     num_parameters = sum(numel(shape) for shape in checkpoint.shapes.values())
     out_dtype = resolve_out_dtype(dtype, base_path)
-    pairs = collect_lora_pairs(weights)
     if not from_4bit:
         check_full_precision(checkpoint)
-        check_adapter_matches_checkpoint(pairs, checkpoint)
+        plan.check_checkpoint(checkpoint)
     verify = num_parameters <= AUTO_VERIFY_MAX_PARAMS if verify is None else verify
-    report = MergeReport(out_dir, out_dtype, 0, len(pairs), num_parameters, from_4bit)
+    report = MergeReport(out_dir, out_dtype, 0, plan.num_merged, num_parameters, from_4bit, peft_type=plan.peft_type)
     if not verify:
         report.notes.append(
             f"verification skipped: the base has {num_parameters / 1e9:.2f}B parameters (> {AUTO_VERIFY_MAX_PARAMS / 1e9:.0f}B); "
@@ -143,14 +166,14 @@ def merge_adapter(
 
     def write(tmp: Path) -> None:
         if from_4bit:
-            report.num_shards = write_merged_from_4bit(base_path, cfg, pairs, out_dtype, tmp)
+            report.num_shards = write_merged_from_4bit(base_path, plan, out_dtype, tmp)
         else:
-            report.num_shards = write_merged_shards(checkpoint, pairs, cfg, out_dtype, tmp)
+            report.num_shards = write_merged_shards(checkpoint, plan.merge_tensor, out_dtype, tmp)
         write_model_files(base_path, tokenizer_dir, out_dtype, tmp)
         if from_4bit:
-            report.nf4_logit_diff = measure_nf4_loss(base_path, checkpoint, weights, cfg, tmp)
+            report.nf4_logit_diff = measure_nf4_loss(base_path, checkpoint, plan, tmp)
         if verify:
-            report.max_logit_diff, report.threshold = verify_merge(base_path, weights, cfg, tmp, out_dtype, from_4bit)
+            report.max_logit_diff, report.threshold = verify_merge(base_path, plan, tmp, out_dtype, from_4bit)
             if report.max_logit_diff > report.threshold:
                 raise ExportError(
                     f"merged model answers differently from base+adapter: max |logit difference| {report.max_logit_diff:.3g} "
@@ -161,6 +184,96 @@ def merge_adapter(
 
     write_atomically(out_dir, write)
     return report
+
+
+# --- what the adapter does to the base ---------------------------------------------------------
+
+
+@dataclass
+class MergePlan:
+    """One adapter as merge sees it, whatever its kind: how it changes base tensors, how to check and attach it."""
+
+    peft_type: str  # LORA or SELECTIVE
+    peft_config: dict[str, Any]  # adapter_config.json
+    num_merged: int  # LoRA layers merged, or base tensors replaced
+    merge_tensor: Callable[[str, torch.Tensor], torch.Tensor]  # (tensor name, base tensor) -> merged tensor
+    check_checkpoint: Callable[[CheckpointLayout], None]  # every target is in the checkpoint with fitting shapes
+    check_model: Callable[[nn.Module], None]  # the same against the loaded NF4 base (--from-4bit)
+    attach: Callable[[nn.Module], None]  # turns a loaded base into base+adapter: the reference logits
+    skip_modules: list[str] = field(default_factory=list)  # linear layers an NF4 base must keep unquantized
+
+
+def plan_merge(adapter_dir: Path, allow_pickle: bool) -> MergePlan:
+    """Read the adapter and decide how it merges; refuse the kinds that cannot be folded into weights."""
+    peft_type = read_adapter_json(adapter_dir).get("peft_type")
+    if peft_type in UNMERGEABLE:
+        raise ExportError(UNMERGEABLE[peft_type].format(adapter_dir=adapter_dir))
+    if peft_type == "SELECTIVE":
+        return plan_selective_merge(adapter_dir, allow_pickle)
+    return plan_lora_merge(adapter_dir, allow_pickle)  # read_adapter_config refuses any type but LORA
+
+
+def plan_lora_merge(adapter_dir: Path, allow_pickle: bool) -> MergePlan:
+    cfg, raw = read_adapter_config(adapter_dir)
+    weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
+    pairs = collect_lora_pairs(weights)
+    return MergePlan(
+        peft_type="LORA",
+        peft_config=raw,
+        num_merged=len(pairs),
+        merge_tensor=partial(add_lora_delta, pairs, cfg),
+        check_checkpoint=partial(check_adapter_matches_checkpoint, pairs),
+        check_model=partial(check_adapter_fits_model, pairs=pairs),
+        attach=partial(attach_lora_in_fp32, cfg=cfg, weights=weights),
+    )
+
+
+def plan_selective_merge(adapter_dir: Path, allow_pickle: bool) -> MergePlan:
+    cfg, weights = read_selective(adapter_dir, allow_pickle=allow_pickle)
+    return MergePlan(
+        peft_type="SELECTIVE",
+        peft_config=read_adapter_json(adapter_dir),
+        num_merged=len(weights),
+        merge_tensor=partial(replace_tensor, weights),
+        check_checkpoint=partial(check_selective_matches_checkpoint, weights),
+        check_model=partial(check_selective_fits, weights=weights, unquantized_modules=cfg.unquantized_modules),
+        # The reference base is loaded in fp32, and copying casts each tensor to its parameter's dtype.
+        attach=partial(attach_selective, weights=weights, unquantized_modules=cfg.unquantized_modules),
+        # A layer trained unquantized must stay so in the NF4 base, or its tensor would not fit there.
+        skip_modules=cfg.unquantized_modules,
+    )
+
+
+def add_lora_delta(pairs: dict, cfg: LoRAConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A LoRA target's weight plus its delta, in fp32; any other tensor unchanged."""
+    module = name.removesuffix(".weight")
+    if name.endswith(".weight") and module in pairs:
+        return tensor.float() + compute_delta(pairs[module], cfg)
+    return tensor
+
+
+def replace_tensor(weights: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A selective adapter's trained tensor where it has one; the base tensor otherwise."""
+    return weights.get(name, tensor)
+
+
+def attach_lora_in_fp32(model: nn.Module, cfg: LoRAConfig, weights: dict[str, torch.Tensor]) -> None:
+    attach_adapter(model, replace(cfg), {k: v.float() for k, v in weights.items()})
+
+
+def check_selective_matches_checkpoint(weights: dict[str, torch.Tensor], checkpoint: CheckpointLayout) -> None:
+    """Every replaced tensor must exist in the checkpoint with the same shape; checked before writing."""
+    for name, tensor in sorted(weights.items()):
+        if name not in checkpoint.shapes:
+            raise AdapterError(
+                f"adapter replaces {name}, but the base checkpoint in {checkpoint.folder} has no such tensor: the adapter "
+                "was made for a different base model (check base_model_name_or_path in adapter_config.json, or pass --base)"
+            )
+        if tuple(tensor.shape) != tuple(checkpoint.shapes[name]):
+            raise AdapterError(
+                f"adapter tensor {name} has shape {tuple(tensor.shape)} but the base checkpoint's {name} has shape "
+                f"{checkpoint.shapes[name]}: the adapter was made for a different base model"
+            )
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -328,8 +441,10 @@ def cast_for_export(name: str, tensor: torch.Tensor, dtype: str) -> torch.Tensor
     return out.contiguous()
 
 
-def write_merged_shards(checkpoint: CheckpointLayout, pairs: dict, cfg: LoRAConfig, out_dtype: str, tmp: Path) -> int:
-    """Copy the base checkpoint shard by shard, adding each target's delta in fp32; returns the shard count.
+def write_merged_shards(
+    checkpoint: CheckpointLayout, merge_tensor: Callable[[str, torch.Tensor], torch.Tensor], out_dtype: str, tmp: Path
+) -> int:
+    """Copy the base checkpoint shard by shard, passing each tensor through merge_tensor; returns the shard count.
 
     Tensors are read, merged, cast and written one at a time, so memory holds about one
     tensor (and the adapter), not one shard.
@@ -340,10 +455,7 @@ def write_merged_shards(checkpoint: CheckpointLayout, pairs: dict, cfg: LoRAConf
         layout = [(e.name, export_dtype(e.dtype, out_dtype), e.shape) for e in entries]
         with ShardWriter(tmp / shard, layout) as writer:
             for key, tensor in iter_tensors(checkpoint.folder / shard):
-                module = key.removesuffix(".weight")
-                if key.endswith(".weight") and module in pairs:
-                    tensor = tensor.float() + compute_delta(pairs[module], cfg)
-                writer.write(key, cast_for_export(key, tensor, out_dtype))
+                writer.write(key, cast_for_export(key, merge_tensor(key, tensor), out_dtype))
         total_bytes += writer.data_bytes
     if checkpoint.indexed:
         write_index(tmp, checkpoint.shard_of, total_bytes)
@@ -363,15 +475,15 @@ def write_index(folder: Path, shard_of: dict[str, str], total_bytes: int) -> Non
     (folder / SAFE_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_merged_from_4bit(base_path: str, cfg: LoRAConfig, pairs: dict, out_dtype: str, tmp: Path) -> int:
-    """Load the base in NF4, dequantize every 4-bit weight, add the deltas, and write shards.
+def write_merged_from_4bit(base_path: str, plan: MergePlan, out_dtype: str, tmp: Path) -> int:
+    """Load the base in NF4, dequantize every 4-bit weight, merge the adapter, and write shards.
 
     Holds the merged model in memory (this path cannot stream: the NF4 weights exist only once
     quantized). Returns the shard count.
     """
-    model = load_nf4_base(base_path)
-    check_adapter_fits_model(model, pairs)
-    state = collect_dequantized_state(model, pairs, cfg, out_dtype)
+    model = load_nf4_base(base_path, plan.skip_modules)
+    plan.check_model(model)
+    state = collect_dequantized_state(model, plan.merge_tensor, out_dtype)
     del model
     shards = split_into_shards(state, MAX_SHARD_BYTES)
     if len(shards) == 1:
@@ -386,9 +498,11 @@ def write_merged_from_4bit(base_path: str, cfg: LoRAConfig, pairs: dict, out_dty
     return len(shards)
 
 
-def load_nf4_base(base_path: str) -> nn.Module:
-    """The base as QLoRA trained against it: NF4 weights, fp32 compute (exact dequantized matmuls)."""
-    model = load_base_model(ModelConfig(name_or_path=base_path), QuantConfig(compute_dtype="float32"), torch.device("cpu"), base_path)
+def load_nf4_base(base_path: str, skip_modules: list[str] | None = None) -> nn.Module:
+    """The base as QLoRA trained against it: NF4 weights (but skip_modules), fp32 compute (exact dequantized matmuls)."""
+    model = load_base_model(
+        ModelConfig(name_or_path=base_path), QuantConfig(compute_dtype="float32"), torch.device("cpu"), base_path, skip_modules=skip_modules
+    )
     set_4bit_compute_dtype(model, torch.float32)
     return model
 
@@ -400,8 +514,10 @@ def check_adapter_fits_model(model: nn.Module, pairs: dict) -> None:
     check_adapter_fits(model, weights, next(iter(pairs.values()))[0].shape[0])
 
 
-def collect_dequantized_state(model: nn.Module, pairs: dict, cfg: LoRAConfig, out_dtype: str) -> dict[str, torch.Tensor]:
-    """A plain state dict: NF4 weights dequantized, deltas added in fp32, everything cast to out_dtype.
+def collect_dequantized_state(
+    model: nn.Module, merge_tensor: Callable[[str, torch.Tensor], torch.Tensor], out_dtype: str
+) -> dict[str, torch.Tensor]:
+    """A plain state dict: NF4 weights dequantized, passed through merge_tensor, everything cast to out_dtype.
 
     named_parameters skips tied duplicates (lm_head tied to the embeddings), as checkpoints do.
     """
@@ -411,9 +527,7 @@ def collect_dequantized_state(model: nn.Module, pairs: dict, cfg: LoRAConfig, ou
         module_path, _, leaf = name.rpartition(".")
         module = modules[module_path]
         tensor = dequantize_weight(module).float() if leaf == "weight" and is_4bit_linear(module) else param.detach()
-        if leaf == "weight" and module_path in pairs:
-            tensor = tensor.float() + compute_delta(pairs[module_path], cfg)
-        state[name] = cast_for_export(name, tensor, out_dtype)
+        state[name] = cast_for_export(name, merge_tensor(name, tensor), out_dtype)
     for module_path, module in modules.items():
         for leaf, buffer in module.named_buffers(recurse=False):
             if buffer is not None and leaf not in module._non_persistent_buffers_set:
@@ -438,18 +552,18 @@ def split_into_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[di
 # --- checking -----------------------------------------------------------------------------------
 
 
-def verify_merge(base_path: str, weights: dict, cfg: LoRAConfig, merged_dir: Path, out_dtype: str, from_4bit: bool) -> tuple[float, float]:
+def verify_merge(base_path: str, plan: MergePlan, merged_dir: Path, out_dtype: str, from_4bit: bool) -> tuple[float, float]:
     """Max |logit difference| between base+adapter and the merged model on the probes, and the allowed maximum.
 
     Both run in fp32, so the difference is the merge's own rounding (to out_dtype), not compute
     noise. The reference base is the full-precision one, or the NF4 one for --from-4bit.
     """
-    base = load_nf4_base(base_path) if from_4bit else load_plain_model(base_path)
-    diff, scale = compare_with_merged(base, weights, cfg, merged_dir)
+    base = load_nf4_base(base_path, plan.skip_modules) if from_4bit else load_plain_model(base_path)
+    diff, scale = compare_with_merged(base, plan, merged_dir)
     return diff, VERIFY_REL_TOL[out_dtype] * scale
 
 
-def measure_nf4_loss(base_path: str, checkpoint: CheckpointLayout, weights: dict, cfg: LoRAConfig, merged_dir: Path) -> float | None:
+def measure_nf4_loss(base_path: str, checkpoint: CheckpointLayout, plan: MergePlan, merged_dir: Path) -> float | None:
     """--from-4bit: max |logit difference| of the merged model vs full-precision base+adapter.
 
     None when the base checkpoint is itself quantized: without the original weights the NF4
@@ -457,13 +571,13 @@ def measure_nf4_loss(base_path: str, checkpoint: CheckpointLayout, weights: dict
     """
     if is_quantized(checkpoint):
         return None
-    return compare_with_merged(load_plain_model(base_path), weights, cfg, merged_dir)[0]
+    return compare_with_merged(load_plain_model(base_path), plan, merged_dir)[0]
 
 
-def compare_with_merged(base: nn.Module, weights: dict, cfg: LoRAConfig, merged_dir: Path) -> tuple[float, float]:
+def compare_with_merged(base: nn.Module, plan: MergePlan, merged_dir: Path) -> tuple[float, float]:
     """(max |logit difference|, max(1, max |reference logit|)) of base+adapter (fp32) vs the merged model."""
     probes = tokenize_probes(merged_dir)
-    attach_adapter(base, replace(cfg), {k: v.float() for k, v in weights.items()})
+    plan.attach(base)
     reference = run_probes(base, probes)
     del base  # free it before loading the merged model: only one model in memory at a time
     merged = run_probes(load_plain_model(str(merged_dir)), probes)

@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM
 
 from qlora_lite import export
 from qlora_lite.adapters import AdapterError, load_adapter, save_adapter
-from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig
+from qlora_lite.bottleneck import apply_bottleneck, save_bottleneck
+from qlora_lite.config import BottleneckConfig, LoRAConfig, ModelConfig, QuantConfig, SelectiveConfig
 from qlora_lite.export import ExportError, merge_adapter
 from qlora_lite.lora import apply_lora
 from qlora_lite.quant import load_base_model
+from qlora_lite.selective import apply_selective, load_selective, save_selective
 from qlora_lite.tiny import build_tiny_model
 
 peft = pytest.importorskip("peft")
@@ -318,3 +320,91 @@ def test_tied_embeddings_stay_tied(tokenizer, tmp_path, from_4bit):
     assert {k: v for k, v in info.items() if v} == {}
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert report.max_logit_diff <= (NF4_MERGE_ATOL if from_4bit else FP32_ATOL)
+
+
+# --- selective and bottleneck adapters -------------------------------------------------------
+
+SELECTED = [
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.0.post_attention_layernorm.weight",
+    "model.layers.1.input_layernorm.weight",
+    "model.layers.1.post_attention_layernorm.weight",
+    "model.norm.weight",
+]
+
+
+def make_selective_adapter(base_dir, out_dir, seed: int = 1, std: float = 0.05):
+    """A selective adapter (norms and one down_proj) on an fp32 base, its tensors moved off the base's values."""
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = SelectiveConfig(patterns=["norm", r"layers\.0\.mlp\.down_proj"], unquantized_modules=["down_proj"])
+    names = apply_selective(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in names:
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+    save_selective(model, cfg, out_dir, str(base_dir))
+    return out_dir
+
+
+def selective_logits(base_dir, adapter_dir, four_bit: bool = False) -> torch.Tensor:
+    quant = QuantConfig(load_in_4bit=four_bit, compute_dtype="float32")
+    model = load_base_model(ModelConfig(name_or_path=str(base_dir)), quant, skip_modules=["down_proj"])
+    load_selective(model, adapter_dir)
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("dtype, atol", [("fp32", FP32_ATOL), ("bf16", BF16_ATOL)])
+def test_selective_merge_replaces_the_tensors_and_equals_base_plus_adapter(tiny_model_dir, tmp_path, dtype, atol):
+    adapter = make_selective_adapter(tiny_model_dir, tmp_path / "adapter")
+    report = merge_adapter(adapter, tmp_path / "merged", dtype=dtype)
+    assert report.peft_type == "SELECTIVE" and report.merged_modules == len(SELECTED) and report.num_shards == 3
+    # Measured (llama): 0.0 for fp32 (the same tensors, the same maths), 0.04 for bf16 (rounded weights).
+    assert report.max_logit_diff <= atol
+    reference = selective_logits(tiny_model_dir, adapter)
+    assert (plain_logits(tmp_path / "merged") - reference).abs().max().item() <= atol
+    assert (plain_logits(tiny_model_dir) - reference).abs().max().item() > 50 * FP32_ATOL  # the adapter matters
+    # A plain transformers model: no missing or unexpected keys, and only the selected tensors differ.
+    merged, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).state_dict()
+    if dtype == "fp32":
+        assert sorted(k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])) == SELECTED
+
+
+def test_selective_merge_from_4bit_equals_the_nf4_model(tiny_llama_dir, tmp_path):
+    adapter = make_selective_adapter(tiny_llama_dir, tmp_path / "adapter")
+    report = merge_adapter(adapter, tmp_path / "merged", dtype="fp32", from_4bit=True)
+    merged = plain_logits(tmp_path / "merged")
+    # The NF4 base keeps down_proj (the adapter's unquantized_modules) in fp32, as training did. Measured: 0.0.
+    assert (merged - selective_logits(tiny_llama_dir, adapter, four_bit=True)).abs().max().item() <= NF4_MERGE_ATOL
+    assert report.max_logit_diff <= NF4_MERGE_ATOL
+    assert report.nf4_logit_diff is not None and report.nf4_logit_diff > 0.01  # the NF4 rounding of the other weights
+
+
+def test_selective_adapter_for_another_base_names_tensor_and_shapes(tiny_llama_dir, tmp_path):
+    other = tmp_path / "other-base"
+    build_tiny_model(other, hidden_size=32, intermediate_size=64)
+    adapter = make_selective_adapter(other, tmp_path / "adapter")
+    with pytest.raises(AdapterError, match=r"model.layers.0.input_layernorm.weight has shape \(32,\) but the base checkpoint's .* has shape \(64,\)"):
+        merge_adapter(adapter, tmp_path / "merged", base=str(tiny_llama_dir))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_refuses_adapters_that_are_not_weights(tiny_llama_dir, tmp_path, capsys):
+    from qlora_lite import cli
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    apply_bottleneck(model, BottleneckConfig(size=4))
+    save_bottleneck(model, BottleneckConfig(size=4), tmp_path / "bottleneck", str(tiny_llama_dir))
+    with pytest.raises(ExportError, match="nonlinear, so they cannot be folded into the base's weights. Serve the base . adapter"):
+        merge_adapter(tmp_path / "bottleneck", tmp_path / "merged")
+    (tmp_path / "prompt").mkdir()
+    (tmp_path / "prompt" / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8}))
+    with pytest.raises(ExportError, match="holds a soft prompt.*nothing to merge"):
+        merge_adapter(tmp_path / "prompt", tmp_path / "merged")
+    assert cli.main(["merge", str(tmp_path / "bottleneck"), "--out", str(tmp_path / "merged")]) == 2
+    assert "cannot be folded" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()

@@ -1,0 +1,278 @@
+"""Selective fine-tuning: train a chosen subset of the base model's own parameters.
+
+The lecture notes' selective family: nothing is added to the model; the parameters whose
+name matches one of `selective.patterns` (regexes, `re.search`) train and every other one
+stays frozen. Norms (`norm`) or biases (`bias`) are a few thousand numbers per layer; a
+pattern such as `layers\\.1\\.mlp` selects whole weights. A 4-bit NF4 weight holds packed
+codes, not numbers a gradient can move, so a pattern may only select a linear layer loaded
+unquantized (`selective.unquantized_modules`, which `load_base_model(skip_modules=)` keeps
+in the compute dtype).
+
+On-disk format (version 1), a folder with two files:
+
+- `adapter_config.json`::
+
+      {"peft_type": "SELECTIVE", "qlora_lite_format": 1,
+       "base_model_name_or_path": "...", "patterns": ["norm"],
+       "unquantized_modules": [], "parameters": ["model.layers.0.input_layernorm.weight", ...]}
+
+- `adapter_model.safetensors`: the trained tensors under their full parameter names as
+  they appear in the base checkpoint (`model.layers.0.input_layernorm.weight`), in the
+  dtype they trained in. Loading or merging is a replacement of those tensors.
+
+Tied weights are saved once, under the name the checkpoint uses (`model.embed_tokens.weight`
+for a model whose lm_head shares it). PEFT has no such adapter type; this format is ours.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_weights
+from .config import SelectiveConfig
+from .quant import is_4bit_linear, is_quantized_parameter
+
+PEFT_TYPE = "SELECTIVE"
+FORMAT_VERSION = 1  # qlora_lite_format: bump when a reader of version 1 would misread the folder
+SHOWN_NAMES = 16  # parameter names listed when a pattern matches nothing
+
+
+class SelectiveError(AdapterError):
+    """A selective pattern or folder cannot be applied to this model; the message says why and what to do.
+
+    An AdapterError, so the command line prints it without a traceback.
+    """
+
+
+def apply_selective(model: nn.Module, cfg: SelectiveConfig) -> list[str]:
+    """Freeze the model, then unfreeze the parameters whose name matches any of cfg.patterns.
+
+    Trained parameters keep their dtype (fp32 on the CPU, the compute dtype, often bf16, on a
+    GPU; AdamW's state is fp32 or 8-bit either way).
+
+    Args:
+        model: the base model (plain or 4-bit), frozen or not.
+        cfg: the patterns to train; unquantized_modules is only recorded (it acts at load time).
+
+    Returns:
+        The trained parameter names, in the model's order.
+
+    Raises:
+        SelectiveError: a pattern is not a valid regex, matches nothing, or matches a 4-bit weight.
+    """
+    names = select_parameters(model, cfg.patterns)
+    params = dict(model.named_parameters())
+    model.requires_grad_(False)
+    for name in names:
+        params[name].requires_grad_(True)
+    return names
+
+
+def select_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the parameters matched by any pattern, after checking each pattern can be trained."""
+    if not patterns:
+        raise SelectiveError("selective.patterns is empty: name what to train, e.g. [norm] or [bias, norm]")
+    # named_parameters() lists a tied tensor once, under the name checkpoints store it by.
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    chosen: set[str] = set()
+    for pattern in patterns:
+        regex = compile_pattern(pattern)
+        hits = [name for name in params if regex.search(name)]
+        if not hits:
+            raise SelectiveError(describe_no_match(model, pattern, regex, list(params)))
+        frozen_4bit = [name for name in hits if is_4bit_weight(name, params[name], modules)]
+        if frozen_4bit:
+            layers = sorted({name.rsplit(".", 2)[-2] for name in frozen_4bit})
+            raise SelectiveError(
+                f"selective.patterns: {pattern!r} matches {len(frozen_4bit)} 4-bit NF4 weight(s) such as {frozen_4bit[0]}, "
+                "which cannot be trained in NF4 (they hold packed 4-bit codes): add "
+                f"{layers} to selective.unquantized_modules, which loads those layers unquantized, or narrow the pattern "
+                "(e.g. norm or bias)"
+            )
+        chosen.update(hits)
+    return [name for name in params if name in chosen]
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise SelectiveError(
+            f"selective.patterns: {pattern!r} is not a valid regular expression ({err}); "
+            "escape literal dots and brackets, e.g. layers\\.1\\.mlp"
+        ) from err
+
+
+def is_4bit_weight(name: str, param: torch.Tensor, modules: dict[str, nn.Module]) -> bool:
+    module_path, _, leaf = name.rpartition(".")
+    return is_quantized_parameter(param) or (leaf == "weight" and is_4bit_linear(modules.get(module_path, nn.Identity())))
+
+
+def describe_no_match(model: nn.Module, pattern: str, regex: re.Pattern, names: list[str]) -> str:
+    """The error for a pattern that matches nothing: a sample of the names that exist, layers folded."""
+    aliases = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if name not in names and regex.search(name)]
+    if aliases:
+        # lm_head tied to the embeddings: one tensor, listed (and stored) under the embedding's name only.
+        alias, tensor = aliases[0]
+        owner = next(name for name, p in model.named_parameters() if p is tensor)
+        return (
+            f"selective.patterns: {pattern!r} matches only {alias}, which is tied to {owner} (the same tensor, stored "
+            f"under that name): select {owner} instead, which trains both"
+        )
+    folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".N.", name) for name in names))
+    shown = folded[:SHOWN_NAMES] + (["..."] if len(folded) > SHOWN_NAMES else [])
+    return (
+        f"selective.patterns: {pattern!r} matches no parameter of this model (patterns are regexes searched in the "
+        f"parameter names); its parameters are named like {shown}"
+    )
+
+
+# --- saving and loading ------------------------------------------------------------------------
+
+
+def save_selective(model: nn.Module, cfg: SelectiveConfig, out_dir: str | Path, base_model_name_or_path: str) -> Path:
+    """Write the parameters cfg.patterns select, and the config, to out_dir (format in the module docstring).
+
+    Returns:
+        out_dir, as a Path.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = select_parameters(model, cfg.patterns)
+    params = dict(model.named_parameters())
+    tensors = {name: params[name].detach().cpu().contiguous() for name in names}
+    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    config = {
+        "peft_type": PEFT_TYPE,
+        "qlora_lite_format": FORMAT_VERSION,
+        "base_model_name_or_path": base_model_name_or_path,
+        "patterns": list(cfg.patterns),
+        "unquantized_modules": list(cfg.unquantized_modules),
+        "parameters": names,
+    }
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def load_selective(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> SelectiveConfig:
+    """Copy a selective adapter's tensors into the model (checked first: nothing is half-applied).
+
+    Args:
+        model: a base loaded as for training: with `skip_modules=unquantized_modules` if the
+            adapter trained linear weights.
+        adapter_dir: the folder save_selective wrote.
+        trainable: True (resume) freezes the rest of the model and lets these train; False freezes them.
+
+    Returns:
+        The adapter's SelectiveConfig.
+    """
+    cfg, weights = read_selective(adapter_dir)
+    attach_selective(model, weights, trainable, cfg.unquantized_modules)
+    return cfg
+
+
+def read_selective(adapter_dir: str | Path, allow_pickle: bool = False) -> tuple[SelectiveConfig, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors (by parameter name), checked to agree with each other."""
+    raw = read_method_config(adapter_dir, PEFT_TYPE, {"patterns": list, "unquantized_modules": list, "parameters": list})
+    cfg = SelectiveConfig(patterns=list(raw["patterns"]), unquantized_modules=list(raw["unquantized_modules"]))
+    weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
+    if sorted(weights) != sorted(raw["parameters"]):
+        differ = sorted(set(weights) ^ set(raw["parameters"]))
+        raise SelectiveError(
+            f"{adapter_dir}: {WEIGHTS_NAME} holds {len(weights)} tensors but {CONFIG_NAME} lists {len(raw['parameters'])} "
+            f"parameters, and {differ[0]} is in only one of them; the folder is incomplete or mixed, re-save the adapter"
+        )
+    return cfg, weights
+
+
+def attach_selective(
+    model: nn.Module, weights: dict[str, torch.Tensor], trainable: bool = False, unquantized_modules: list[str] | None = None
+) -> list[str]:
+    """Replace the model's parameters named in weights by those tensors (after checking all of them fit)."""
+    check_selective_fits(model, weights, unquantized_modules or [])
+    params = dict(model.named_parameters())
+    if trainable:
+        model.requires_grad_(False)
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+            params[name].requires_grad_(trainable)
+    return sorted(weights)
+
+
+def check_selective_fits(model: nn.Module, weights: dict[str, torch.Tensor], unquantized_modules: list[str]) -> None:
+    """Every tensor must name a trainable-kind parameter of this model with the same shape."""
+    if not weights:
+        raise SelectiveError("the selective adapter holds no tensors; the file is incomplete, re-save it")
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise SelectiveError(
+            f"adapter tensor {unknown[0]}{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''} is not a parameter "
+            "of this base model: the adapter "
+            "was made for a different base model (check base_model_name_or_path in adapter_config.json)"
+        )
+    for name, tensor in sorted(weights.items()):
+        if is_4bit_weight(name, params[name], modules):
+            raise SelectiveError(
+                f"adapter tensor {name} replaces a weight this model holds in 4-bit NF4: load the base with "
+                f"skip_modules={unquantized_modules or [name.rsplit('.', 2)[-2]]} (the adapter's unquantized_modules)"
+            )
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise SelectiveError(
+                f"adapter tensor {name} has shape {tuple(tensor.shape)} but this base's {name} has shape "
+                f"{tuple(params[name].shape)}: the adapter was made for a different base model"
+            )
+
+
+# --- adapter_config.json of the methods PEFT does not have ------------------------------------------
+# Shared by selective.py and bottleneck.py (and export's dispatch on peft_type).
+
+
+def read_adapter_json(adapter_dir: str | Path) -> dict[str, Any]:
+    """adapter_config.json as a dict, whatever its peft_type; clear errors for a missing or corrupt file."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing (pass the folder that save wrote, e.g. runs/NAME/adapter)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(raw).__name__}; the file is corrupt, re-save the adapter")
+    return raw
+
+
+def read_method_config(adapter_dir: str | Path, peft_type: str, fields: dict[str, type]) -> dict[str, Any]:
+    """adapter_config.json of a qlora-lite-only adapter type, refusing another type, a newer format,
+    or a missing field (fields: key -> the type its value must have)."""
+    raw = read_adapter_json(adapter_dir)
+    path = Path(adapter_dir) / CONFIG_NAME
+    if raw.get("peft_type") != peft_type:
+        raise AdapterError(
+            f"{path}: peft_type is {raw.get('peft_type')!r}, but this loader reads {peft_type} adapters; "
+            "load the folder with the method it was trained with"
+        )
+    version = raw.get("qlora_lite_format")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterError(
+            f"{path}: qlora_lite_format is {version!r}, but this qlora-lite reads format {FORMAT_VERSION}; "
+            "upgrade qlora-lite to load it (or the file is corrupt)"
+        )
+    for key, kind in fields.items():
+        # bool is an int in Python, but never a valid size.
+        if not isinstance(raw.get(key), kind) or (kind is int and isinstance(raw[key], bool)):
+            raise AdapterError(
+                f"{path}: {key} must be of type {kind.__name__}, got {raw.get(key)!r}; the file is corrupt or was edited, re-save the adapter"
+            )
+    return raw
