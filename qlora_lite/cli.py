@@ -16,11 +16,15 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .export import ExportError
     from .generate import GenerationError
     from .lora import LoRAError
+    from .prompt_tuning import PromptTuningError
     from .quant import ModelLoadError
     from .shards import ShardError
     from .train import TrainingError
 
-    return (AdapterError, ConfigError, DataError, ExportError, GenerationError, LoRAError, ModelLoadError, ShardError, TrainingError)
+    return (
+        AdapterError, ConfigError, DataError, ExportError, GenerationError, LoRAError, ModelLoadError,
+        PromptTuningError, ShardError, TrainingError,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="delete an earlier run in output_dir and start over")
     add_merge_parser(sub)
     add_generate_parser(sub)
+    add_inspect_prompt_parser(sub)
     return parser
 
 
@@ -190,6 +195,41 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- inspect-prompt
+
+
+def add_inspect_prompt_parser(sub: argparse._SubParsersAction) -> None:
+    inspect = sub.add_parser(
+        "inspect-prompt",
+        help="show the vocabulary tokens nearest to each virtual token of a soft prompt",
+        description=(
+            "For each virtual token of a prompt-tuning adapter, print the vocabulary tokens whose input embeddings "
+            "are nearest by cosine similarity. Reads only the base's embedding matrix from its safetensors files."
+        ),
+    )
+    inspect.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a PEFT PROMPT_TUNING adapter folder, e.g. runs/NAME/adapter")
+    inspect.add_argument("--top-k", type=int, default=5, help="nearest tokens shown per virtual token (default 5)")
+    inspect.add_argument("--base", metavar="PATH", help="base model folder (default: the adapter's base_model_name_or_path)")
+    inspect.add_argument("--allow-pickle", action="store_true", help="read an adapter_model.bin pickle (weights_only) if it is all the adapter has")
+
+
+def run_inspect_prompt(args: argparse.Namespace) -> int:
+    from .prompt_tuning import inspect_prompt
+
+    rows = inspect_prompt(args.adapter_dir, top_k=args.top_k, base=args.base, allow_pickle=args.allow_pickle)
+    print(format_prompt_neighbours(rows))
+    return 0
+
+
+def format_prompt_neighbours(rows: list[list[tuple[str, int, float]]]) -> str:
+    """One line per virtual token: `  0: ' the' 0.98 | 'a' 0.41`; repr shows spaces and newlines."""
+    width = len(str(len(rows) - 1))
+    lines = [f"nearest vocabulary tokens (cosine similarity) of {len(rows)} virtual tokens:"]
+    for index, row in enumerate(rows):
+        lines.append(f"  {index:>{width}}: " + " | ".join(f"{text!r} {sim:.2f}" for text, _, sim in row))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -206,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     quiet_library_progress_bars()
     try:
-        return {"train": run_train, "merge": run_merge, "generate": run_generate}[args.command](args)
+        commands = {"train": run_train, "merge": run_merge, "generate": run_generate, "inspect-prompt": run_inspect_prompt}
+        return commands[args.command](args)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

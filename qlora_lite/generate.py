@@ -7,9 +7,10 @@ BOS, the Alpaca template and the chat template's generation prompt come out as i
 by construction rather than by a second copy of the rules.
 
 ``AdapterSwitcher`` keeps one base model (4-bit or not) and any number of adapters whose
-weights were read once, at ``add``. Switching removes the current LoRA wrappers and attaches
-the chosen adapter's in-memory weights; the base is never reloaded, so switching costs a
-copy of the adapter's tensors, not a model load.
+weights were read once, at ``add``: LoRA adapters and soft prompts (PEFT PROMPT_TUNING).
+Switching removes the current LoRA wrappers and attaches the chosen adapter's in-memory
+weights, or puts the chosen soft prompt in front of the base; the base is never reloaded, so
+switching costs a copy of the adapter's tensors, not a model load.
 
 Training writes ``qlora_lite.json`` beside the adapter, ``{"data_format": "alpaca"}``, so
 that ``--format auto`` prompts the way the adapter was trained. PEFT ignores the file.
@@ -37,9 +38,10 @@ from .adapters import (
     read_adapter_weights,
     read_prompt_info,
 )
-from .config import LoRAConfig, ModelConfig, QuantConfig
+from .config import LoRAConfig, ModelConfig, PromptConfig, QuantConfig
 from .data import IGNORE_INDEX, DataError, tokenize_example
 from .lora import remove_lora
+from .prompt_tuning import PROMPT_KEY, SoftPromptModel, check_prompt_fits, is_soft_prompt, read_prompt_config, read_soft_prompt
 from .quant import load_base_model, load_tokenizer
 
 PROMPT_FORMATS = ("auto", *DATA_FORMATS)
@@ -86,9 +88,13 @@ class LoadedAdapter:
     """An adapter read into memory, ready to attach to the base in a switch."""
 
     path: Path
-    cfg: LoRAConfig
-    weights: dict[str, torch.Tensor]  # module path -> tensor, on the model's device
+    cfg: LoRAConfig | PromptConfig
+    weights: dict[str, torch.Tensor]  # module path -> tensor (a soft prompt: PROMPT_KEY -> (n, H)), on the model's device
     data_format: str | None  # from qlora_lite.json; None for adapters trained elsewhere
+
+    @property
+    def is_soft_prompt(self) -> bool:
+        return isinstance(self.cfg, PromptConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,12 +212,15 @@ def generate_answer(model: nn.Module, tokenizer: Any, prompt_ids: list[int], set
 
 
 class AdapterSwitcher:
-    """One base model in memory and several LoRA adapters by name; each request picks one (or none).
+    """One base model in memory and several adapters (LoRA or soft prompts) by name; each request picks one (or none).
+
+    ``model`` is the base (with the active LoRA attached, if any); ``active_model`` is what
+    answers: the base itself, or a ``SoftPromptModel`` around it when a soft prompt is active.
 
     Example:
         switcher = AdapterSwitcher.from_base("models/llama")
         switcher.add("math", "runs/math/adapter")
-        switcher.add("sql", "runs/sql/adapter")
+        switcher.add("sql", "runs/sql-prompt/adapter")  # a soft prompt (method prompt_tuning)
         switcher.generate("What is 7 * 6?", adapter="math")
         switcher.generate("List the tables.", adapter="sql")
         switcher.generate("Hello", adapter=None)  # the plain base
@@ -225,6 +234,7 @@ class AdapterSwitcher:
         self.tokenizer = tokenizer
         self.adapters: dict[str, LoadedAdapter] = {}
         self.active: str | None = None
+        self.active_model: nn.Module = self.model
 
     @classmethod
     def from_base(
@@ -247,7 +257,7 @@ class AdapterSwitcher:
         return list(self.adapters)
 
     def add(self, name: str, adapter_dir: str | Path, allow_pickle: bool = False) -> None:
-        """Read an adapter into memory under a name, after checking it fits this base.
+        """Read an adapter (LoRA or PROMPT_TUNING soft prompt) into memory under a name, after checking it fits this base.
 
         Raises:
             GenerationError: The name is taken, reserved or not a plain word.
@@ -255,11 +265,16 @@ class AdapterSwitcher:
         """
         check_adapter_name(name, self.names)
         adapter_dir = require_adapter_dir(adapter_dir)
-        cfg, _ = read_adapter_config(adapter_dir)
         device = next(self.model.parameters()).device
-        weights = {key: tensor.to(device) for key, tensor in read_adapter_weights(adapter_dir, allow_pickle).items()}
-        try:
-            check_adapter_fits(self.model, weights, cfg.r)  # a wrong adapter fails now, not at its first request
+        try:  # a wrong adapter fails now, not at its first request
+            if is_soft_prompt(adapter_dir):
+                cfg, prompt = read_soft_prompt(adapter_dir, allow_pickle)
+                check_prompt_fits(self.model, prompt)
+                weights = {PROMPT_KEY: prompt.to(device)}
+            else:
+                cfg, _ = read_adapter_config(adapter_dir)
+                weights = {key: tensor.to(device) for key, tensor in read_adapter_weights(adapter_dir, allow_pickle).items()}
+                check_adapter_fits(self.model, weights, cfg.r)
         except AdapterError as err:
             raise AdapterError(f"adapter {name!r} ({adapter_dir}): {err}") from err
         data_format = read_prompt_info(adapter_dir).get("data_format")
@@ -271,12 +286,15 @@ class AdapterSwitcher:
             return
         adapter = self.get(name) if name is not None else None
         remove_lora(self.model)
-        self.active = None
-        if adapter is not None:
+        self.active, self.active_model = None, self.model
+        if adapter is not None and adapter.is_soft_prompt:
+            # A new wrapper around the same base: it holds the in-memory prompt, no copy of the base.
+            self.active_model = SoftPromptModel(self.model, adapter.weights[PROMPT_KEY], trainable=False)
+        elif adapter is not None:
             # attach_adapter records the weights' dtype in its config: give it a copy, keep ours as read.
             attach_adapter(self.model, replace(adapter.cfg), adapter.weights)
-            self.active = name
-        self.model.eval()
+        self.active = name
+        self.active_model.eval()
 
     def get(self, name: str) -> LoadedAdapter:
         """The added adapter of that name; an unknown name is an error that lists the known ones."""
@@ -314,7 +332,7 @@ class AdapterSwitcher:
         """
         prompt_ids = build_prompt_ids(prompt, self.prompt_format(adapter, fmt), self.tokenizer, input_text)
         self.use(adapter)
-        return generate_answer(self.model, self.tokenizer, prompt_ids, settings or GenerationSettings(), stream)
+        return generate_answer(self.active_model, self.tokenizer, prompt_ids, settings or GenerationSettings(), stream)
 
 
 def check_adapter_name(name: str, taken: list[str]) -> None:
@@ -325,6 +343,13 @@ def check_adapter_name(name: str, taken: list[str]) -> None:
         raise GenerationError(f"adapter name {name!r} must be letters, digits, '_', '.' or '-' (e.g. math, sql-v2)")
     if name in taken:
         raise GenerationError(f"adapter name {name!r} is given twice; give each adapter its own name")
+
+
+def read_any_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json of a LoRA adapter or a soft prompt, checked by the reader of its kind."""
+    if is_soft_prompt(adapter_dir):
+        return read_prompt_config(adapter_dir)[1]
+    return read_adapter_config(adapter_dir)[1]
 
 
 def require_adapter_dir(adapter_dir: str | Path) -> Path:
@@ -362,7 +387,7 @@ def open_switcher(
     """
     collect_named_adapters(adapters.items())  # names are checked before anything slow
     folders = {name: require_adapter_dir(path) for name, path in adapters.items()}
-    configs = {name: read_adapter_config(folder)[1] for name, folder in folders.items()}  # fail before the slow base load
+    configs = {name: read_any_adapter_config(folder) for name, folder in folders.items()}  # fail before the slow base load
     if not folders and not base:
         raise GenerationError("nothing to load: pass an adapter folder, or --base PATH (with --adapter NAME=DIR to add adapters)")
     base_path = base or find_base_model(*next(iter(zip(folders.values(), configs.values()))))

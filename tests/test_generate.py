@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from qlora_lite import cli
 from qlora_lite.adapters import PROMPT_INFO_NAME, AdapterError, load_adapter, read_prompt_info, save_adapter, write_prompt_info
-from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig, load_config
+from qlora_lite.config import LoRAConfig, ModelConfig, PromptConfig, QuantConfig, load_config
 from qlora_lite.data import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, tokenize_example
 from qlora_lite.generate import (
     AdapterSwitcher,
@@ -27,6 +27,7 @@ from qlora_lite.generate import (
     route_prompt,
 )
 from qlora_lite.lora import apply_lora, lora_layers
+from qlora_lite.prompt_tuning import SoftPromptModel, apply_prompt_tuning, load_soft_prompt, save_soft_prompt
 from qlora_lite.quant import load_base_model, load_tokenizer
 from qlora_lite.tiny import build_tiny_model
 from qlora_lite.train import fit
@@ -133,6 +134,92 @@ def test_add_refuses_an_adapter_for_another_base_before_attaching(tiny_llama_dir
         switcher.add("a", adapter_dirs["b"])
     with pytest.raises(GenerationError, match="'base' is reserved"):
         switcher.add("base", adapter_dirs["b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Switching soft prompts (PEFT PROMPT_TUNING), and between a soft prompt and LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def make_soft_prompt(model_dir, out_dir, tokenizer, seed: int, num_virtual_tokens: int = 4, data_format: str | None = None):
+    """Save a soft prompt drawn as PEFT's RANDOM init (N(0, 1), far from the vocabulary: it changes the answers)."""
+    torch.manual_seed(seed)
+    cfg = PromptConfig(num_virtual_tokens=num_virtual_tokens, init="random")
+    save_soft_prompt(apply_prompt_tuning(load(model_dir, False), cfg, tokenizer), cfg, out_dir, str(model_dir))
+    if data_format:
+        write_prompt_info(out_dir, data_format)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def prompt_dirs(tiny_llama_dir, tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("soft-prompts")
+    return {
+        "p": make_soft_prompt(tiny_llama_dir, root / "p", tokenizer, seed=1, num_virtual_tokens=4, data_format="text"),
+        "q": make_soft_prompt(tiny_llama_dir, root / "q", tokenizer, seed=2, num_virtual_tokens=6, data_format="text"),
+    }
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_switched_soft_prompts_equal_each_loaded_alone_and_switch_with_lora(tiny_llama_dir, tokenizer, adapter_dirs, prompt_dirs, four_bit, monkeypatch):
+    expected = {None: logits(load(tiny_llama_dir, four_bit))}
+    for name, folder in prompt_dirs.items():
+        expected[name] = logits(load_soft_prompt(load(tiny_llama_dir, four_bit), folder))
+    alone = load(tiny_llama_dir, four_bit)
+    load_adapter(alone, adapter_dirs["a"])
+    expected["a"] = logits(alone)
+    # the soft prompts matter, and differently (compared on the 12 real positions)
+    assert (expected["p"][:, 4:] - expected[None]).abs().max() > 0.05
+    assert (expected["q"][:, 6:] - expected["p"][:, 4:]).abs().max() > 0.05
+
+    switcher = AdapterSwitcher(load(tiny_llama_dir, four_bit), tokenizer)
+    for name, folder in [*prompt_dirs.items(), ("a", adapter_dirs["a"])]:
+        switcher.add(name, folder)
+    base_id = id(switcher.model)
+    embed_ptr = switcher.model.get_input_embeddings().weight.data_ptr()
+    # From here on neither the base nor an adapter file may be read again.
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", pytest.fail)
+    monkeypatch.setattr("qlora_lite.generate.read_adapter_weights", pytest.fail)
+    monkeypatch.setattr("qlora_lite.generate.read_soft_prompt", pytest.fail)
+    for name in ["p", "q", "a", "p", None, "q", "a", None]:
+        switcher.use(name)
+        assert (logits(switcher.active_model) - expected[name]).abs().max().item() <= SWITCH_ATOL
+        assert isinstance(switcher.active_model, SoftPromptModel) == (name in prompt_dirs)
+        assert len(lora_layers(switcher.model)) == (4 if name == "a" else 0)  # LoRA is off while a soft prompt answers
+        assert id(switcher.model) == base_id and switcher.model.get_input_embeddings().weight.data_ptr() == embed_ptr
+        if name in prompt_dirs:
+            assert switcher.active_model.base_model is switcher.model
+
+
+def test_add_refuses_a_soft_prompt_for_another_base(tiny_llama_dir, tokenizer, prompt_dirs, tmp_path):
+    build_tiny_model(tmp_path / "narrow", hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    narrow_prompt = make_soft_prompt(tmp_path / "narrow", tmp_path / "pt", tokenizer, seed=3)
+    switcher = AdapterSwitcher(load(tiny_llama_dir, False), tokenizer)
+    switcher.add("p", prompt_dirs["p"])
+    switcher.use("p")
+    with pytest.raises(AdapterError, match=r"adapter 'narrow' \(.*\): the soft prompt has token_dim 32 but this base's embeddings have hidden size 64: it was made for a different base model"):
+        switcher.add("narrow", narrow_prompt)
+    assert switcher.names == ["p"] and switcher.active == "p"
+
+
+def test_cli_generates_with_soft_prompts_by_name_and_by_folder(tiny_llama_dir, adapter_dirs, prompt_dirs, capsys, monkeypatch):
+    named = {**prompt_dirs, "a": adapter_dirs["a"]}
+    switcher = open_switcher(named, str(tiny_llama_dir), load_in_4bit=False)
+    settings = GenerationSettings(max_new_tokens=5)
+    prompts = ["the quick brown fox", "Name a colour."]
+    expected = {(n, p): switcher.generate(p, adapter=n, settings=settings) for n in ("p", "q", "a", None) for p in prompts}
+    assert len({expected[(n, "the quick brown fox")] for n in ("p", "q", "a", None)}) == 4  # routing is observable
+
+    lines = ["q: the quick brown fox", "p: Name a colour.", "a: the quick brown fox", "base: Name a colour.", "p: the quick brown fox"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    argv = ["generate", "--base", str(tiny_llama_dir), *[f"--adapter={n}={d}" for n, d in named.items()]]
+    assert cli.main([*argv, "--no-4bit", "--max-new-tokens", "5"]) == 0
+    want = [("q", prompts[0]), ("p", prompts[1]), ("a", prompts[0]), (None, prompts[1]), ("p", prompts[0])]
+    assert capsys.readouterr().out == "".join(f"[{n or 'base'}] {expected[(n, p)]}\n" for n, p in want)
+
+    # a single soft-prompt folder: base from its adapter_config.json, format from its qlora_lite.json
+    assert cli.main(["generate", str(prompt_dirs["q"]), "the quick brown fox", "--no-4bit", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == expected[("q", "the quick brown fox")] + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
