@@ -25,6 +25,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT versions wrote this pickle file
 PEFT_PREFIX = "base_model.model."
+FORMAT_VERSION = 1  # qlora_lite_format of SELECTIVE/BOTTLENECK folders: bump when a version-1 reader would misread one
 PROMPT_INFO_NAME = "qlora_lite.json"  # beside the adapter: how training formatted prompts (PEFT ignores it)
 DATA_FORMATS = ("alpaca", "chat", "text")
 ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -136,12 +137,7 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, 
     """Parse adapter_config.json into our LoRAConfig (plus the raw dict), refusing what we cannot compute."""
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing (pass the folder that save wrote, e.g. runs/NAME/adapter)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
+    raw = read_adapter_json(adapter_dir)
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; this loader reads LORA adapters")
     unsupported = [k for k, v in raw.items() if k not in UNDERSTOOD_PEFT_KEYS and not any(v == n and type(v) is type(n) for n in NEUTRAL_VALUES)]
@@ -255,3 +251,47 @@ def check_adapter_fits(model: nn.Module, weights: dict[str, torch.Tensor], r: in
                     f"needs {shape}: the adapter was made for a different base model"
                 )
     return sorted(targets)
+
+
+# --- adapter_config.json of the methods PEFT does not have ------------------------------------------
+# Every adapter type's config is read here; SELECTIVE and BOTTLENECK are qlora-lite's own types.
+
+
+def read_adapter_json(adapter_dir: str | Path) -> dict[str, Any]:
+    """adapter_config.json as a dict, whatever its peft_type; clear errors for a missing or corrupt file."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing (pass the folder that save wrote, e.g. runs/NAME/adapter)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(raw).__name__}; the file is corrupt, re-save the adapter")
+    return raw
+
+
+def read_method_config(adapter_dir: str | Path, peft_type: str, fields: dict[str, type]) -> dict[str, Any]:
+    """adapter_config.json of a qlora-lite-only adapter type, refusing another type, a newer format,
+    or a missing field (fields: key -> the type its value must have)."""
+    raw = read_adapter_json(adapter_dir)
+    path = Path(adapter_dir) / CONFIG_NAME
+    if raw.get("peft_type") != peft_type:
+        raise AdapterError(
+            f"{path}: peft_type is {raw.get('peft_type')!r}, but this loader reads {peft_type} adapters; "
+            "load the folder with the method it was trained with"
+        )
+    version = raw.get("qlora_lite_format")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterError(
+            f"{path}: qlora_lite_format is {version!r}, but this qlora-lite reads format {FORMAT_VERSION}; "
+            "upgrade qlora-lite to load it (or the file is corrupt)"
+        )
+    for key, kind in fields.items():
+        # bool is an int in Python, but never a valid size.
+        if not isinstance(raw.get(key), kind) or (kind is int and isinstance(raw[key], bool)):
+            raise AdapterError(
+                f"{path}: {key} must be of type {kind.__name__}, got {raw.get(key)!r}; the file is corrupt or was edited, re-save the adapter"
+            )
+    return raw

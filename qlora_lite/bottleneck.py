@@ -46,7 +46,7 @@ from torch import nn
 from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_weights
 from .config import CHOICES, BottleneckConfig
 from .quant import DTYPES
-from .selective import FORMAT_VERSION, read_method_config
+from .adapters import FORMAT_VERSION, read_method_config
 
 PEFT_TYPE = "BOTTLENECK"
 # placement -> the output projections (module path suffixes) whose outputs get an adapter.

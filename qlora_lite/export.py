@@ -54,7 +54,8 @@ from .quant import (
     load_tokenizer,
     set_4bit_compute_dtype,
 )
-from .selective import attach_selective, check_selective_fits, read_adapter_json, read_selective
+from .adapters import read_adapter_json
+from .selective import attach_selective, check_selective_fits, read_selective
 from .shards import (
     SAFETENSORS_DTYPES,
     ShardError,

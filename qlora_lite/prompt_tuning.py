@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, find_base_model, read_adapter_weights
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, find_base_model, read_adapter_json, read_adapter_weights
 from .config import ModelConfig, PromptConfig
 from .data import IGNORE_INDEX
 from .quant import DTYPES, load_tokenizer
@@ -280,24 +280,9 @@ def save_soft_prompt(model: SoftPromptModel, cfg: PromptConfig, out_dir: str | P
     return out_dir
 
 
-def read_peft_config_dict(adapter_dir: str | Path) -> dict[str, Any]:
-    """adapter_config.json as a dict, whatever its peft_type; missing or corrupt files are explained."""
-    adapter_dir = Path(adapter_dir)
-    path = adapter_dir / CONFIG_NAME
-    if not path.is_file():
-        raise PromptTuningError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing (pass the folder that save wrote, e.g. runs/NAME/adapter)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PromptTuningError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
-    if not isinstance(raw, dict):
-        raise PromptTuningError(f"{path} must hold a JSON object of PEFT settings, got {type(raw).__name__}; re-save the adapter")
-    return raw
-
-
 def is_soft_prompt(adapter_dir: str | Path) -> bool:
     """True when the folder's adapter_config.json says peft_type PROMPT_TUNING."""
-    return read_peft_config_dict(adapter_dir).get("peft_type") == PEFT_TYPE
+    return read_adapter_json(adapter_dir).get("peft_type") == PEFT_TYPE
 
 
 def read_prompt_config(adapter_dir: str | Path) -> tuple[PromptConfig, dict[str, Any]]:
@@ -306,7 +291,7 @@ def read_prompt_config(adapter_dir: str | Path) -> tuple[PromptConfig, dict[str,
     Raises:
         PromptTuningError: Not a prompt-tuning config, or one made for what we do not compute.
     """
-    raw = read_peft_config_dict(adapter_dir)
+    raw = read_adapter_json(adapter_dir)
     path = Path(adapter_dir) / CONFIG_NAME
     if raw.get("peft_type") != PEFT_TYPE:
         raise PromptTuningError(

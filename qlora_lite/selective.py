@@ -29,18 +29,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_weights
+from .adapters import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, AdapterError, read_adapter_weights, read_method_config
 from .config import SelectiveConfig
 from .quant import is_4bit_linear, is_quantized_parameter
 
 PEFT_TYPE = "SELECTIVE"
-FORMAT_VERSION = 1  # qlora_lite_format: bump when a reader of version 1 would misread the folder
 SHOWN_NAMES = 16  # parameter names listed when a pattern matches nothing
 
 
@@ -232,47 +230,3 @@ def check_selective_fits(model: nn.Module, weights: dict[str, torch.Tensor], unq
                 f"adapter tensor {name} has shape {tuple(tensor.shape)} but this base's {name} has shape "
                 f"{tuple(params[name].shape)}: the adapter was made for a different base model"
             )
-
-
-# --- adapter_config.json of the methods PEFT does not have ------------------------------------------
-# Shared by selective.py and bottleneck.py (and export's dispatch on peft_type).
-
-
-def read_adapter_json(adapter_dir: str | Path) -> dict[str, Any]:
-    """adapter_config.json as a dict, whatever its peft_type; clear errors for a missing or corrupt file."""
-    adapter_dir = Path(adapter_dir)
-    path = adapter_dir / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"{adapter_dir} is not an adapter folder: {CONFIG_NAME} is missing (pass the folder that save wrote, e.g. runs/NAME/adapter)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(raw).__name__}; the file is corrupt, re-save the adapter")
-    return raw
-
-
-def read_method_config(adapter_dir: str | Path, peft_type: str, fields: dict[str, type]) -> dict[str, Any]:
-    """adapter_config.json of a qlora-lite-only adapter type, refusing another type, a newer format,
-    or a missing field (fields: key -> the type its value must have)."""
-    raw = read_adapter_json(adapter_dir)
-    path = Path(adapter_dir) / CONFIG_NAME
-    if raw.get("peft_type") != peft_type:
-        raise AdapterError(
-            f"{path}: peft_type is {raw.get('peft_type')!r}, but this loader reads {peft_type} adapters; "
-            "load the folder with the method it was trained with"
-        )
-    version = raw.get("qlora_lite_format")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise AdapterError(
-            f"{path}: qlora_lite_format is {version!r}, but this qlora-lite reads format {FORMAT_VERSION}; "
-            "upgrade qlora-lite to load it (or the file is corrupt)"
-        )
-    for key, kind in fields.items():
-        # bool is an int in Python, but never a valid size.
-        if not isinstance(raw.get(key), kind) or (kind is int and isinstance(raw[key], bool)):
-            raise AdapterError(
-                f"{path}: {key} must be of type {kind.__name__}, got {raw.get(key)!r}; the file is corrupt or was edited, re-save the adapter"
-            )
-    return raw

@@ -320,7 +320,7 @@ def test_soft_prompt_for_another_base_is_refused_naming_both_widths(tiny_llama_d
 
 def test_missing_corrupt_and_foreign_files_are_explained(tiny_llama_dir, tokenizer, tmp_path):
     base = load(tiny_llama_dir)
-    with pytest.raises(PromptTuningError, match="adapter_config.json is missing"):
+    with pytest.raises(AdapterError, match="adapter_config.json is missing"):
         load_soft_prompt(base, tmp_path)
     make_soft_prompt(tiny_llama_dir, tmp_path, tokenizer, PromptConfig(num_virtual_tokens=3, init="random"))
     weights = tmp_path / "adapter_model.safetensors"
@@ -353,7 +353,7 @@ def test_missing_corrupt_and_foreign_files_are_explained(tiny_llama_dir, tokeniz
         with pytest.raises(PromptTuningError, match=message):
             load_soft_prompt(base, tmp_path)
     config.write_text("{not json")
-    with pytest.raises(PromptTuningError, match="not valid JSON"):
+    with pytest.raises(AdapterError, match="not valid JSON"):
         load_soft_prompt(base, tmp_path)
     with pytest.raises(PromptTuningError, match="prompt.init_text '  ' tokenizes to no tokens"):
         apply_prompt_tuning(base, PromptConfig(num_virtual_tokens=3, init="text", init_text="  "), lambda text: {"input_ids": []})
