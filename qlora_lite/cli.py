@@ -102,8 +102,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def format_merge_report(report) -> str:
     source = "dequantized NF4 weights" if report.from_4bit else "original weights"
+    what = f"replaced {report.merged_modules} tensors of" if report.peft_type == "SELECTIVE" else f"merged {report.merged_modules} LoRA layers into"
     lines = [
-        f"merged {report.merged_modules} LoRA layers into the base's {source}: {report.num_parameters / 1e6:,.1f}M parameters, "
+        f"{what} the base's {source}: {report.num_parameters / 1e6:,.1f}M parameters, "
         f"{report.num_shards} shard(s), {report.dtype} -> {report.out_dir}"
     ]
     if report.from_4bit:

@@ -35,14 +35,17 @@ from .adapters import (
     check_adapter_fits,
     find_base_model,
     read_adapter_config,
+    read_adapter_json,
     read_adapter_weights,
     read_prompt_info,
 )
-from .config import LoRAConfig, ModelConfig, PromptConfig, QuantConfig
+from .bottleneck import apply_bottleneck, check_bottleneck_fits, read_bottleneck_config, remove_bottleneck
+from .config import BottleneckConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, SelectiveConfig
 from .data import IGNORE_INDEX, DataError, tokenize_example
 from .lora import remove_lora
 from .prompt_tuning import PROMPT_KEY, SoftPromptModel, check_prompt_fits, is_soft_prompt, read_prompt_config, read_soft_prompt
 from .quant import load_base_model, load_tokenizer
+from .selective import attach_selective, check_selective_fits, read_selective
 
 PROMPT_FORMATS = ("auto", *DATA_FORMATS)
 BASE_NAME = "base"
@@ -88,13 +91,21 @@ class LoadedAdapter:
     """An adapter read into memory, ready to attach to the base in a switch."""
 
     path: Path
-    cfg: LoRAConfig | PromptConfig
+    cfg: LoRAConfig | PromptConfig | BottleneckConfig | SelectiveConfig
     weights: dict[str, torch.Tensor]  # module path -> tensor (a soft prompt: PROMPT_KEY -> (n, H)), on the model's device
     data_format: str | None  # from qlora_lite.json; None for adapters trained elsewhere
 
     @property
     def is_soft_prompt(self) -> bool:
         return isinstance(self.cfg, PromptConfig)
+
+    @property
+    def is_bottleneck(self) -> bool:
+        return isinstance(self.cfg, BottleneckConfig)
+
+    @property
+    def is_selective(self) -> bool:
+        return isinstance(self.cfg, SelectiveConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +246,7 @@ class AdapterSwitcher:
         self.adapters: dict[str, LoadedAdapter] = {}
         self.active: str | None = None
         self.active_model: nn.Module = self.model
+        self.replaced: dict[str, torch.Tensor] = {}  # base tensors an active selective adapter overwrote
 
     @classmethod
     def from_base(
@@ -244,11 +256,16 @@ class AdapterSwitcher:
         compute_dtype: str = "auto",
         tokenizer_path: str | Path | None = None,
         device: torch.device | None = None,
+        skip_modules: list[str] | None = None,
     ) -> AdapterSwitcher:
-        """Load the base (NF4 by default) and the tokenizer (from tokenizer_path, else the base's folder)."""
+        """Load the base (NF4 by default) and the tokenizer (from tokenizer_path, else the base's folder).
+
+        skip_modules: linear layers to keep out of NF4, as selective adapters that trained them need.
+        """
         model_cfg = ModelConfig(name_or_path=str(base_path))
         tokenizer = load_tokenizer(model_cfg, str(tokenizer_path or base_path))
-        model = load_base_model(model_cfg, QuantConfig(load_in_4bit=load_in_4bit, compute_dtype=compute_dtype), device, str(base_path))
+        quant = QuantConfig(load_in_4bit=load_in_4bit, compute_dtype=compute_dtype)
+        model = load_base_model(model_cfg, quant, device, str(base_path), skip_modules=skip_modules)
         return cls(model, tokenizer)
 
     @property
@@ -266,17 +283,30 @@ class AdapterSwitcher:
         check_adapter_name(name, self.names)
         adapter_dir = require_adapter_dir(adapter_dir)
         device = next(self.model.parameters()).device
+        active = self.active
+        self.use(None)  # fit checks run against the plain base
         try:  # a wrong adapter fails now, not at its first request
+            peft_type = read_adapter_json(adapter_dir).get("peft_type")
             if is_soft_prompt(adapter_dir):
                 cfg, prompt = read_soft_prompt(adapter_dir, allow_pickle)
                 check_prompt_fits(self.model, prompt)
                 weights = {PROMPT_KEY: prompt.to(device)}
+            elif peft_type == "BOTTLENECK":
+                cfg = read_bottleneck_config(adapter_dir)
+                weights = {key: tensor.to(device) for key, tensor in read_adapter_weights(adapter_dir, allow_pickle).items()}
+                check_bottleneck_fits(self.model, cfg, weights)
+            elif peft_type == "SELECTIVE":
+                cfg, weights = read_selective(adapter_dir, allow_pickle)
+                weights = {key: tensor.to(device) for key, tensor in weights.items()}
+                check_selective_fits(self.model, weights, cfg.unquantized_modules)
             else:
                 cfg, _ = read_adapter_config(adapter_dir)
                 weights = {key: tensor.to(device) for key, tensor in read_adapter_weights(adapter_dir, allow_pickle).items()}
                 check_adapter_fits(self.model, weights, cfg.r)
         except AdapterError as err:
             raise AdapterError(f"adapter {name!r} ({adapter_dir}): {err}") from err
+        finally:
+            self.use(active)
         data_format = read_prompt_info(adapter_dir).get("data_format")
         self.adapters[name] = LoadedAdapter(adapter_dir, cfg, weights, data_format)
 
@@ -285,16 +315,38 @@ class AdapterSwitcher:
         if name == self.active:
             return
         adapter = self.get(name) if name is not None else None
-        remove_lora(self.model)
-        self.active, self.active_model = None, self.model
+        self.detach_all()
         if adapter is not None and adapter.is_soft_prompt:
             # A new wrapper around the same base: it holds the in-memory prompt, no copy of the base.
             self.active_model = SoftPromptModel(self.model, adapter.weights[PROMPT_KEY], trainable=False)
+        elif adapter is not None and adapter.is_bottleneck:
+            apply_bottleneck(self.model, replace(adapter.cfg))
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for key, tensor in adapter.weights.items():
+                    params[key].copy_(tensor.to(params[key].dtype))
+        elif adapter is not None and adapter.is_selective:
+            # Selective adapters overwrite base tensors: keep the originals to put back on the next switch.
+            params = dict(self.model.named_parameters())
+            self.replaced = {key: params[key].detach().clone() for key in adapter.weights}
+            attach_selective(self.model, adapter.weights, unquantized_modules=adapter.cfg.unquantized_modules)
         elif adapter is not None:
             # attach_adapter records the weights' dtype in its config: give it a copy, keep ours as read.
             attach_adapter(self.model, replace(adapter.cfg), adapter.weights)
         self.active = name
         self.active_model.eval()
+
+    def detach_all(self) -> None:
+        """Back to the plain base: LoRA and bottleneck layers removed, selectively replaced tensors restored."""
+        remove_lora(self.model)
+        remove_bottleneck(self.model)
+        if self.replaced:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for key, original in self.replaced.items():
+                    params[key].copy_(original)
+            self.replaced = {}
+        self.active, self.active_model = None, self.model
 
     def get(self, name: str) -> LoadedAdapter:
         """The added adapter of that name; an unknown name is an error that lists the known ones."""
@@ -346,9 +398,12 @@ def check_adapter_name(name: str, taken: list[str]) -> None:
 
 
 def read_any_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    """adapter_config.json of a LoRA adapter or a soft prompt, checked by the reader of its kind."""
+    """adapter_config.json of any adapter kind, checked by the reader of its kind where it has one."""
     if is_soft_prompt(adapter_dir):
         return read_prompt_config(adapter_dir)[1]
+    raw = read_adapter_json(adapter_dir)
+    if raw.get("peft_type") in ("BOTTLENECK", "SELECTIVE"):
+        return raw
     return read_adapter_config(adapter_dir)[1]
 
 
@@ -393,7 +448,9 @@ def open_switcher(
     base_path = base or find_base_model(*next(iter(zip(folders.values(), configs.values()))))
     only = next(iter(folders.values())) if len(folders) == 1 else None
     tokenizer_path = only if only is not None and (only / "tokenizer_config.json").is_file() else None
-    switcher = AdapterSwitcher.from_base(base_path, load_in_4bit=load_in_4bit, tokenizer_path=tokenizer_path)
+    # Layers a selective adapter trained unquantized must be loaded unquantized for it to replace them.
+    unquantized = sorted({m for raw in configs.values() if raw.get("peft_type") == "SELECTIVE" for m in raw["unquantized_modules"]})
+    switcher = AdapterSwitcher.from_base(base_path, load_in_4bit=load_in_4bit, tokenizer_path=tokenizer_path, skip_modules=unquantized or None)
     for name, folder in folders.items():
         switcher.add(name, folder, allow_pickle=allow_pickle)
     return switcher

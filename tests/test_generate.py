@@ -488,3 +488,50 @@ def test_peft_made_adapter_generates_as_in_peft(tiny_qwen2_dir, tokenizer, tmp_p
     with torch.no_grad():
         theirs = peft_model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=8, do_sample=False, eos_token_id=EOS, pad_token_id=0)
     assert ours == theirs[0, len(prompt_ids) :].tolist() and len(ours) >= 1
+
+
+def test_switching_covers_bottleneck_and_selective_adapters(tiny_llama_dir, tokenizer, adapter_dirs, tmp_path):
+    """LoRA, bottleneck and selective adapters on one NF4 base (down_proj kept unquantized for the
+    selective one): each switch equals that adapter loaded alone, and going back to the base
+    restores the tensors a selective adapter overwrote."""
+    from qlora_lite.bottleneck import apply_bottleneck, load_bottleneck, save_bottleneck
+    from qlora_lite.config import BottleneckConfig, SelectiveConfig
+    from qlora_lite.selective import apply_selective, load_selective, save_selective
+
+    def load4(skip=None):
+        return load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(compute_dtype="float32"), skip_modules=skip).eval()
+
+    def randomize(model, seed):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+    bottleneck_cfg = BottleneckConfig(size=8)
+    model = load(tiny_llama_dir, False)
+    apply_bottleneck(model, bottleneck_cfg)
+    randomize(model, 7)
+    save_bottleneck(model, bottleneck_cfg, tmp_path / "bn", str(tiny_llama_dir))
+    selective_cfg = SelectiveConfig(patterns=["norm", "down_proj"], unquantized_modules=["down_proj"])
+    model = load(tiny_llama_dir, False)
+    apply_selective(model, selective_cfg)
+    randomize(model, 8)
+    save_selective(model, selective_cfg, tmp_path / "sel", str(tiny_llama_dir))
+
+    alone = {None: logits(load4(["down_proj"]))}
+    lora_alone = load4(["down_proj"])
+    load_adapter(lora_alone, adapter_dirs["a"])
+    alone["a"] = logits(lora_alone)
+    bn_alone = load4(["down_proj"])
+    load_bottleneck(bn_alone, tmp_path / "bn")
+    alone["bn"] = logits(bn_alone)
+    sel_alone = load4(["down_proj"])
+    load_selective(sel_alone, tmp_path / "sel")
+    alone["sel"] = logits(sel_alone)
+    assert min((alone[k] - alone[None]).abs().max().item() for k in ("a", "bn", "sel")) > 0.05
+
+    switcher = open_switcher({"a": adapter_dirs["a"], "bn": tmp_path / "bn", "sel": tmp_path / "sel"}, base=str(tiny_llama_dir))
+    for name in ["sel", "bn", "a", "sel", None, "bn", "sel", "a", None]:
+        switcher.use(name)
+        assert (logits(switcher.active_model) - alone[name]).abs().max().item() <= SWITCH_ATOL, name
