@@ -16,14 +16,16 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .export import ExportError
     from .generate import GenerationError
     from .lora import LoRAError
+    from .methods import MethodError
+    from .planner import PlanError
     from .prompt_tuning import PromptTuningError
     from .quant import ModelLoadError
     from .shards import ShardError
     from .train import TrainingError
 
     return (
-        AdapterError, ConfigError, DataError, ExportError, GenerationError, LoRAError, ModelLoadError,
-        PromptTuningError, ShardError, TrainingError,
+        AdapterError, ConfigError, DataError, ExportError, GenerationError, LoRAError, MethodError, ModelLoadError,
+        PlanError, PromptTuningError, ShardError, TrainingError,
     )  # fmt: skip
 
 
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 lora.r=8")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     train.add_argument("--overwrite", action="store_true", help="delete an earlier run in output_dir and start over")
+    add_plan_parser(sub)
     add_merge_parser(sub)
     add_generate_parser(sub)
     add_inspect_prompt_parser(sub)
@@ -61,6 +64,34 @@ def format_summary(summary: dict) -> str:
             fmt = "{:.1%}" if key == "exact_match" else "{:.4f}"
             lines.append(f"  {key}: " + (f"{fmt.format(before)} -> " if before is not None else "") + fmt.format(after))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser(
+        "plan",
+        help="estimate the GPU memory a recipe needs, from the model's config.json alone",
+        description="Estimate peak GPU memory of training RECIPE (weights, adapter, optimizer, activations, logits) "
+        "without downloading or loading weights, and the largest micro-batch and sequence length that fit.",
+    )
+    plan.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3.1-8b-alpaca.yaml")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_seq_len=4096")
+    plan.add_argument("--vram", default="24GiB", help="GPU memory to plan for (default 24GiB)")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_config
+    from .planner import format_plan, parse_bytes, plan_memory
+
+    cfg = load_config(args.recipe, args.overrides)
+    plan = plan_memory(cfg, vram_bytes=parse_bytes(args.vram))
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan, cfg.model.name_or_path))
+    return 0
 
 
 # ---------------------------------------------------------------------------- merge
@@ -239,15 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after flags (`train R.yaml --resume a.b=1`): argparse stops
     # filling a positional list at the first flag, so collect the rest from the leftovers.
     args, extra = parser.parse_known_args(argv)
-    # Only train takes key=value overrides; for any other command every leftover is an error.
-    unknown = [e for e in extra if "=" not in e or e.startswith("-") or args.command != "train"]
+    # Only train and plan take key=value overrides; for any other command every leftover is an error.
+    unknown = [e for e in extra if "=" not in e or e.startswith("-") or args.command not in ("train", "plan")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "train":
+    if args.command in ("train", "plan"):
         args.overrides = [*args.overrides, *extra]
     quiet_library_progress_bars()
     try:
-        commands = {"train": run_train, "merge": run_merge, "generate": run_generate, "inspect-prompt": run_inspect_prompt}
+        commands = {"train": run_train, "plan": run_plan, "merge": run_merge, "generate": run_generate, "inspect-prompt": run_inspect_prompt}
         return commands[args.command](args)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)

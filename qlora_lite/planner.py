@@ -1,0 +1,273 @@
+"""Will it fit? GPU memory of a QLoRA run estimated from the model's config.json alone.
+
+The model is built on PyTorch's meta device (shapes, no storage), so every parameter's name
+and shape are the real ones for any architecture transformers knows, and the recipe's
+targets are resolved exactly as training resolves them; no weight is downloaded or loaded.
+The estimate adds up:
+
+- weights as loaded: NF4 linear weights at 4 bits plus their quantization constants
+  (bitsandbytes blocks of 64: an fp32 scale each, or with double quantization a uint8 scale
+  each plus an fp32 scale per 256 of those), and what stays unquantized (embeddings, lm_head,
+  norms, biases) in the compute dtype;
+- the trainable part (LoRA A/B, soft prompt, ...), its gradients, and the optimizer's two
+  moments (1 byte each for 8-bit AdamW on tensors of 4096+ elements, 4 bytes otherwise);
+- activations kept for the backward pass, per token and layer: with gradient checkpointing
+  only each layer's input plus one layer's worth recomputed at a time, without it every layer's;
+- the logits and loss buffers, micro_batch x seq x vocab: bf16 logits, their fp32 copy for the
+  loss and its gradient (for 128k-vocabulary models this rivals the weights);
+- a fixed allowance for the CUDA context and cuBLAS workspaces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import RecipeConfig
+
+GIB = 1024**3
+NF4_BLOCK = 64  # weights per quantization block (bitsandbytes' default for 4-bit)
+DOUBLE_QUANT_BLOCK = 256  # first-level scales per second-level block
+CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + cuBLAS/cuDNN workspaces, measured ~0.5-0.9 GiB on recent GPUs
+BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer state for smaller tensors
+# Bytes per token per layer kept for backward without checkpointing, in units of the compute
+# dtype's element size, as multiples of (hidden, kv width, intermediate): the residual stream and
+# norm outputs (~6 hidden), q/k/v after RoPE and the attention output, the MLP's gate, up,
+# activation and product (4 intermediate). Calibrated against saved-tensor bytes on CPU.
+ACTIVATION_TERMS = {"hidden": 6, "kv": 2, "intermediate": 4}
+LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, fp32 copy for the loss, fp32 gradient of the logits
+
+KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
+
+
+class PlanError(ValueError):
+    """The planner cannot read the model's config; the message says what to pass instead."""
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated peak GPU memory of one training step, by part (bytes)."""
+
+    weights_bytes: int  # the frozen base as loaded (NF4 + constants + unquantized parts)
+    nf4_bytes: int
+    quant_constant_bytes: int
+    unquantized_bytes: int
+    trainable_params: int
+    trainable_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    logits_bytes: int
+    cuda_context_bytes: int
+    total_bytes: int
+    vram_bytes: int
+    fits: bool
+    micro_batch_size: int
+    max_seq_len: int
+    largest_micro_batch: int = 0
+    largest_seq_len: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_model_config(name_or_path: str):
+    """A transformers config from a local folder, a shipped known config, or the hub (where reachable)."""
+    from transformers import AutoConfig
+
+    local = Path(name_or_path).expanduser()
+    known = KNOWN_CONFIGS_DIR / (name_or_path.split("/")[-1] + ".json")
+    if name_or_path.startswith("demo:"):
+        from .demo import ensure_demo_base
+
+        return AutoConfig.from_pretrained(str(ensure_demo_base()))
+    if (local / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(local))
+    if known.is_file():
+        raw = json.loads(known.read_text())
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        shipped = sorted(p.stem for p in KNOWN_CONFIGS_DIR.glob("*.json"))
+        raise PlanError(
+            f"cannot read the config of {name_or_path!r} ({type(err).__name__}); pass a local folder with config.json "
+            f"or one of the shipped configs: {', '.join(shipped)}"
+        ) from err
+
+
+def build_meta_model(model_config) -> nn.Module:
+    """The model with shapes and names but no storage: nothing is allocated or downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB) -> MemoryPlan:
+    """Estimate the peak GPU memory of training cfg, and whether it fits in vram_bytes."""
+    model_config = model_config if model_config is not None else read_model_config(cfg.model.name_or_path)
+    model = build_meta_model(model_config)
+    parts = estimate_static(cfg, model)
+    plan = assemble(cfg, model_config, parts, cfg.train.micro_batch_size, cfg.train.max_seq_len, vram_bytes)
+    plan.largest_micro_batch = search_largest(lambda b: assemble(cfg, model_config, parts, b, cfg.train.max_seq_len, vram_bytes).fits)
+    plan.largest_seq_len = search_largest(lambda s: assemble(cfg, model_config, parts, cfg.train.micro_batch_size, s, vram_bytes).fits, step=64)
+    if cfg.method != "lora":
+        plan.notes.append(f"method {cfg.method}: trainable part estimated from its parameters; activations as for LoRA")
+    return plan
+
+
+def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
+    """Weight, trainable-parameter, gradient and optimizer bytes (independent of batch and sequence)."""
+    from .lora import find_linear_names, resolve_targets
+
+    compute = compute_element_bytes(cfg)
+    quantized = set(find_linear_names(model)) if cfg.quant.load_in_4bit else set()
+    if cfg.method == "selective":
+        quantized = {n for n in quantized if not any(n == m or n.endswith("." + m) for m in cfg.selective.unquantized_modules)}
+    nf4 = constants = unquantized = 0
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:  # tied embeddings are stored once
+            continue
+        seen.add(id(param))
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in quantized and leaf == "weight":
+            nf4 += param.numel() // 2
+            constants += count_quant_constant_bytes(param.numel(), cfg.quant.double_quant)
+        else:
+            unquantized += param.numel() * compute
+    trainable = count_trainable(cfg, model, resolve_targets)
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}
+    trainable_dtype = {"lora": cfg.lora.dtype, "prompt_tuning": cfg.prompt.dtype, "adapter": cfg.bottleneck.dtype}.get(cfg.method, "bfloat16")
+    trainable_bytes = sum(trainable) * dtype_bytes[trainable_dtype]
+    eight_bit = "8bit" in cfg.train.optimizer
+    optimizer = sum(2 * n * (1 if eight_bit and n >= BNB_8BIT_MIN_SIZE else 4) for n in trainable)
+    return {
+        "nf4": nf4, "constants": constants, "unquantized": unquantized, "trainable_params": sum(trainable),
+        "trainable_bytes": trainable_bytes, "gradient_bytes": trainable_bytes, "optimizer_bytes": optimizer,
+    }  # fmt: skip
+
+
+def compute_element_bytes(cfg: RecipeConfig) -> int:
+    """Bytes per value of the unquantized parts: the compute dtype, bf16/fp16 on a GPU for `auto`."""
+    return 4 if cfg.quant.compute_dtype == "float32" else 2
+
+
+def count_quant_constant_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of bitsandbytes' per-block scales and code tables for one NF4 weight of numel values."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    code = 16 * 4  # the 16 NF4 levels, fp32
+    if not double_quant:
+        return blocks * 4 + code
+    second = math.ceil(blocks / DOUBLE_QUANT_BLOCK)
+    return blocks + code + second * 4 + 256 * 4 + 4  # uint8 scales, their fp32 scales, 8-bit code table, offset
+
+
+def count_trainable(cfg: RecipeConfig, model: nn.Module, resolve_targets) -> list[int]:
+    """Element counts of each trainable tensor the method adds or unfreezes."""
+    modules = dict(model.named_modules())
+    if cfg.method == "lora":
+        sizes = []
+        for name in resolve_targets(model, cfg.lora.target_modules):
+            layer = modules[name]
+            sizes += [cfg.lora.r * layer.in_features, layer.out_features * cfg.lora.r]
+        return sizes
+    hidden = model.config.hidden_size
+    if cfg.method == "prompt_tuning":
+        return [cfg.prompt.num_virtual_tokens * hidden]
+    if cfg.method == "adapter":
+        placements = 2 if cfg.bottleneck.placement == "both" else 1
+        per = [cfg.bottleneck.size * hidden, cfg.bottleneck.size, hidden * cfg.bottleneck.size, hidden]
+        return per * (model.config.num_hidden_layers * placements)
+    if cfg.method == "selective":
+        import re
+
+        return [p.numel() for n, p in model.named_parameters() if any(re.search(pat, n) for pat in cfg.selective.patterns)]
+    return [p.numel() for p in model.parameters()]  # full
+
+
+def estimate_activation_bytes(model_config, micro_batch: int, seq_len: int, checkpointing: bool, element_bytes: int = 2) -> int:
+    """Bytes kept for the backward pass by the decoder layers (not the logits)."""
+    hidden = model_config.hidden_size
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    kv = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
+    per_token_layer = element_bytes * (
+        ACTIVATION_TERMS["hidden"] * hidden + ACTIVATION_TERMS["kv"] * kv + ACTIVATION_TERMS["intermediate"] * model_config.intermediate_size
+    )
+    tokens = micro_batch * seq_len
+    layers = model_config.num_hidden_layers
+    if checkpointing:
+        # Each layer's input (one hidden vector per token) is kept; one layer is recomputed at a time.
+        return tokens * (layers * hidden * element_bytes + per_token_layer)
+    return tokens * layers * per_token_layer
+
+
+def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch: int, seq_len: int, vram_bytes: int) -> MemoryPlan:
+    tokens_seq = seq_len + (cfg.prompt.num_virtual_tokens if cfg.method == "prompt_tuning" else 0)
+    activations = estimate_activation_bytes(model_config, micro_batch, tokens_seq, cfg.model.gradient_checkpointing, compute_element_bytes(cfg))
+    logits = micro_batch * tokens_seq * model_config.vocab_size * LOGIT_BYTES
+    weights = parts["nf4"] + parts["constants"] + parts["unquantized"]
+    total = weights + parts["trainable_bytes"] + parts["gradient_bytes"] + parts["optimizer_bytes"] + activations + logits + CUDA_CONTEXT_BYTES
+    return MemoryPlan(
+        weights_bytes=weights, nf4_bytes=parts["nf4"], quant_constant_bytes=parts["constants"], unquantized_bytes=parts["unquantized"],
+        trainable_params=parts["trainable_params"], trainable_bytes=parts["trainable_bytes"], gradient_bytes=parts["gradient_bytes"],
+        optimizer_bytes=parts["optimizer_bytes"], activation_bytes=activations, logits_bytes=logits, cuda_context_bytes=CUDA_CONTEXT_BYTES,
+        total_bytes=total, vram_bytes=vram_bytes, fits=total <= vram_bytes, micro_batch_size=micro_batch, max_seq_len=seq_len,
+    )  # fmt: skip
+
+
+def search_largest(fits, step: int = 1, limit: int = 1 << 20) -> int:
+    """The largest multiple of step (up to limit) for which fits() holds; 0 when even step does not fit."""
+    if not fits(step):
+        return 0
+    low, high = 1, 2
+    while high * step <= limit and fits(high * step):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low * step) holds, fits(high * step) does not (or is past the limit)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid * step) else (low, mid)
+    return low * step
+
+
+def parse_bytes(text: str) -> int:
+    """`24GiB`, `24GB`, `80g`, `16000MiB` -> bytes (GB read as GiB, as GPU makers' labels mean it)."""
+    units = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 1024 * GIB, "tb": 1024 * GIB, "tib": 1024 * GIB}
+    number = text.strip().lower()
+    digits = "".join(c for c in number if c.isdigit() or c == ".")
+    unit = number[len(digits):].strip()
+    if not digits or unit not in units:
+        raise PlanError(f"--vram {text!r} is not a size such as 24GiB, 16GB or 80g")
+    return int(float(digits) * units[unit])
+
+
+def format_plan(plan: MemoryPlan, model_name: str) -> str:
+    def gib(n: int) -> str:
+        return f"{n / GIB:6.2f} GiB"
+
+    rows = [
+        ("weights as loaded", plan.weights_bytes, f"NF4 {plan.nf4_bytes / GIB:.2f} + constants {plan.quant_constant_bytes / GIB:.2f} + unquantized {plan.unquantized_bytes / GIB:.2f} GiB"),
+        ("trainable parameters", plan.trainable_bytes, f"{plan.trainable_params:,} parameters"),
+        ("their gradients", plan.gradient_bytes, ""),
+        ("optimizer state", plan.optimizer_bytes, "two AdamW moments"),
+        ("activations", plan.activation_bytes, f"micro-batch {plan.micro_batch_size} x {plan.max_seq_len} tokens"),
+        ("logits and loss", plan.logits_bytes, "micro-batch x seq x vocab, bf16 + fp32 copy + fp32 grad"),
+        ("CUDA context", plan.cuda_context_bytes, "fixed allowance"),
+    ]
+    lines = [f"memory plan for {model_name}:"]
+    lines += [f"  {name:<22}{gib(value)}  {detail}" for name, value, detail in rows]
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"  {'estimated peak':<22}{gib(plan.total_bytes)}  -> {verdict} in {plan.vram_bytes / GIB:.0f} GiB")
+    lines.append(
+        f"  largest micro-batch at {plan.max_seq_len} tokens: {plan.largest_micro_batch or 'none'}; "
+        f"longest sequence at micro-batch {plan.micro_batch_size}: {plan.largest_seq_len or 'none'}"
+    )
+    lines += [f"  note: {note}" for note in plan.notes]
+    return "\n".join(lines)
