@@ -262,7 +262,7 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         ("CUDA context", plan.cuda_context_bytes, "fixed allowance"),
     ]
     lines = [f"memory plan for {model_name}:"]
-    lines += [f"  {name:<22}{gib(value)}  {detail}" for name, value, detail in rows]
+    lines += [f"  {name:<22}{gib(value)}  {detail}".rstrip() for name, value, detail in rows]
     verdict = "fits" if plan.fits else "does NOT fit"
     lines.append(f"  {'estimated peak':<22}{gib(plan.total_bytes)}  -> {verdict} in {plan.vram_bytes / GIB:.0f} GiB")
     lines.append(
