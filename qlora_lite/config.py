@@ -122,8 +122,8 @@ class TrainConfig:
     """Optimizer steps (each one is micro_batch_size x grad_accum_steps sequences)."""
     lr: float = 2e-4
     """Peak learning rate. LoRA tolerates ~10x the LR of full fine-tuning."""
-    micro_batch_size: int = 1
-    """Sequences per forward pass."""
+    micro_batch_size: int | str = 1
+    """Sequences per forward pass, or `auto`: the largest the memory planner says fits this device (at most 64)."""
     grad_accum_steps: int = 16
     """Micro-batches accumulated before each optimizer step."""
     max_seq_len: int = 2048
@@ -208,7 +208,11 @@ def validate_config(cfg: RecipeConfig) -> None:
         raise ConfigError(f"lora.r must be a positive integer, got {cfg.lora.r}; typical values are 8, 16 or 64")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if isinstance(cfg.train.micro_batch_size, str) and cfg.train.micro_batch_size != "auto":
+        raise ConfigError(f"train.micro_batch_size must be a positive integer or auto, got {cfg.train.micro_batch_size!r}")
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "max_seq_len"):
+        if getattr(cfg.train, key) == "auto":
+            continue
         if getattr(cfg.train, key) <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {getattr(cfg.train, key)}")
     if not (math.isfinite(cfg.train.lr) and cfg.train.lr > 0):

@@ -111,13 +111,17 @@ def build_meta_model(model_config) -> nn.Module:
 
 
 def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB) -> MemoryPlan:
-    """Estimate the peak GPU memory of training cfg, and whether it fits in vram_bytes."""
+    """Estimate the peak GPU memory of training cfg, and whether it fits in vram_bytes.
+
+    With train.micro_batch_size auto, the plan is made for a micro-batch of 1.
+    """
     model_config = model_config if model_config is not None else read_model_config(cfg.model.name_or_path)
     model = build_meta_model(model_config)
     parts = estimate_static(cfg, model)
-    plan = assemble(cfg, model_config, parts, cfg.train.micro_batch_size, cfg.train.max_seq_len, vram_bytes)
+    batch = 1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
+    plan = assemble(cfg, model_config, parts, batch, cfg.train.max_seq_len, vram_bytes)
     plan.largest_micro_batch = search_largest(lambda b: assemble(cfg, model_config, parts, b, cfg.train.max_seq_len, vram_bytes).fits)
-    plan.largest_seq_len = search_largest(lambda s: assemble(cfg, model_config, parts, cfg.train.micro_batch_size, s, vram_bytes).fits, step=64)
+    plan.largest_seq_len = search_largest(lambda s: assemble(cfg, model_config, parts, batch, s, vram_bytes).fits, step=64)
     if cfg.method != "lora":
         plan.notes.append(f"method {cfg.method}: trainable part estimated from its parameters; activations as for LoRA")
     return plan
@@ -235,6 +239,31 @@ def search_largest(fits, step: int = 1, limit: int = 1 << 20) -> int:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid * step) else (low, mid)
     return low * step
+
+
+AUTO_MAX_MICRO_BATCH = 64  # beyond this, more sequences per pass rarely speed anything up; accumulate instead
+
+
+def read_device_memory_bytes(device: torch.device) -> int:
+    """Memory a run may plan for: the GPU's total, or on the CPU the RAM available now."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return available * 1024
+
+
+def choose_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str | None = None) -> tuple[int, MemoryPlan]:
+    """train.micro_batch_size auto: the largest micro-batch the planner says fits this device (capped)."""
+    vram = read_device_memory_bytes(device)
+    plan = plan_memory(cfg, read_model_config(base_path or cfg.model.name_or_path), vram)
+    if plan.largest_micro_batch == 0:
+        raise PlanError(
+            f"train.micro_batch_size auto: even one sequence of {cfg.train.max_seq_len} tokens needs an estimated "
+            f"{plan.total_bytes / GIB:.1f} GiB and this device has {vram / GIB:.1f} GiB; lower train.max_seq_len or use a "
+            "smaller model (run qlora-lite plan for the breakdown)"
+        )
+    return min(plan.largest_micro_batch, AUTO_MAX_MICRO_BATCH), plan
 
 
 def parse_bytes(text: str) -> int:

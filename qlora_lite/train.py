@@ -25,6 +25,7 @@ from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
 from .methods import attach_method, load_method, save_method
+from .planner import choose_micro_batch
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
 from .quant import enable_gradient_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_path
@@ -56,6 +57,10 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         # fp16 gradient scaling cannot unscale fp16 parameters: keep the adapter in fp32 on such GPUs.
         print(f"note: fp16 mixed precision needs fp32 adapter weights; using lora.dtype=float32 instead of {cfg.lora.dtype}")
         cfg.lora.dtype = "float32"
+    if cfg.train.micro_batch_size == "auto":
+        # Resolved before the resume check and config.yaml: a run records the size it really used.
+        cfg.train.micro_batch_size, plan = choose_micro_batch(cfg, device, resolve_model_path(cfg.model))
+        print(f"train.micro_batch_size auto -> {cfg.train.micro_batch_size} (planner: {plan.largest_micro_batch} fit in {plan.vram_bytes / 2**30:.1f} GiB)")
     # Read the checkpoint before anything is loaded or written: a resume that cannot work fails in seconds.
     checkpoint = find_latest_checkpoint(out) if resume else None
     state = read_trainer_state(checkpoint, cfg) if checkpoint else None
@@ -176,6 +181,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     report = build_memory_report(model, device)
     print(format_memory_report(report, "end"))
     metrics.write({"event": "memory", "when": "end", **report})
+    metrics.write({"event": "plan_check", **check_plan(cfg, base_path, device)})
     summary["adapter_dir"] = str(out / "adapter")
     metrics.write(summary)
     return summary
@@ -337,6 +343,24 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     for folder in (out, out / "checkpoints"):
         for stale in folder.glob(".*.tmp") if folder.exists() else []:
             shutil.rmtree(stale, ignore_errors=True)  # half-written by a killed run: never used
+
+
+def check_plan(cfg: RecipeConfig, base_path: str, device: torch.device) -> dict:
+    """The planner's estimate next to the measured peak, so that every GPU run checks the planner."""
+    from .planner import GIB, PlanError, plan_memory, read_model_config
+
+    try:
+        plan = plan_memory(cfg, read_model_config(base_path))
+    except (PlanError, ValueError, OSError) as err:  # an architecture the meta build cannot make: report, never fail the run
+        return {"estimated_peak_gib": None, "note": f"planner unavailable: {err}"}
+    record = {"estimated_peak_gib": plan.total_bytes / GIB, "estimated_weights_gib": plan.weights_bytes / GIB}
+    if device.type == "cuda":
+        measured = torch.cuda.max_memory_reserved(device) + 0  # the CUDA context is outside PyTorch's counters
+        record["measured_peak_reserved_gib"] = measured / GIB
+        record["estimate_over_measured"] = plan.total_bytes / max(measured, 1)
+    else:
+        record["note"] = "the estimate is for a GPU (bf16 compute); a CPU run has no device peak to compare"
+    return record
 
 
 def save_final_adapter(model, cfg: RecipeConfig, base_path: str, tokenizer, folder: Path) -> None:

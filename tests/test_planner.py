@@ -139,3 +139,38 @@ def test_known_configs_build_on_the_meta_device():
     for name in ["meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.3", "Qwen/Qwen2.5-7B", "google/gemma-2-9b", "microsoft/Phi-3-mini-4k-instruct"]:
         model = build_meta_model(read_model_config(name))
         assert next(model.parameters()).device.type == "meta"
+
+
+def test_auto_micro_batch_picks_what_the_planner_says_fits(tiny_llama_dir, tmp_path, monkeypatch):
+    from test_train import recipe_overrides
+
+    from qlora_lite import planner
+    from qlora_lite.train import fit
+
+    # Pretend the device has the CUDA allowance plus 2 MiB: the tiny model's plan then caps the batch below 64.
+    vram = planner.CUDA_CONTEXT_BYTES + 2 * 2**20
+    monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: vram)
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": "auto", "train.max_steps": 2}))
+    expected = plan_memory(cfg, read_model_config(str(tiny_llama_dir)), vram).largest_micro_batch
+    assert 1 <= expected < planner.AUTO_MAX_MICRO_BATCH
+    summary = fit(cfg)
+    assert cfg.train.micro_batch_size == expected
+    assert plan_memory(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": expected})), read_model_config(str(tiny_llama_dir)), vram).fits
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"micro_batch_size: {expected}" in saved  # the run records the size it used
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    check = next(m for m in metrics if m.get("event") == "plan_check")
+    assert check["estimated_peak_gib"] > 0.75 and summary["steps"] == 2
+
+
+def test_auto_micro_batch_that_cannot_fit_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypatch):
+    from test_train import recipe_overrides
+
+    from qlora_lite import planner
+    from qlora_lite.train import fit
+
+    monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 2**30 // 2)  # less than the CUDA allowance
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": "auto"}))
+    with pytest.raises(PlanError, match="even one sequence of 256 tokens needs an estimated 0.8 GiB and this device has 0.5 GiB"):
+        fit(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written before the check
