@@ -45,6 +45,7 @@ from torch import nn
 
 from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_weights
 from .config import CHOICES, BottleneckConfig
+from .lora import LinearWrapper
 from .quant import DTYPES
 from .adapters import FORMAT_VERSION, read_method_config
 
@@ -98,26 +99,13 @@ class BottleneckAdapter(nn.Module):
         return f"hidden={self.up.out_features}, size={self.down.out_features}, activation={self.activation}"
 
 
-class LayerWithAdapter(nn.Module):
+class LayerWithAdapter(LinearWrapper):
     """A frozen layer followed by a bottleneck adapter on its output: y = adapter(layer(x))."""
 
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # transformers reads `.weight` of some projections (dtype checks), as for LoRALinear.
-        return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.base_layer(x))  # (..., hidden)

@@ -24,7 +24,26 @@ class LoRAError(ValueError):
     """A LoRA setting the user chose cannot be applied to this model; the message says why and what to do."""
 
 
-class LoRALinear(nn.Module):
+class LinearWrapper(nn.Module):
+    """A module standing in for the linear layer `base_layer` it wraps: same features and weight."""
+
+    base_layer: nn.Module
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads `.weight` of some projections (dtype checks, tied weights).
+        return self.base_layer.weight
+
+
+class LoRALinear(LinearWrapper):
     """A frozen linear layer plus a trainable low-rank update: h = W0 x + (alpha/r) B A dropout(x)."""
 
     def __init__(
@@ -49,19 +68,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)
         self.merged = False
         self.reset_lora_parameters()
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # transformers reads `.weight` of some projections (dtype checks, tied weights).
-        return self.base_layer.weight
 
     def reset_lora_parameters(self) -> None:
         # Same init as PEFT and the LoRA paper: A like nn.Linear's default, B zero.
