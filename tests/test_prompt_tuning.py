@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from test_generate import cli_error
+
 from qlora_lite import cli
 from qlora_lite.adapters import AdapterError, save_adapter
 from qlora_lite.config import LoRAConfig, ModelConfig, PromptConfig, QuantConfig
@@ -270,17 +272,6 @@ def test_inspect_prompt_finds_the_init_text_tokens(tiny_llama_dir, tokenizer, tm
     assert lines[0] == "nearest vocabulary tokens (cosine similarity) of 6 virtual tokens:"
     assert lines[1].startswith("  0: ' the' 1.00 | ") and lines[1].count(" | ") == 1
     assert len(lines) == 7 and lines[6].startswith("  5: ' quick' 1.00 | ")
-
-
-def cli_error(argv: list[str], capsys) -> str:
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err
 
 
 def test_inspect_prompt_errors_exit_2_with_cause_and_fix(tiny_llama_dir, tokenizer, tmp_path, capsys):
