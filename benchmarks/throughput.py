@@ -15,6 +15,11 @@ sides: the same weights, and B = 0).
 
     python benchmarks/throughput.py                      # CPU: a tiny Llama, so it runs anywhere
     python benchmarks/throughput.py --arch llama8b       # GPU: Llama-3.1-8B shapes, seq 512/2048/8192, mbs 1/4
+    python benchmarks/throughput.py --arch llama8b --longest   # GPU: also the longest seq at mbs 1 under 24 GiB
+
+Every CUDA case also records the planner's estimate for the same recipe (less its CUDA-context
+allowance, which PyTorch's counters do not see) next to the measured peak reserved memory, so one
+GPU run checks `qlora-lite plan` on every configuration it measures.
 
 Writes benchmarks/results/throughput-<device>.{json,md}.
 """
@@ -70,7 +75,10 @@ def run_side(side: str, base: str, micro_batch: int, seq: int, steps: int, warmu
         torch.cuda.set_per_process_memory_fraction(min(1.0, vram_cap_gib * 2**30 / total), device)
     if not cuda:
         torch.set_num_threads(1)
-    model, optimizer = (load_ours if side == "qlora-lite" else load_peft)(base, device)
+    try:
+        model, optimizer = (load_ours if side == "qlora-lite" else load_peft)(base, device)
+    except torch.OutOfMemoryError:
+        return {"side": side, "micro_batch": micro_batch, "seq": seq, "oom": True, "oom_at": "load"}
     params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     config = model.config
     gen = torch.Generator().manual_seed(0)
@@ -111,11 +119,26 @@ def run_side(side: str, base: str, micro_batch: int, seq: int, steps: int, warmu
             peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
             mfu=tokens_per_s * flops_per_token / peak if peak else None,
         )
+        result["planner_over_measured"] = estimate_peak_gib(base, micro_batch, seq) / result["peak_reserved_gib"]
     else:
         from qlora_lite.memory import read_peak_rss_bytes
 
         result.update(peak_rss_gib=read_peak_rss_bytes() / 2**30, mfu=None)
+    result["planner_gib"] = estimate_peak_gib(base, micro_batch, seq)  # a GPU estimate; on the CPU only a record
     return result
+
+
+BENCH_OVERRIDES = ["lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "lora.target_modules=all-linear"]
+
+
+def estimate_peak_gib(base: str, micro_batch: int, seq: int) -> float:
+    """qlora-lite's planner for this case, without the CUDA context (max_memory_reserved does not count it)."""
+    from qlora_lite.config import load_config
+    from qlora_lite.planner import GIB, plan_memory, read_model_config
+
+    cfg = load_config(None, [f"model.name_or_path={base}", *BENCH_OVERRIDES, f"train.micro_batch_size={micro_batch}", f"train.max_seq_len={seq}"])
+    plan = plan_memory(cfg, read_model_config(base))
+    return (plan.total_bytes - plan.cuda_context_bytes) / GIB
 
 
 def load_ours(base: str, device):
@@ -127,9 +150,7 @@ def load_ours(base: str, device):
     # bf16 LoRA weights on the GPU (the product's default); fp32 on the CPU, where bf16 matmuls are
     # slow and PEFT's LoRA weights are fp32 too.
     lora_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    cfg = load_config(
-        None, [f"model.name_or_path={base}", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "lora.target_modules=all-linear", f"lora.dtype={lora_dtype}"]
-    )
+    cfg = load_config(None, [f"model.name_or_path={base}", *BENCH_OVERRIDES, f"lora.dtype={lora_dtype}"])
     model = load_base_model(cfg.model, cfg.quant, device, base)
     enable_gradient_checkpointing(model)
     model = attach_method(model, cfg, load_tokenizer(cfg.model, base))
@@ -165,6 +186,29 @@ def run_case_in_subprocess(side: str, base: Path, micro_batch: int, seq: int, ar
     return json.loads(line[len("RESULT "):])
 
 
+LONGEST_STEP = 512  # sequence-length granularity of the longest-sequence search
+
+
+def find_longest_seq(side: str, base: Path, args) -> dict:
+    """The longest sequence (a multiple of LONGEST_STEP) that side trains at micro-batch 1 under --longest-cap.
+
+    Doubling then bisection, every probe a fresh process (one warm-up and one timed step), so an
+    out-of-memory probe leaves nothing behind for the next.
+    """
+    from qlora_lite.planner import search_largest
+
+    probes: dict[int, dict] = {}
+
+    def fits(seq: int) -> bool:
+        probe = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "vram_cap": args.longest_cap})
+        probes[seq] = run_case_in_subprocess(side, base, 1, seq, probe)
+        print(json.dumps(probes[seq]), flush=True)
+        return not probes[seq]["oom"]
+
+    longest = search_largest(fits, step=LONGEST_STEP, limit=args.longest_limit)
+    return {"side": side, "longest_seq": longest, "probes": sorted(probes), "at_longest": probes.get(longest)}
+
+
 def format_table(record: dict) -> str:
     cuda = record["device"].startswith("cuda")
     mem = "peak allocated / reserved GiB" if cuda else "peak RSS GiB"
@@ -183,6 +227,20 @@ def format_table(record: dict) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
         losses = ", ".join(f"{x:.4f}" for x in r["first_losses"])
         lines.append(f"| {r['micro_batch']} x {r['seq']} | {r['side']} | {r['tokens_per_s']:,.0f} | {memory} | {mfu} | {losses} |")
+    if cuda and any("planner_gib" in r for r in record["cases"]):
+        lines += ["", "Planner (`qlora-lite plan`, less the CUDA-context allowance) against measured peak reserved:", ""]
+        lines += ["| micro-batch x seq | side | planner GiB | measured GiB | planner / measured |", "| --- | --- | ---: | ---: | ---: |"]
+        for r in record["cases"]:
+            if not r["oom"]:
+                lines.append(f"| {r['micro_batch']} x {r['seq']} | {r['side']} | {r['planner_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {r['planner_over_measured']:.2f} |")
+    if record.get("longest"):
+        lines += ["", f"Longest sequence at micro-batch 1 inside a {record['longest_cap_gib']} GiB cap (steps of {LONGEST_STEP}):", ""]
+        lines += ["| side | longest seq | tokens/s there | peak reserved GiB |", "| --- | ---: | ---: | ---: |"]
+        for r in record["longest"]:
+            at = r["at_longest"] or {}
+            speed = f"{at['tokens_per_s']:,.0f}" if at.get("tokens_per_s") else "n/a"
+            peak = f"{at['peak_reserved_gib']:.2f}" if at.get("peak_reserved_gib") else "n/a"
+            lines.append(f"| {r['side']} | {r['longest_seq']:,} | {speed} | {peak} |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,6 +252,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--vram-cap", type=float, default=None, help="GiB: emulate a smaller GPU (set_per_process_memory_fraction)")
+    parser.add_argument("--longest", action="store_true", help="also find each side's longest sequence at micro-batch 1 under --longest-cap (CUDA only)")
+    parser.add_argument("--longest-cap", type=float, default=24.0, help="GiB: the emulated card for --longest")
+    parser.add_argument("--longest-limit", type=int, default=131072, help="stop the longest-sequence search here")
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -202,6 +263,8 @@ def main() -> None:
     seqs = [int(s) for s in (args.seq or ("64,256" if args.arch == "tiny" else "512,2048,8192")).split(",")]
     batches = [int(b) for b in args.micro_batch.split(",")]
     device = f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"cpu: {platform.machine()}, 1 thread"
+    if args.longest and not torch.cuda.is_available():
+        raise SystemExit("--longest needs a CUDA GPU: the cap is emulated with torch.cuda.set_per_process_memory_fraction, which has no CPU counterpart")
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         base = build_checkpoint(args.arch, Path(tmp) / "base")
         cases = []
@@ -211,9 +274,11 @@ def main() -> None:
                     result = run_case_in_subprocess(side, base, micro_batch, seq, args)
                     cases.append(result)
                     print(json.dumps(result), flush=True)
+        longest = [find_longest_seq(side, base, args) for side in SIDES] if args.longest else []
     record = {
         "arch": args.arch, "device": device, "date": datetime.date.today().isoformat(), "steps": args.steps, "warmup": args.warmup,
-        "vram_cap_gib": args.vram_cap, "versions": versions(), "cases": cases,
+        "vram_cap_gib": args.vram_cap, "versions": versions(), "cases": cases, "longest": longest,
+        "longest_cap_gib": args.longest_cap if args.longest else None,
     }  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -355,9 +355,10 @@ def check_plan(cfg: RecipeConfig, base_path: str, device: torch.device) -> dict:
         return {"estimated_peak_gib": None, "note": f"planner unavailable: {err}"}
     record = {"estimated_peak_gib": plan.total_bytes / GIB, "estimated_weights_gib": plan.weights_bytes / GIB}
     if device.type == "cuda":
-        measured = torch.cuda.max_memory_reserved(device) + 0  # the CUDA context is outside PyTorch's counters
+        # PyTorch's counters do not see the CUDA context, so it is left out of both sides of the ratio.
+        measured = torch.cuda.max_memory_reserved(device)
         record["measured_peak_reserved_gib"] = measured / GIB
-        record["estimate_over_measured"] = plan.total_bytes / max(measured, 1)
+        record["estimate_over_measured"] = (plan.total_bytes - plan.cuda_context_bytes) / max(measured, 1)
     else:
         record["note"] = "the estimate is for a GPU (bf16 compute); a CPU run has no device peak to compare"
     return record
