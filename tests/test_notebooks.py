@@ -1,0 +1,143 @@
+"""The Colab notebooks: every one runs end to end in smoke mode, and is committed clean.
+
+Smoke mode is the notebook exactly as committed, with its `parameters` cell followed by an
+injected cell (as papermill does) that swaps the hub model and data set for the tiny random
+Llama of conftest, the demo's local data and a few steps, and turns installation off. A last
+cell prints the values the tests below check. A notebook with no entry in SMOKE fails
+`test_every_notebook_has_a_smoke_run`, so none can be added without CI executing it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+DEMO_DATA = REPO / "recipes" / "data" / "tiny-demo"
+RESULTS_MARKER = "SMOKE_RESULTS "
+CELL_TIMEOUT_S = 600
+
+
+def smoke_01(model_dir: Path, work: Path) -> dict:
+    return {
+        "MODEL_ID": str(model_dir), "DATASET": str(DEMO_DATA / "train.jsonl"), "NUM_EXAMPLES": 64, "MAX_STEPS": 8,
+        "MICRO_BATCH_SIZE": 8, "GRAD_ACCUM_STEPS": 1, "MAX_SEQ_LEN": 256, "LR": 1e-2, "OUTPUT_DIR": str(work / "quickstart"),
+        "MAX_NEW_TOKENS": 4, "INSTALL": False,
+    }  # fmt: skip
+
+
+# name -> (smoke parameters, the expression whose value the last cell prints as JSON)
+SMOKE = {
+    "01_quickstart_qlora.ipynb": (
+        smoke_01,
+        '{"initial": summary["initial_eval_loss"], "final": summary["final_eval_loss"], "before": before, "after": after,'
+        ' "merge_diff": report.max_logit_diff, "threshold": report.threshold, "merged_class": type(merged).__module__,'
+        ' "adapter_files": sorted(p.name for p in Path(adapter_dir).iterdir()), "compute_dtype": str(compute_dtype)}',
+    ),
+}
+
+
+def list_notebooks() -> list[str]:
+    return sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+
+
+def read_notebook(name: str):
+    return nbformat.read(NOTEBOOKS / name, as_version=4)
+
+
+def find_parameters_cell(nb) -> int:
+    indices = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(indices) == 1, f"need exactly one cell tagged 'parameters', found {len(indices)}"
+    return indices[0]
+
+
+def assigned_names(source: str) -> set[str]:
+    return {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+
+
+def execute_smoke(name: str, parameters: dict, results_expr: str, work: Path) -> dict:
+    nb = read_notebook(name)
+    index = find_parameters_cell(nb)
+    injected = "# Injected by tests/test_notebooks.py (smoke mode)\nget_ipython().run_line_magic('colors', 'nocolor')  # plain tracebacks in CI logs\n"
+    injected += "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(injected))
+    nb.cells.append(nbformat.v4.new_code_cell(f"import json as _json\nprint({RESULTS_MARKER!r} + _json.dumps({results_expr}))"))
+    env = {**os.environ, "MPLBACKEND": "Agg", "TQDM_MININTERVAL": "5"}
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(work)}})
+    client.execute(env=env)  # a failing cell raises CellExecutionError with its traceback
+    text = "".join(out.get("text", "") for out in nb.cells[-1].outputs if out.get("name") == "stdout")
+    line = next(line for line in text.splitlines() if line.startswith(RESULTS_MARKER))
+    return json.loads(line[len(RESULTS_MARKER):])
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tiny_llama_dir, tmp_path_factory):
+    """Each notebook executed once per test session, on demand."""
+    cache: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name not in cache:
+            work = tmp_path_factory.mktemp(name.split("_")[0])
+            make_parameters, results_expr = SMOKE[name]
+            cache[name] = execute_smoke(name, make_parameters(tiny_llama_dir, work), results_expr, work)
+        return cache[name]
+
+    return run
+
+
+# ---------------------------------------------------------------------------- every notebook
+
+
+def test_every_notebook_has_a_smoke_run():
+    assert list_notebooks(), "notebooks/ holds no notebook"
+    assert sorted(SMOKE) == list_notebooks(), "add an entry to SMOKE for every notebook (CI executes only those)"
+
+
+@pytest.mark.parametrize("name", list_notebooks())
+def test_notebook_is_committed_clean(name):
+    nb = read_notebook(name)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code, "no code cell"
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code), "outputs not stripped"
+    assert "widgets" not in nb.metadata
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("name", list_notebooks())
+def test_notebook_has_badge_and_parameters(name):
+    nb = read_notebook(name)
+    repo_url = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    repo = repo_url.removeprefix("https://github.com/")
+    badge = f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/{name}"
+    assert badge in nb.cells[0].source, "the first cell needs the Open in Colab badge for this notebook's path"
+    parameters = nb.cells[find_parameters_cell(nb)].source
+    names = assigned_names(parameters)
+    make_parameters, _ = SMOKE[name]
+    smoke_names = set(make_parameters(Path("model"), Path("work")))
+    assert smoke_names <= names, f"smoke parameters not set in the parameters cell: {sorted(smoke_names - names)}"
+    assert {"MODEL_ID", "INSTALL", "REPO_URL"} <= names
+    assert f'REPO_URL = "{repo_url}"' in parameters
+
+
+# ---------------------------------------------------------------------------- what each one shows
+
+
+def test_quickstart_trains_generates_and_merges(smoke_results):
+    r = smoke_results("01_quickstart_qlora.ipynb")
+    assert r["compute_dtype"] == "torch.float32"  # CPU; the GPU picks bf16, or fp16 on a T4
+    assert r["final"] < r["initial"] - 0.5, "8 steps at lr 1e-2 on the tiny model cut the held-out loss by > 0.5 nats"
+    assert len(r["before"]) == len(r["after"]) == 3
+    assert r["before"] != r["after"], "the trained adapter changed no answer"
+    assert {"adapter_config.json", "adapter_model.safetensors", "qlora_lite.json"} <= set(r["adapter_files"])
+    assert r["merged_class"].startswith("transformers.models.llama")
+    assert r["merge_diff"] <= r["threshold"]
