@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -35,6 +36,26 @@ def smoke_01(model_dir: Path, work: Path) -> dict:
     }  # fmt: skip
 
 
+SMOKE_WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "piano", "lemon"]
+
+
+def write_lowercase_data(work: Path) -> Path:
+    """Alpaca records with lowercase answers, so that notebook 02's capitals task differs from the plain one."""
+    path = work / "lowercase.jsonl"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": "Repeat the word.", "input": w, "output": f"the word is {w}"} for w in SMOKE_WORDS * 8]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def smoke_02(model_dir: Path, work: Path) -> dict:
+    return {
+        "MODEL_ID": str(model_dir), "DATASET": str(write_lowercase_data(work)), "NUM_EXAMPLES": 64, "MAX_STEPS": 8,
+        "MICRO_BATCH_SIZE": 8, "GRAD_ACCUM_STEPS": 1, "MAX_SEQ_LEN": 256, "NUM_VIRTUAL_TOKENS": 8, "LR": 1e-1,
+        "OUTPUT_DIR": str(work / "prompt-tuning"), "MAX_NEW_TOKENS": 4, "INSTALL": False,
+    }  # fmt: skip
+
+
 # name -> (smoke parameters, the expression whose value the last cell prints as JSON)
 SMOKE = {
     "01_quickstart_qlora.ipynb": (
@@ -42,6 +63,12 @@ SMOKE = {
         '{"initial": summary["initial_eval_loss"], "final": summary["final_eval_loss"], "before": before, "after": after,'
         ' "merge_diff": report.max_logit_diff, "threshold": report.threshold, "merged_class": type(merged).__module__,'
         ' "adapter_files": sorted(p.name for p in Path(adapter_dir).iterdir()), "compute_dtype": str(compute_dtype)}',
+    ),
+    "02_prompt_tuning.ipynb": (
+        smoke_02,
+        '{"trainable": trainable, "hidden": model_config.hidden_size, "num_virtual_tokens": NUM_VIRTUAL_TOKENS,'
+        ' "losses": {t: [s["initial_eval_loss"], s["final_eval_loss"]] for t, s in summaries.items()},'
+        ' "neighbours": neighbours, "answers": [[p, n, a] for (p, n), a in answers.items()], "again": again}',
     ),
 }
 
@@ -141,3 +168,24 @@ def test_quickstart_trains_generates_and_merges(smoke_results):
     assert {"adapter_config.json", "adapter_model.safetensors", "qlora_lite.json"} <= set(r["adapter_files"])
     assert r["merged_class"].startswith("transformers.models.llama")
     assert r["merge_diff"] <= r["threshold"]
+
+
+def test_prompt_tuning_counts_trains_inspects_and_swaps(smoke_results, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    r = smoke_results("02_prompt_tuning.ipynb")
+    assert r["trainable"]["prompt_tuning"] == r["num_virtual_tokens"] * r["hidden"] == 8 * 64
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    assert r["trainable"]["lora"] == sum(16 * (m.in_features + m.out_features) for m in linears) == 32768
+    for task, (initial, final) in r["losses"].items():
+        assert final < initial - 0.3, f"{task}: eval loss {initial:.3f} -> {final:.3f}"
+    assert r["losses"]["plain"][0] != r["losses"]["caps"][0], "the capitals task has the same data as the plain one"
+    assert len(r["neighbours"]) == 8
+    for row in r["neighbours"]:
+        sims = [sim for _, _, sim in row]
+        assert len(row) == 3 and sims == sorted(sims, reverse=True) and all(-1 <= s <= 1 for s in sims)
+    answers = {(prompt, name): answer for prompt, name, answer in r["answers"]}
+    first = next(iter(answers))[0]
+    assert r["again"] == answers[(first, "plain")], "switching plain -> caps -> plain changed the answer"
+    assert any(answers[(p, "plain")] != answers[(p, "caps")] for p, _ in answers), "the two prompts answer alike"
