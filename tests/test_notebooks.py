@@ -56,6 +56,13 @@ def smoke_02(model_dir: Path, work: Path) -> dict:
     }  # fmt: skip
 
 
+def smoke_03(model_dir: Path, work: Path) -> dict:
+    return {
+        "REPO_DIR": str(REPO), "MODEL_ID": str(model_dir), "DATASET": str(DEMO_DATA / "train.jsonl"), "NUM_EXAMPLES": 32,
+        "MAX_STEPS": 3, "MICRO_BATCH_SIZE": 8, "MAX_SEQ_LEN": 256, "OUTPUT_DIR": str(work / "plan-and-merge"), "INSTALL": False,
+    }  # fmt: skip
+
+
 # name -> (smoke parameters, the expression whose value the last cell prints as JSON)
 SMOKE = {
     "01_quickstart_qlora.ipynb": (
@@ -69,6 +76,14 @@ SMOKE = {
         '{"trainable": trainable, "hidden": model_config.hidden_size, "num_virtual_tokens": NUM_VIRTUAL_TOKENS,'
         ' "losses": {t: [s["initial_eval_loss"], s["final_eval_loss"]] for t, s in summaries.items()},'
         ' "neighbours": neighbours, "answers": [[p, n, a] for (p, n), a in answers.items()], "again": again}',
+    ),
+    "03_plan_and_merge.ipynb": (
+        smoke_03,
+        '{"recipes": [r.stem for r in recipes], "cards": list(CARDS),'
+        ' "plans": [[k[0], k[1], p.fits, p.total_bytes, p.largest_micro_batch] for k, p in verdicts.items()],'
+        ' "variants": {k: [p.fits, p.total_bytes] for k, p in variant_plans.items()},'
+        ' "merge_diff": report.max_logit_diff, "threshold": report.threshold, "quantization_config": "quantization_config" in merged_config,'
+        ' "loading_info": {k: len(v) for k, v in loading_info.items()}, "merged_dtype": report.dtype}',
     ),
 }
 
@@ -189,3 +204,27 @@ def test_prompt_tuning_counts_trains_inspects_and_swaps(smoke_results, tiny_llam
     first = next(iter(answers))[0]
     assert r["again"] == answers[(first, "plain")], "switching plain -> caps -> plain changed the answer"
     assert any(answers[(p, "plain")] != answers[(p, "caps")] for p, _ in answers), "the two prompts answer alike"
+
+
+def test_plan_and_merge_plans_every_recipe_and_merges(smoke_results):
+    from qlora_lite.config import load_config
+    from qlora_lite.planner import GIB, plan_memory
+
+    r = smoke_results("03_plan_and_merge.ipynb")
+    shipped = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml") if not load_config(p).model.name_or_path.startswith("demo:"))
+    assert r["recipes"] == shipped and len(shipped) == 3
+    assert len(r["plans"]) == 3 * len(r["cards"])
+    for recipe in shipped:
+        rows = [row for row in r["plans"] if row[0] == recipe]
+        expected = plan_memory(load_config(REPO / "recipes" / f"{recipe}.yaml")).total_bytes
+        assert {row[3] for row in rows} == {expected}, "the notebook's estimate differs from plan_memory's"
+        largest = [row[4] for row in rows]  # T4, 24 GB, 80 GB
+        assert largest == sorted(largest) and largest[-1] > largest[0] and all(row[2] for row in rows)
+    variants = r["variants"]
+    assert variants["as shipped"][0] and not variants["Llama-3.1-70B"][0]
+    assert variants["Llama-3.1-70B"][1] > 37 * GIB
+    for label in ("seq 4096", "micro-batch 8", "no gradient checkpointing"):
+        assert variants[label][1] > 1.4 * variants["as shipped"][1], label
+    assert r["merge_diff"] <= r["threshold"] and r["merged_dtype"] == "float32"
+    assert r["quantization_config"] is False
+    assert r["loading_info"] == {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0, "error_msgs": 0}
