@@ -156,7 +156,7 @@ def test_notebook_is_committed_clean(name):
 
 
 @pytest.mark.parametrize("name", list_notebooks())
-def test_notebook_has_badge_and_parameters(name):
+def test_notebook_has_badge_and_parameters(name, tmp_path):
     nb = read_notebook(name)
     repo_url = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
     repo = repo_url.removeprefix("https://github.com/")
@@ -165,7 +165,7 @@ def test_notebook_has_badge_and_parameters(name):
     parameters = nb.cells[find_parameters_cell(nb)].source
     names = assigned_names(parameters)
     make_parameters, _ = SMOKE[name]
-    smoke_names = set(make_parameters(Path("model"), Path("work")))
+    smoke_names = set(make_parameters(tmp_path / "model", tmp_path / "work"))
     assert smoke_names <= names, f"smoke parameters not set in the parameters cell: {sorted(smoke_names - names)}"
     assert {"MODEL_ID", "INSTALL", "REPO_URL"} <= names
     assert f'REPO_URL = "{repo_url}"' in parameters
