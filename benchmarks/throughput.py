@@ -119,12 +119,13 @@ def run_side(side: str, base: str, micro_batch: int, seq: int, steps: int, warmu
             peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
             mfu=tokens_per_s * flops_per_token / peak if peak else None,
         )
-        result["planner_over_measured"] = estimate_peak_gib(base, micro_batch, seq) / result["peak_reserved_gib"]
     else:
         from qlora_lite.memory import read_peak_rss_bytes
 
         result.update(peak_rss_gib=read_peak_rss_bytes() / 2**30, mfu=None)
     result["planner_gib"] = estimate_peak_gib(base, micro_batch, seq)  # a GPU estimate; on the CPU only a record
+    if cuda:
+        result["planner_over_measured"] = result["planner_gib"] / result["peak_reserved_gib"]
     return result
 
 
