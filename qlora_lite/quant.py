@@ -132,6 +132,7 @@ def load_base_model(
         raise ModelLoadError(_explain_load_failure(path, err)) from err
     if not quant.load_in_4bit:
         base.to(device)
+    keep_4bit_layout(base)
     base.requires_grad_(False)
     base.config.use_cache = False  # the KV cache is useless in training and costs memory
     return base
@@ -168,6 +169,26 @@ def is_4bit_linear(module: nn.Module) -> bool:
     import bitsandbytes as bnb
 
     return isinstance(module, bnb.nn.Linear4bit)
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Turn off bitsandbytes' in-place CPU repacking on every Linear4bit of model.
+
+    bitsandbytes 0.50 (`Linear4bit.forward`): on a CPU with AVX512-BF16, in eval mode with an
+    input that does not require grad, it rewrites `weight.data` and its `quant_state` into a
+    CPU-only packed layout (`quant_state.packing_format_for_cpu`) and never converts back. From
+    then on `matmul_4bit` sends every call, training ones too, to `gemv_4bit`, which has no
+    autograd formula: gradients through the layer are silently wrong, biased layers (Qwen2's
+    q/k/v) crash, `dequantize_4bit` reads the packed bytes as garbage, and the kernel refuses
+    out_features not divisible by 32. Its inverse is lossy (the double-quantized absmax went
+    through bf16 and is quantized again). Our bases are trained after an eval pass, merged by
+    dequantizing, and shared between adapters, so we keep the plain layout everywhere and give
+    up only that CPU inference speed-up. The flag is read per module, set in `__init__` from
+    `has_avx512bf16()`.
+    """
+    for module in model.modules():
+        if is_4bit_linear(module):
+            module.support_avx512bf16_for_cpu = False
 
 
 def dequantize_weight(linear: nn.Module) -> torch.Tensor:

@@ -80,3 +80,63 @@ def test_remote_code_is_off_unless_asked(tiny_llama_dir, monkeypatch):
     load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(compute_dtype="float32"))
     assert seen["trust_remote_code"] is False
     assert ModelConfig().trust_remote_code is False
+
+
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch):
+    """bitsandbytes as it behaves on a CPU with AVX512-BF16, on any CPU.
+
+    Linear4bit reads `has_avx512bf16()` once, in `__init__`, to decide whether an eval-mode
+    forward may repack its weight in place; forcing it here makes every machine take that path,
+    so the tests below fail without `keep_4bit_layout` whatever CPU runs them.
+    """
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+
+
+def _lora_grads_after(model_dir, eval_pass_first: bool) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    from qlora_lite.config import LoRAConfig
+    from qlora_lite.lora import apply_lora
+
+    model = load_base_model(ModelConfig(name_or_path=str(model_dir)), QuantConfig(compute_dtype="float32"))
+    torch.manual_seed(1)
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would zero every lora_A gradient
+            param.data.normal_(0, 0.1)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    if eval_pass_first:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return grads, model
+
+
+def test_eval_pass_leaves_4bit_training_exact_on_an_avx512_bf16_cpu(tiny_model_dir, avx512_bf16_cpu):
+    reference, _ = _lora_grads_after(tiny_model_dir, eval_pass_first=False)
+    grads, model = _lora_grads_after(tiny_model_dir, eval_pass_first=True)
+    assert len(grads) == 14 * 2  # lora_A and lora_B of every projection
+    for name, grad in grads.items():
+        # Same weights, same input, same fp32 kernels: only summation order may differ.
+        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert grad.abs().sum() > 0, name
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) == 14
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linears)
+
+
+def test_eval_pass_leaves_dequantized_weights_unchanged(tiny_model_dir, avx512_bf16_cpu):
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_model_dir)), QuantConfig(compute_dtype="float32"))
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [dequantize_weight(m).clone() for m in linears]
+    shapes = [tuple(m.weight.shape) for m in linears]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9, 12]]))
+    assert [tuple(m.weight.shape) for m in linears] == shapes
+    for m, weight in zip(linears, before):
+        assert torch.equal(dequantize_weight(m), weight)
