@@ -12,7 +12,7 @@ from torch import nn
 from qlora_lite.adapters import AdapterError, load_adapter, save_adapter
 from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig
 from qlora_lite.lora import apply_lora, lora_state_dict
-from qlora_lite.quant import load_base_model
+from qlora_lite.quant import keep_4bit_layout, load_base_model
 from qlora_lite.tiny import build_tiny_model
 
 peft = pytest.importorskip("peft")
@@ -38,7 +38,11 @@ def load_hf(model_dir, four_bit: bool):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
         )
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
+    # The same 4-bit kernels as ours: without this, an AVX512-BF16 CPU repacks PEFT's side for its
+    # bf16 inference kernel and the two differ by bf16 rounding, not by anything the adapter did.
+    keep_4bit_layout(model)
+    return model.eval()
 
 
 def randomize_lora_b(model: nn.Module, std: float = 0.05) -> None:

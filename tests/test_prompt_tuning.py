@@ -127,21 +127,64 @@ def test_packed_batch_is_refused_and_position_ids_are_ignored_as_in_peft(tiny_ll
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:Position ids are not supported")  # PEFT's own generate warns so
-def test_our_soft_prompt_loads_in_peft_with_same_logits_and_generation(tiny_model_dir, tokenizer, tmp_path):
+def greedy_loop(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy decoding by full forwards without a cache: a reference no generate() code path shares."""
+    ids = prompt[0].tolist()
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            next_id = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(next_id)
+            if next_id == EOS:
+                break
+    return ids
+
+
+GENERATE = dict(max_new_tokens=8, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+
+
+def peft_prompt_generate_is_broken() -> bool:
+    """transformers 5.24 renamed generate's cache kwarg `past_key_values` to `cache`; PEFT up to 0.21.2
+    reads `model_kwargs["past_key_values"]` in `prepare_inputs_for_generation` to cut the input to its
+    last token after prefill, so its prompt-tuning generate feeds the whole sequence again from step 2."""
+    from packaging.version import Version
+    from transformers import __version__ as transformers_version
+
+    return Version(transformers_version) >= Version("5.24") and Version(peft.__version__) <= Version("0.21.2")
+
+
+def save_trained_soft_prompt(model_dir, tmp_path, tokenizer) -> SoftPromptModel:
     cfg = PromptConfig(num_virtual_tokens=6, init="text", init_text=INIT_TEXT)
-    ours = make_soft_prompt(tiny_model_dir, tmp_path, tokenizer, cfg)
+    ours = make_soft_prompt(model_dir, tmp_path, tokenizer, cfg)
     with torch.no_grad():
         ours.prompt.add_(torch.randn(ours.prompt.shape, generator=torch.Generator().manual_seed(1)))  # as if trained
-    save_soft_prompt(ours, cfg, tmp_path, str(tiny_model_dir))
+    save_soft_prompt(ours, cfg, tmp_path, str(model_dir))
+    return ours
+
+
+def test_our_soft_prompt_loads_in_peft_with_same_logits_and_generation(tiny_model_dir, tokenizer, tmp_path):
+    ours = save_trained_soft_prompt(tiny_model_dir, tmp_path, tokenizer)
     theirs = peft.PeftModel.from_pretrained(load_hf(tiny_model_dir), str(tmp_path)).eval()
     assert torch.equal(theirs.prompt_encoder["default"].embedding.weight, ours.prompt)
     expected = logits(ours)
     assert (expected[:, 6:] - logits(load_hf(tiny_model_dir))).abs().max() > 0.1  # the prompt matters
     assert (logits(theirs) - expected).abs().max().item() <= FP32_ATOL
-    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    # Our cached generate equals greedy decoding through PEFT's forward: the same soft prompt read by
+    # PEFT's own code picks the same tokens. (Not PEFT's generate: see the test below.)
     prompt = IDS[:1, :7]
-    assert torch.equal(ours.generate(input_ids=prompt, **kwargs), theirs.generate(input_ids=prompt, **kwargs))
+    reference = greedy_loop(theirs, prompt, GENERATE["max_new_tokens"])
+    assert ours.generate(input_ids=prompt, **GENERATE)[0].tolist() == reference
+    assert reference != greedy_loop(load_hf(tiny_model_dir), prompt, GENERATE["max_new_tokens"])  # the prompt changes the answer
+
+
+@pytest.mark.filterwarnings("ignore:Position ids are not supported")  # PEFT's own generate warns so
+def test_peft_own_generate_agrees_where_peft_supports_the_transformers_release(tiny_llama_dir, tokenizer, tmp_path, request):
+    if peft_prompt_generate_is_broken():
+        # strict: when a PEFT release fixes it, this test fails and the version check above goes.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="PEFT <= 0.21.2 prompt-tuning generate with transformers >= 5.24"))
+    ours = save_trained_soft_prompt(tiny_llama_dir, tmp_path, tokenizer)
+    theirs = peft.PeftModel.from_pretrained(load_hf(tiny_llama_dir), str(tmp_path)).eval()
+    prompt = IDS[:1, :7]
+    assert theirs.generate(input_ids=prompt, **GENERATE)[0].tolist() == ours.generate(input_ids=prompt, **GENERATE)[0].tolist()
 
 
 def test_peft_soft_prompt_loads_in_ours_with_same_logits(tiny_model_dir, tmp_path):
