@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_parser(sub)
     add_generate_parser(sub)
     add_inspect_prompt_parser(sub)
+    doctor = sub.add_parser(
+        "doctor",
+        help="report versions, GPU or CPU, and whether this setup can train (paste it into bug reports)",
+        description="Print the versions of the packages qlora-lite uses and whether they are the tested set, what "
+        "bitsandbytes loaded, the GPUs or the CPU, and what auto settings pick. Exit 0 when this setup can train.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     return parser
 
 
@@ -92,6 +99,22 @@ def run_plan(args: argparse.Namespace) -> int:
     plan = plan_memory(cfg, vram_bytes=parse_bytes(args.vram))
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan, cfg.model.name_or_path))
     return 0
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from .doctor import collect_environment, find_problems, format_environment
+
+    env = collect_environment()
+    print(json.dumps(env) if args.json else format_environment(env))
+    problems = find_problems(env)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 # ---------------------------------------------------------------------------- merge
@@ -278,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     quiet_library_progress_bars()
     try:
-        commands = {"train": run_train, "plan": run_plan, "merge": run_merge, "generate": run_generate, "inspect-prompt": run_inspect_prompt}
+        commands = {
+            "train": run_train, "plan": run_plan, "merge": run_merge, "generate": run_generate,
+            "inspect-prompt": run_inspect_prompt, "doctor": run_doctor,
+        }  # fmt: skip
         return commands[args.command](args)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ the device and dtype choices, and dequantizing a 4-bit weight back to a dense te
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,14 @@ class ModelLoadError(RuntimeError):
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# bitsandbytes 0.50, on import on an AVX512-BF16 CPU, warns that it could not load the
+# kernels-community CPU gemm and asks for `pip install kernels`. That kernel only serves the packed
+# inference layout that `keep_4bit_layout` turns off, so the advice is noise on every command.
+# A filter on the (not yet created) logger works whenever bitsandbytes is imported after this module.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
+)
 
 
 def pick_device() -> torch.device:
@@ -161,7 +170,12 @@ def _explain_load_failure(path: str, err: Exception) -> str:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing, with input gradients on so that LoRA layers inside a
     checkpointed block still get gradients when every base weight is frozen."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    # transformers 5.2x renamed it activation_checkpointing_enable and warns (FutureWarning) on the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
 
 
@@ -215,3 +229,39 @@ def quantized_numel(param: torch.Tensor) -> int:
     """Weights a packed 4-bit parameter holds: two per byte of storage (as PEFT counts them)."""
     storage = getattr(param, "quant_storage", torch.uint8)
     return param.numel() * 2 * torch.empty((), dtype=storage).element_size()
+
+
+def describe_bitsandbytes(device: torch.device) -> dict:
+    """What bitsandbytes loaded, and whether NF4 really works on device.
+
+    Returns version, backend (CUDA, ROCm, XPU or CPU), the native library it loaded, whether its
+    CPU code has AVX512-BF16, the relative error of an NF4 + double-quant round trip of a random
+    64x64 matrix on device (about 0.1 when healthy), and `error`: None, or the one-line cause
+    when bitsandbytes cannot quantize here.
+    """
+    facts: dict = {"version": None, "backend": None, "native_library": None, "cpu_avx512_bf16": None,
+                   "nf4_roundtrip_rel_error": None, "error": None}  # fmt: skip
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.cextension as cext
+        import bitsandbytes.functional as bnbf
+    except Exception as err:  # an import can fail in many ways: missing, or built for another torch
+        facts["error"] = f"bitsandbytes does not import ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        return facts
+    facts.update(version=bnb.__version__, backend=cext.BNB_BACKEND, cpu_avx512_bf16=bool(bnbf.has_avx512bf16()))
+    if isinstance(cext.lib, cext.ErrorHandlerMockBNBNativeLibrary):
+        # bitsandbytes keeps importing without its compiled library and fails on the first 4-bit call.
+        facts["error"] = f"bitsandbytes could not load its {cext.BNB_BACKEND} native library"
+        return facts
+    facts["native_library"] = Path(getattr(getattr(cext.lib, "_lib", None), "_name", "") or "?").name
+    try:
+        weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).to(device)
+        packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+        restored = bnbf.dequantize_4bit(packed, state).float()
+        facts["nf4_roundtrip_rel_error"] = round(((restored - weight).norm() / weight.norm()).item(), 4)
+    except Exception as err:
+        facts["error"] = f"bitsandbytes NF4 quantization fails on {device} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        return facts
+    if not facts["nf4_roundtrip_rel_error"] < 0.2:  # NF4 on a Gaussian matrix: ~0.1
+        facts["error"] = f"bitsandbytes NF4 round trip on {device} is off by {facts['nf4_roundtrip_rel_error']} (expected about 0.1)"
+    return facts

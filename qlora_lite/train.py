@@ -28,6 +28,7 @@ from .methods import attach_method, load_method, save_method
 from .planner import choose_micro_batch
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
+from .doctor import collect_environment
 from .quant import enable_gradient_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_path
 
 CHECKPOINT_PREFIX = "step-"
@@ -70,6 +71,9 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     metrics = MetricsLog(out / "metrics.jsonl")
     if state:
         metrics.drop_steps_after(state["step"])  # the killed run's steps past its checkpoint are redone
+    # What `qlora-lite doctor` reports (versions, tested set, GPU/CPU), so a run can be reproduced;
+    # a resumed run adds its own line, since it may run on another machine.
+    metrics.write({"event": "environment", **collect_environment()})
 
     # --- model: frozen base (4-bit or not) + what the method trains, fresh or from the newest checkpoint
     base_path = resolve_model_path(cfg.model)

@@ -193,7 +193,10 @@ def test_resumed_run_forgets_steps_past_its_checkpoint_and_keeps_initial_eval(ti
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5]  # step 3 once, from the resumed run
     summary = metrics[-1]
-    assert summary["initial_eval_loss"] == metrics[1]["eval_loss"]  # carried in the checkpoint
+    first_eval = next(m for m in metrics if m.get("event") == "eval")
+    assert summary["initial_eval_loss"] == first_eval["eval_loss"]  # carried in the checkpoint
+    # each run (the killed one, then the resumed one) recorded its environment
+    assert [i for i, m in enumerate(metrics) if m.get("event") == "environment"] == [0, 5]
     assert "eval_loss: " in resumed.stdout and " -> " in resumed.stdout
     # the last step is always checkpointed, so resuming a finished run has nothing left to redo
     assert find_latest_checkpoint(tmp_path / "run").name == "step-0000005"
