@@ -251,7 +251,8 @@ def describe_bitsandbytes(device: torch.device) -> dict:
     facts.update(version=bnb.__version__, backend=cext.BNB_BACKEND, cpu_avx512_bf16=bool(bnbf.has_avx512bf16()))
     if isinstance(cext.lib, cext.ErrorHandlerMockBNBNativeLibrary):
         # bitsandbytes keeps importing without its compiled library and fails on the first 4-bit call.
-        facts["error"] = f"bitsandbytes could not load its {cext.BNB_BACKEND} native library"
+        cause = str(getattr(cext.lib, "error_msg", "")).strip().splitlines()[:1]
+        facts["error"] = f"bitsandbytes could not load its {cext.BNB_BACKEND} native library" + (f" ({cause[0][:200]})" if cause else "")
         return facts
     facts["native_library"] = Path(getattr(getattr(cext.lib, "_lib", None), "_name", "") or "?").name
     try:

@@ -197,6 +197,7 @@ def test_resumed_run_forgets_steps_past_its_checkpoint_and_keeps_initial_eval(ti
     assert summary["initial_eval_loss"] == first_eval["eval_loss"]  # carried in the checkpoint
     # each run (the killed one, then the resumed one) recorded its environment
     assert [i for i, m in enumerate(metrics) if m.get("event") == "environment"] == [0, 5]
+    assert metrics[0]["packages"]["torch"] == torch.__version__ and metrics[0]["bitsandbytes"]["error"] is None
     assert "eval_loss: " in resumed.stdout and " -> " in resumed.stdout
     # the last step is always checkpointed, so resuming a finished run has nothing left to redo
     assert find_latest_checkpoint(tmp_path / "run").name == "step-0000005"
