@@ -114,12 +114,16 @@ class DataConfig:
     """Pack several short examples into one max_seq_len sequence; attention stays inside each example."""
     max_examples: int | None = None
     """Use only the first N training records (quick experiments)."""
+    truncation: str = "drop"
+    """Examples whose answer does not fit in max_seq_len: `drop` them (default: a cut answer has no EOS and teaches the model not to stop) or `keep` the cut answer (its EOS is lost). Either way the run reports how many and the tokens lost."""
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps (each one is micro_batch_size x grad_accum_steps sequences)."""
+    epochs: float | None = None
+    """Passes over the training data; when set, max_steps is derived from it (ceil(epochs x examples / (micro_batch_size x grad_accum_steps))) and printed."""
     lr: float = 2e-4
     """Peak learning rate. LoRA tolerates ~10x the LR of full fine-tuning."""
     micro_batch_size: int | str = 1
@@ -188,6 +192,7 @@ CHOICES = {
     "quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "lora.dtype": ("bfloat16", "float16", "float32"),
     "data.format": ("alpaca", "chat", "text"),
+    "data.truncation": ("drop", "keep"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
@@ -224,6 +229,8 @@ def validate_config(cfg: RecipeConfig) -> None:
         value = getattr(cfg.train, key)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"train.{key} must be >= 0, got {value}")
+    if cfg.train.epochs is not None and not (math.isfinite(cfg.train.epochs) and cfg.train.epochs > 0):
+        raise ConfigError(f"train.epochs must be a positive number or null (use train.max_steps), got {cfg.train.epochs}")
     if cfg.train.eval_max_batches is not None and cfg.train.eval_max_batches <= 0:
         raise ConfigError(f"train.eval_max_batches must be positive or null (the whole eval split), got {cfg.train.eval_max_batches}")
     if cfg.train.exact_match_examples and cfg.data.format == "text":

@@ -268,6 +268,31 @@ def _render_chat(record: dict, tokenizer: Any, index: int) -> list[tuple[str, bo
     return segments
 
 
+def find_end_of_turn_token(tokenizer: Any) -> str | None:
+    """The special token the chat template writes right after an assistant reply, or None.
+
+    Llama-3 templates write ``<|eot_id|>``, ChatML (Qwen) ``<|im_end|>``, our default template the
+    tokenizer's EOS. On a *base* tokenizer this differs from its EOS (``<|end_of_text|>``,
+    ``<|endoftext|>``), so a chat model must be trained to end turns with it, and generation,
+    a merged model's generation_config.json and servers must stop on it. None when the tokenizer
+    has no chat template or the template writes no special token after the reply.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = "qlora-lite end of turn probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hello"}, {"role": "assistant", "content": probe}], tokenize=False
+        )
+    except Exception:  # a template that refuses this conversation has no end of turn to learn from
+        return None
+    after = text[text.rfind(probe) + len(probe) :] if probe in text else ""
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    matches = [token for token in special if token and after.startswith(token)]
+    return max(matches, key=len) if matches else None
+
+
 def _apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, index: int) -> str:
     # The tokenizer's own template wins; DEFAULT_CHAT_TEMPLATE only fills the gap.
     template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
