@@ -319,33 +319,59 @@ def valid_keys() -> list[str]:
     return keys
 
 
-# Names users bring from transformers' TrainingArguments and PEFT's LoraConfig, which string
-# similarity alone would map badly (`learning_rate` is closer to `weight_decay` than to `lr`).
+# Names users bring from transformers' TrainingArguments, PEFT's LoraConfig, TRL and axolotl,
+# which string similarity alone would map badly (`learning_rate` is closer to `weight_decay`
+# than to `lr`).
 FAMILIAR_NAMES = {
     "learning_rate": "lr",
     "per_device_train_batch_size": "micro_batch_size",
     "batch_size": "micro_batch_size",
     "gradient_accumulation_steps": "grad_accum_steps",
     "max_seq_length": "max_seq_len",
+    "max_length": "max_seq_len",
+    "sequence_len": "max_seq_len",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_scheduler",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "logging_steps": "log_every",
     "lora_alpha": "alpha",
     "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
     "rank": "r",
     "lora_r": "r",
     "warmup": "warmup_steps",
     "model_name": "name_or_path",
+    "base_model": "name_or_path",
     "dataset": "path",
 }
+# How alike (difflib ratio) a typo must be to be suggested: 0.6 takes `max_step` -> `max_steps`
+# and `modle` -> `model`, and leaves `foo` with no suggestion rather than a random one.
+CLOSE_MATCH = 0.6
+
+
+def suggest_key(key: str) -> str | None:
+    """The valid key a user most likely meant by an unknown `key`, or None when nothing is close."""
+    section, _, name = key.rpartition(".")
+    name = name.lower()
+    familiar = difflib.get_close_matches(name, FAMILIAR_NAMES, n=1, cutoff=0.85)  # `lerning_rate` too
+    wanted = FAMILIAR_NAMES[familiar[0]] if familiar else name
+    # A known name (or its translation) anywhere: prefer the section the user wrote it in.
+    exact = sorted((k for k in valid_keys() if k.rpartition(".")[2] == wanted), key=lambda k: not k.startswith(section + "."))
+    if exact:
+        return exact[0]
+    if section:  # a typo inside a section: compare names within it, not whole dotted keys
+        names = [k.rpartition(".")[2] for k in valid_keys() if k.startswith(section + ".")]
+        close = difflib.get_close_matches(name, names, n=1, cutoff=CLOSE_MATCH)
+        return f"{section}.{close[0]}" if close else None
+    close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(RecipeConfig)], n=1, cutoff=CLOSE_MATCH)
+    return close[0] if close else None
 
 
 def _unknown_key_error(key: str) -> ConfigError:
-    section, _, name = key.rpartition(".")
-    # A top-level typo (`modle:`) is compared with the section names, a nested one with full keys;
-    # a nested key written at the top level (`lr:`) is pointed to its section.
-    keys = valid_keys() if section else [f.name for f in dataclasses.fields(RecipeConfig)]
-    wanted = FAMILIAR_NAMES.get(name, name)
-    familiar = [k for k in valid_keys() if k.endswith("." + wanted)]
-    nearest = familiar or difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
-    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    nearest = suggest_key(key)
+    hint = f"; did you mean {nearest!r}?" if nearest else ""
     return ConfigError(f"unknown recipe key {key!r}{hint} (all keys are listed in the README's config table)")
 
 

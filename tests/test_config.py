@@ -432,3 +432,36 @@ def test_method_settings_that_fit_are_accepted():
     cfg = load_config(None, ["method=prompt_tuning", "prompt.init=text", "prompt.init_text=Translate to French", "prompt.num_virtual_tokens=50"])
     assert (cfg.method, cfg.prompt.num_virtual_tokens, cfg.prompt.init_text) == ("prompt_tuning", 50, "Translate to French")
     assert load_config(None, ["method=full", "quant.load_in_4bit=false"]).method == "full"
+
+
+@pytest.mark.parametrize("key", ["foo", "train.foo", "zzz_top"])
+def test_unknown_key_with_nothing_close_gets_no_suggestion(key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"{key}=1"])
+    assert "did you mean" not in str(err.value) and "unknown recipe key" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key,nearest",
+    [
+        ("epochs", "train.epochs"),
+        ("num_epochs", "train.epochs"),
+        ("train.num_train_epochs", "train.epochs"),
+        ("per_device_train_batch_size", "train.micro_batch_size"),
+        ("gradient_accumulation_steps", "train.grad_accum_steps"),
+        ("learning_rate", "train.lr"),
+        ("lora_r", "lora.r"),
+        ("lora_alpha", "lora.alpha"),
+        ("max_seq_length", "train.max_seq_len"),
+        ("train.save_steps", "train.save_every"),
+    ],
+)
+def test_names_from_other_tools_map_to_ours(key, nearest):
+    with pytest.raises(ConfigError, match=f"did you mean '{nearest}'"):
+        load_config(overrides=[f"{key}=1"])
+
+
+def test_epochs_must_be_positive():
+    assert load_config(overrides=["train.epochs=2.5"]).train.epochs == 2.5
+    with pytest.raises(ConfigError, match=r"train.epochs must be a positive number or null \(use train.max_steps\), got 0"):
+        load_config(overrides=["train.epochs=0"])
