@@ -71,6 +71,8 @@ class MemoryPlan:
     max_seq_len: int
     largest_micro_batch: int = 0
     largest_seq_len: int = 0
+    context_len: int | None = None  # the model's max_position_embeddings: largest_seq_len never exceeds it
+    seq_len_capped_by_context: bool = False  # memory would allow more than the model's context
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -121,7 +123,16 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
     batch = 1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
     plan = assemble(cfg, model_config, parts, batch, cfg.train.max_seq_len, vram_bytes)
     plan.largest_micro_batch = search_largest(lambda b: assemble(cfg, model_config, parts, b, cfg.train.max_seq_len, vram_bytes).fits)
-    plan.largest_seq_len = search_largest(lambda s: assemble(cfg, model_config, parts, batch, s, vram_bytes).fits, step=64)
+    # A model cannot attend past its context length, whatever memory would allow.
+    plan.context_len = getattr(model_config, "max_position_embeddings", None)
+    seq_limit = plan.context_len or 1 << 20
+
+    def fits_seq(seq_len: int) -> bool:
+        return assemble(cfg, model_config, parts, batch, seq_len, vram_bytes).fits
+
+    plan.largest_seq_len = search_largest(fits_seq, step=64, limit=seq_limit)
+    if plan.context_len and plan.largest_seq_len and fits_seq(plan.context_len):
+        plan.largest_seq_len, plan.seq_len_capped_by_context = plan.context_len, True
     if cfg.method != "lora":
         plan.notes.append(f"method {cfg.method}: trainable part estimated from its parameters; activations as for LoRA")
     return plan
@@ -297,6 +308,7 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
     lines.append(
         f"  largest micro-batch at {plan.max_seq_len} tokens: {plan.largest_micro_batch or 'none'}; "
         f"longest sequence at micro-batch {plan.micro_batch_size}: {plan.largest_seq_len or 'none'}"
+        + (" (the model's context length binds, not memory)" if plan.seq_len_capped_by_context else "")
     )
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)

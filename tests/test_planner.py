@@ -13,6 +13,7 @@ from qlora_lite.config import LoRAConfig, load_config
 from qlora_lite.lora import apply_lora
 from qlora_lite.memory import bytes_by_dtype
 from qlora_lite.planner import (
+    format_plan,
     GIB,
     PlanError,
     assemble,
@@ -174,3 +175,16 @@ def test_auto_micro_batch_that_cannot_fit_is_a_clear_error(tiny_llama_dir, tmp_p
     with pytest.raises(PlanError, match="even one sequence of 256 tokens needs an estimated 0.8 GiB and this device has 0.5 GiB"):
         fit(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written before the check
+
+
+def test_longest_sequence_stops_at_the_model_context_and_says_so(tiny_llama_dir):
+    # tiny Llama: max_position_embeddings 512; 24 GiB would hold sequences far longer
+    cfg = load_config(overrides=[f"model.name_or_path={tiny_llama_dir}", "train.max_seq_len=64", "train.micro_batch_size=1"])
+    plan = plan_memory(cfg, vram_bytes=24 * GIB)
+    assert plan.context_len == 512 and plan.largest_seq_len == 512 and plan.seq_len_capped_by_context
+    text = format_plan(plan, "tiny")
+    assert "longest sequence at micro-batch 1: 512 (the model's context length binds, not memory)" in text
+    # where memory binds first, the cap is not claimed
+    tight = plan_memory(cfg, vram_bytes=plan.total_bytes + 1)
+    assert 64 <= tight.largest_seq_len < 512 and not tight.seq_len_capped_by_context
+    assert "context length binds" not in format_plan(tight, "tiny")
