@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .config import ModelConfig, QuantConfig
@@ -74,14 +75,19 @@ def build_bnb_config(quant: QuantConfig, compute_dtype: torch.dtype, skip_module
 
 
 def resolve_model_path(model: ModelConfig) -> str:
-    """Local folder, hub id, or the offline demo base (`demo:...`, built and cached on first use)."""
+    """Local folder, hub id, or the offline demo base (`demo:...`, built and cached on first use).
+
+    A local folder comes back absolute: adapters record this path as their base, and a relative
+    one would mean another folder (or a hub id) when read from another directory.
+    """
     if model.name_or_path.startswith("demo:"):
         from .demo import ensure_demo_base
 
         return str(ensure_demo_base())
     if not model.name_or_path:
         raise ModelLoadError("model.name_or_path is empty; set it to a local model folder or a hub id")
-    return model.name_or_path
+    local = Path(model.name_or_path).expanduser()
+    return str(local.resolve()) if local.is_dir() else model.name_or_path
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None):
@@ -136,6 +142,10 @@ def load_base_model(
         raise ModelLoadError(
             f"out of GPU memory while loading {path}: the base does not fit on this GPU even in 4-bit; "
             "run `qlora-lite plan` for an estimate, close other GPU processes, or pick a smaller model"
+        ) from err
+    except SafetensorError as err:  # a truncated download or a disk that filled while copying
+        raise ModelLoadError(
+            f"the weights in {path} are corrupt or truncated (safetensors: {err}); download or copy the model again"
         ) from err
     except (OSError, ValueError) as err:
         raise ModelLoadError(_explain_load_failure(path, err)) from err

@@ -140,3 +140,23 @@ def test_eval_pass_leaves_dequantized_weights_unchanged(tiny_model_dir, avx512_b
     assert [tuple(m.weight.shape) for m in linears] == shapes
     for m, weight in zip(linears, before):
         assert torch.equal(dequantize_weight(m), weight)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_is_one_clear_error(tmp_path, damage):
+    from qlora_lite.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path, architecture="llama", vocab_size=256)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match=r"the weights in .* are corrupt or truncated \(safetensors: .*\); download or copy the model again"):
+        load_base_model(ModelConfig(name_or_path=str(tmp_path)), QuantConfig(compute_dtype="float32"))
+
+
+def test_local_model_path_resolves_to_an_absolute_folder(tiny_llama_dir, monkeypatch):
+    from qlora_lite.quant import resolve_model_path
+
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    assert resolve_model_path(ModelConfig(name_or_path=tiny_llama_dir.name)) == str(tiny_llama_dir.resolve())
+    assert resolve_model_path(ModelConfig(name_or_path="some-org/some-model")) == "some-org/some-model"  # hub ids as given
