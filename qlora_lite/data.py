@@ -31,6 +31,7 @@ crosses example boundaries.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -128,21 +129,123 @@ def _looks_local(path: str) -> bool:
 def _load_local_records(path: Path, split: str) -> datasets.Dataset:
     if not path.exists():
         raise DataError(f"data file {path} does not exist; check data.path (absolute, or relative to where you run qlora-lite)")
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in LOCAL_BUILDERS)
+    elif path.suffix not in LOCAL_BUILDERS:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_BUILDERS)}")
+    else:
+        files = [path]
+    # datasets 5.2 reads an empty file as StopIteration (json) or a pandas EmptyDataError (csv),
+    # so a file with nothing in it is caught before datasets sees it.
+    for file in files:
+        if _is_blank(file):
+            reason = "the file is empty" if file.stat().st_size == 0 else "the file has only blank lines"
+            raise DataError(_no_records_message(file, reason))
     try:
         if path.is_dir():
-            return datasets.load_dataset(str(path), split=split)
-        if path.suffix not in LOCAL_BUILDERS:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_BUILDERS)}")
-        # A single file is one split, which datasets names "train" whatever the file is for.
-        return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
-    except DataError:
-        raise
-    except ValueError as err:
-        if "split" in str(err).lower():
+            records = datasets.load_dataset(str(path), split=split)
+        else:
+            # A single file is one split, which datasets names "train" whatever the file is for.
+            records = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetsError, OSError, ValueError, StopIteration) as err:
+        if path.is_dir() and isinstance(err, ValueError) and "split" in str(err).lower():
             raise DataError(f"{path} has no split {split!r} ({err}); set data.split to one of the listed splits") from err
-        raise DataError(f"could not read {path}: {err}") from err
-    except (datasets.exceptions.DatasetsError, OSError) as err:
-        raise DataError(f"could not read {path}: {err}; check the file is valid {path.suffix.lstrip('.') or 'data'}") from err
+        raise _explain_unreadable(path, files, err) from err
+    if len(records) == 0 and not path.is_dir():
+        raise DataError(_no_records_message(path, "it has no rows"))
+    return records
+
+
+# What a record looks like in each local file type, quoted when a file holds none.
+RECORD_LAYOUTS = {
+    ".jsonl": "one JSON object per line",
+    ".json": "a JSON list of objects (or one object per line)",
+    ".csv": "rows under a header row (one per record)",
+    ".parquet": "one row per record",
+}
+
+
+def _no_records_message(path: Path, reason: str) -> str:
+    return f"{path} holds no records ({reason}); add {RECORD_LAYOUTS[path.suffix]}, or point data.path at your data file"
+
+
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _explain_unreadable(path: Path, files: list[Path], err: BaseException) -> DataError:
+    """The DataError for a local file or folder that datasets failed to read: which file, which line, why."""
+    for file in files:
+        problem = _find_json_problem(file) if file.suffix in (".json", ".jsonl") else None
+        if problem:
+            return DataError(problem)
+    # datasets 5.2 says 'Instruction "train" corresponds to no data!' for a file whose records
+    # are all missing: "[]", a CSV header alone, a parquet schema without rows.
+    if isinstance(err, StopIteration) or "corresponds to no data" in str(err):
+        for file in files:
+            reason = _find_missing_records(file)
+            if reason:
+                return DataError(_no_records_message(file, reason))
+        return DataError(f"{path} holds no records; check that its files are not empty")
+    kind = path.suffix.lstrip(".") if path.is_file() else "data"
+    return DataError(f"could not read {path}: {_root_cause(err)}; check the file is valid {kind}")
+
+
+def _find_json_problem(path: Path) -> str | None:
+    """The first syntax problem of a JSON or JSON Lines file, naming its line, or None."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON document: a list of records
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"{path} is not valid JSON: {_json_reason(err)} at line {err.lineno} column {err.colno}; fix the file there"
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"{path} line {number} is not valid JSON: {_json_reason(err)} at column {err.colno}; fix or remove that line"
+        if not isinstance(value, dict):
+            kind = {list: "list", str: "string"}.get(type(value), "number or constant")
+            return f"{path} line {number} is a JSON {kind}, not an object; write one record per line as a JSON object"
+    return None
+
+
+def _json_reason(err: json.JSONDecodeError) -> str:
+    # The json module ends some messages with "at" ("Unterminated string starting at") and adds the position itself.
+    return err.msg.removesuffix(" at")
+
+
+def _find_missing_records(path: Path) -> str | None:
+    """Why a non-blank file holds no records, or None when it seems to hold some."""
+    if path.suffix == ".csv":
+        rows = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        return "it has a header row but no data rows" if len(rows) <= 1 else None
+    if path.suffix == ".json":
+        try:
+            value = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if value == []:
+            return "its JSON list is empty"
+        return "its JSON is an object, not a list of records" if isinstance(value, dict) else None
+    if path.suffix == ".parquet":
+        return "it has no rows"
+    return None
+
+
+def _root_cause(err: BaseException) -> str:
+    # datasets wraps the parser's error ("An error occurred while generating the dataset"); the
+    # innermost one says what is wrong. One line, since the CLI prints it after "error: ".
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _load_hub_records(dataset_id: str, split: str) -> datasets.Dataset:

@@ -131,6 +131,73 @@ def test_load_records_unreachable_hub_says_pass_a_local_file(monkeypatch):
     assert "local .jsonl" in str(err.value)
 
 
+NO_RECORDS_FIX = {
+    "jsonl": "add one JSON object per line, or point data.path at your data file",
+    "json": "add a JSON list of objects (or one object per line), or point data.path at your data file",
+    "csv": "add rows under a header row (one per record), or point data.path at your data file",
+    "parquet": "add one row per record, or point data.path at your data file",
+}
+
+
+@pytest.mark.parametrize("suffix, content, reason", [
+    ("jsonl", "", "the file is empty"),
+    ("json", "", "the file is empty"),
+    ("csv", "", "the file is empty"),
+    ("parquet", "", "the file is empty"),
+    ("jsonl", "\n  \n\n", "the file has only blank lines"),
+    ("csv", "\n\n", "the file has only blank lines"),
+    ("json", "[]\n", "its JSON list is empty"),
+    ("csv", "instruction,output\n", "it has a header row but no data rows"),
+    ("parquet", None, "it has no rows"),
+], ids=["0-byte-jsonl", "0-byte-json", "0-byte-csv", "0-byte-parquet", "blank-jsonl", "blank-csv", "empty-list-json",
+        "header-only-csv", "0-row-parquet"])
+def test_file_without_records_says_it_holds_none(tmp_path, suffix, content, reason):
+    path = tmp_path / f"data.{suffix}"
+    if content is None:
+        datasets.Dataset.from_dict({"instruction": [], "output": []}).to_parquet(str(path))
+    else:
+        path.write_text(content)
+
+    with pytest.raises(DataError) as err:
+        load_records(str(path))
+
+    assert str(err.value) == f"{path} holds no records ({reason}); {NO_RECORDS_FIX[suffix]}"
+
+
+@pytest.mark.parametrize("suffix, lines, message", [
+    ("jsonl", ['{"instruction": "a", "output": "b"}', "", '{"instruction": "a", output: "b"}'],
+     "line 3 is not valid JSON: Expecting property name enclosed in double quotes at column 22; fix or remove that line"),
+    ("jsonl", ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "out'],
+     "line 2 is not valid JSON: Unterminated string starting at column 22; fix or remove that line"),
+    ("jsonl", ['{"instruction": "a", "output": "b"}', "[1, 2]"],
+     "line 2 is a JSON list, not an object; write one record per line as a JSON object"),
+    ("json", ['{"instruction": "a", "output": "b"}', '{"instruction": "a" "output": "b"}'],
+     "line 2 is not valid JSON: Expecting ',' delimiter at column 21; fix or remove that line"),
+    ("json", ['[{"instruction": "a", "output": "b"},', '{"instruction": "a", "output": "b"},', "]"],
+     "is not valid JSON: Expecting value at line 3 column 1; fix the file there"),
+], ids=["jsonl-bad-key", "jsonl-cut-line", "jsonl-array-line", "json-lines-bad-line", "json-list-trailing-comma"])
+def test_malformed_json_names_the_line(tmp_path, suffix, lines, message):
+    path = tmp_path / f"data.{suffix}"
+    path.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(DataError) as err:
+        load_records(str(path))
+
+    assert str(err.value) == f"{path} {message}"
+
+
+def test_malformed_csv_gives_the_parser_cause(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,output\na,b\nc,d,e\n")
+
+    with pytest.raises(DataError) as err:
+        load_records(str(path))
+
+    assert str(err.value) == (
+        f"could not read {path}: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3; check the file is valid csv"
+    )
+
+
 # ----------------------------------------------------------------------------- formats and masking
 
 
