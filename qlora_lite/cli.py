@@ -184,16 +184,26 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     generate = sub.add_parser(
         "generate",
         help="answer prompts with an adapter, or with several adapters sharing one base",
-        usage="qlora-lite generate (ADAPTER_DIR | --base PATH | --adapter NAME=DIR ...) [PROMPT] [options]",
+        usage="qlora-lite generate (ADAPTER_DIR [--base PATH] | --base PATH | --adapter NAME=DIR ...) [PROMPT] [options]",
         description=(
             "Answer PROMPT (or each line of stdin) with the base model plus an adapter, streaming the answer. "
             "With --adapter NAME=DIR (repeatable) one base serves several adapters: start each prompt with "
             "'NAME: ' to pick one ('base: ' for none)."
         ),
     )
-    generate.add_argument("adapter_dir", nargs="?", metavar="ADAPTER_DIR", help="adapter folder, e.g. runs/NAME/adapter (omit with --base / --adapter)")
-    generate.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt; without it, prompts are read from stdin, one per line")
-    generate.add_argument("--base", metavar="PATH", help="base model folder or hub id (default: the adapter's base_model_name_or_path)")
+    # Each positional takes exactly one string but is optional: with nargs="?", argparse (3.11) uses up
+    # PROMPT, empty, at the first positional, so `ADAPTER_DIR --base B PROMPT` left PROMPT unrecognized.
+    positionals = [
+        generate.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="adapter folder, e.g. runs/NAME/adapter (omit for the plain --base, or with --adapter)"),
+        generate.add_argument("prompt", metavar="PROMPT", help="the prompt; without it, prompts are read from stdin, one per line"),
+    ]
+    for action in positionals:
+        action.required = False  # split_generate_inputs says what is missing
+    generate.add_argument(
+        "--base", metavar="PATH",
+        help="base model folder or hub id to put the adapter(s) on (default: the adapter's base_model_name_or_path); "
+        "alone, the plain base answers",
+    )
     generate.add_argument(
         "--adapter", action="append", type=parse_named_adapter, default=[], metavar="NAME=DIR",
         help="add an adapter under a name (repeatable); route each prompt with a 'NAME: ' prefix",
@@ -218,20 +228,46 @@ def parse_named_adapter(spec: str) -> tuple[str, str]:
 
 
 def split_generate_inputs(args: argparse.Namespace) -> tuple[dict[str, str], str | None]:
-    """(named adapters, prompt or None) from `ADAPTER_DIR [PROMPT]`, or `[PROMPT]` with --base / --adapter."""
+    """(named adapters, prompt or None) from the positionals.
+
+    `ADAPTER_DIR [PROMPT]`, with or without --base (which then replaces the adapter's recorded base);
+    `--base PATH [PROMPT]` alone prompts the plain base; with --adapter NAME=DIR the only positional is
+    the prompt. With --base and one positional, it is the adapter folder when it is a folder (or looks
+    like a path: no spaces, a slash), else the prompt.
+    """
+    from pathlib import Path
+
     from .generate import GenerationError, collect_named_adapters
 
     named = collect_named_adapters(args.adapter)
-    if not (args.base or named):
-        if args.adapter_dir is None:
+    first, second = args.adapter_dir, args.prompt  # argparse fills ADAPTER_DIR first, whatever the user meant
+    if named:
+        if second is not None:
+            raise GenerationError(
+                "with --adapter, the only positional argument is the prompt; "
+                "add an adapter folder as --adapter NAME=DIR instead of a positional ADAPTER_DIR"
+            )
+        return named, first
+    if first is None:
+        if not args.base:
             raise GenerationError("nothing to load: pass an adapter folder, or --base PATH (with --adapter NAME=DIR to add adapters)")
-        return {"adapter": args.adapter_dir}, args.prompt
-    if args.prompt is not None:
+        return {}, None
+    if args.base and second is None and not looks_like_folder(first):
+        return {}, first  # `--base PATH PROMPT`: the plain base answers
+    if args.base and second is None and not Path(first).expanduser().exists():
         raise GenerationError(
-            "with --base or --adapter, the only positional argument is the prompt; "
-            "add an adapter folder as --adapter NAME=DIR instead of a positional ADAPTER_DIR"
+            f"adapter folder {first} does not exist; pass the folder training wrote (e.g. runs/NAME/adapter), "
+            "or, to prompt the plain --base model with this text, give it on stdin"
         )
-    return named, args.adapter_dir  # argparse filled the first positional: here it is the prompt
+    return {"adapter": first}, second
+
+
+def looks_like_folder(text: str) -> bool:
+    """A folder, or text shaped like a path (no whitespace, a slash), not a prompt."""
+    import os
+    from pathlib import Path
+
+    return Path(text).expanduser().is_dir() or (not any(c.isspace() for c in text) and ("/" in text or os.sep in text))
 
 
 def run_generate(args: argparse.Namespace) -> int:

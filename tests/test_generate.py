@@ -416,6 +416,45 @@ def test_cli_routes_each_prompt_to_its_adapter(tiny_llama_dir, adapter_dirs, exp
     assert len({expected_answers[(n, "Name a colour.")] for n in ("a", "b", None)}) == 3
 
 
+def copy_adapter(source, folder, **config_changes):
+    """A copy of an adapter folder, with adapter_config.json keys changed (e.g. a base that has moved)."""
+    folder.mkdir()
+    for path in source.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    raw = json.loads((source / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**raw, **config_changes}))
+    return folder
+
+
+def test_cli_adapter_with_base_override(tiny_llama_dir, adapter_dirs, expected_answers, tmp_path, capsys, monkeypatch):
+    """`generate ADAPTER_DIR --base PATH [PROMPT]` puts the adapter on that base; the prompt comes as an argument or on stdin."""
+    common = ["--no-4bit", "--max-new-tokens", "5"]
+    prompts = ["Name a colour.", "the quick brown fox"]
+    # the adapter's answers are not the base's, so an ignored adapter cannot pass
+    assert all(expected_answers[("a", p)] != expected_answers[(None, p)] for p in prompts)
+    assert cli.main(["generate", str(adapter_dirs["a"]), prompts[0], *common]) == 0  # no --base: the recorded base
+    without_base = capsys.readouterr().out
+    assert without_base == expected_answers[("a", prompts[0])] + "\n"
+
+    # the recorded base has moved: only --base can find it
+    moved = copy_adapter(adapter_dirs["a"], tmp_path / "moved", base_model_name_or_path=str(tmp_path / "gone"))
+    for argv in (
+        ["generate", str(moved), "--base", str(tiny_llama_dir), prompts[0], *common],
+        ["generate", "--base", str(tiny_llama_dir), str(moved), prompts[0], *common],
+        ["generate", str(adapter_dirs["a"]), prompts[0], "--base", str(tiny_llama_dir), *common],
+    ):
+        assert cli.main(argv) == 0, argv
+        assert capsys.readouterr().out == without_base, argv
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(prompts) + "\n"))
+    assert cli.main(["generate", str(moved), "--base", str(tiny_llama_dir), *common]) == 0
+    assert capsys.readouterr().out == "".join(expected_answers[("a", p)] + "\n" for p in prompts)
+
+    # --base with one positional that is not a folder: a prompt to the plain base, as before
+    assert cli.main(["generate", "--base", str(tiny_llama_dir), prompts[1], *common]) == 0
+    assert capsys.readouterr().out == expected_answers[(None, prompts[1])] + "\n"
+
+
 def cli_error(argv: list[str], capsys) -> str:
     """Run the CLI expecting exit code 2 (returned, or from argparse); return stderr."""
     try:
@@ -445,7 +484,10 @@ def test_cli_errors_name_cause_and_fix(tiny_llama_dir, adapter_dirs, other_base_
     assert "'base' is reserved" in cli_error(["generate", "--adapter", f"base={adapter_dirs['a']}", "hi"], capsys)
     assert "--top-p must be in (0, 1]" in cli_error(["generate", str(adapter_dirs["a"]), "hi", "--top-p", "2"], capsys)
     assert "unrecognized arguments: lora.r=4" in cli_error(["generate", str(adapter_dirs["a"]), "hi", "lora.r=4"], capsys)
-    assert "the only positional argument is the prompt" in cli_error(["generate", "--base", str(tiny_llama_dir), str(adapter_dirs["a"]), "hi"], capsys)
+    err = cli_error(["generate", "--adapter", f"a={adapter_dirs['a']}", str(adapter_dirs["b"]), "hi"], capsys)
+    assert "error: with --adapter, the only positional argument is the prompt; add an adapter folder as --adapter NAME=DIR" in err
+    err = cli_error(["generate", "runs/typo/adapter", "--base", str(tiny_llama_dir)], capsys)
+    assert "error: adapter folder runs/typo/adapter does not exist; pass the folder training wrote (e.g. runs/NAME/adapter), or, to prompt the plain --base model with this text, give it on stdin" in err
     assert "nothing to load: pass an adapter folder, or --base PATH" in cli_error(["generate"], capsys)
 
     moved = tmp_path / "moved"
