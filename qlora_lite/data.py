@@ -6,7 +6,9 @@ One record becomes one example ``{"input_ids": [...], "labels": [...]}``:
     [-100] + -100 ...      + response tokens + eos        (labels)
 
 The loss is on the response and on the EOS that ends it (so the model learns to stop);
-``IGNORE_INDEX`` (-100, what ``torch.nn.functional.cross_entropy`` skips) hides the rest.
+``IGNORE_INDEX`` (-100, what ``torch.nn.functional.cross_entropy`` skips) hides the rest. A chat
+turn ends instead with the token its template writes there (``find_end_of_turn_token``):
+``<|eot_id|>`` for Llama 3, ``<|im_end|>`` for ChatML, EOS for ``DEFAULT_CHAT_TEMPLATE``.
 Prompt and response are tokenized separately and their ids concatenated, so the boundary
 between masked and learned tokens is exact rather than guessed from character offsets.
 
@@ -16,7 +18,10 @@ Formats (``DataConfig.format``):
   Alpaca prompt template.
 - ``chat``: field ``messages``, a list of ``{role, content}`` ending with an assistant turn,
   rendered with the tokenizer's chat template or ``DEFAULT_CHAT_TEMPLATE``. Every assistant
-  turn is learned; system and user turns and the template's markup are masked.
+  turn is learned, with the end-of-turn token the template writes after it; system and user
+  turns and the template's markup are masked. The token sequence spells the template's own
+  rendering, less the whitespace after the last turn (and plus BOS when the tokenizer adds one
+  and the template does not write it).
 - ``text``: one text field, every token learned (plain language modelling).
 
 Packing (``DataConfig.packing``) concatenates several training examples into one sequence
@@ -289,35 +294,39 @@ def render_example(record: dict, fmt: str, tokenizer: Any, index: int = 0, text_
 
     Returns:
         ``(prompt, response)``. For ``chat`` the response is the final assistant turn as the
-        template renders it, less the EOS that closes it (``tokenize_example`` appends EOS as an
-        id) and less trailing whitespace; the prompt is the conversation before it with the
-        generation prompt (``add_generation_prompt=True``), each earlier assistant turn ending
-        in EOS. For ``text`` the prompt is empty. The prompt holds BOS only where a chat
+        template renders it, less the end-of-turn token that closes it (``tokenize_example``
+        appends it as an id) and less trailing whitespace; the prompt is the template's rendering
+        of the conversation before it with the generation prompt (``add_generation_prompt=True``).
+        For ``text`` the prompt is empty. The prompt holds BOS only where a chat
         template writes ``bos_token``; the BOS ``tokenize_example`` prepends is not in it.
 
     Raises:
         DataError: A required field is missing or empty; the message names the field and index.
     """
     segments = _render_segments(record, fmt, tokenizer, index, text_field)
-    # Earlier learned pieces (multi-turn chat) are followed by EOS in the token sequence, so
-    # the prompt text shows it there too.
-    eos_token = getattr(tokenizer, "eos_token", None) or ""
-    prompt = "".join(text + (eos_token if learned else "") for text, learned in segments[:-1])
+    # Earlier learned pieces (multi-turn chat) are followed by their end token in the token
+    # sequence, so the prompt text shows it there too.
+    prompt = "".join(text + (end or "") for text, end in segments[:-1])
     return prompt, segments[-1][0]
 
 
-def _render_segments(record: dict, fmt: str, tokenizer: Any, index: int, text_field: str) -> list[tuple[str, bool]]:
-    """Split a record into consecutive (text, learned) pieces; each learned piece is followed by EOS."""
+def _render_segments(record: dict, fmt: str, tokenizer: Any, index: int, text_field: str) -> list[tuple[str, str | None]]:
+    """Split a record into consecutive ``(text, end)`` pieces.
+
+    ``end`` is None for a masked piece; for a learned piece it is the special token that closes
+    it (EOS, or a chat template's end-of-turn token), appended as an id by ``tokenize_example``.
+    """
+    eos_token = getattr(tokenizer, "eos_token", None) or ""
     if fmt == "alpaca":
-        return _render_alpaca(record, index)
+        return _render_alpaca(record, index, eos_token)
     if fmt == "chat":
         return _render_chat(record, tokenizer, index)
     if fmt == "text":
-        return [("", False), (_require_text(record, text_field, fmt, index, text_field), True)]
+        return [("", None), (_require_text(record, text_field, fmt, index, text_field), eos_token)]
     raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMAT_NEEDS)}")
 
 
-def _render_alpaca(record: dict, index: int) -> list[tuple[str, bool]]:
+def _render_alpaca(record: dict, index: int, eos_token: str) -> list[tuple[str, str | None]]:
     instruction = _require_text(record, "instruction", "alpaca", index)
     output = _require_text(record, "output", "alpaca", index)
     context = _optional_text(record.get("input"))
@@ -325,23 +334,30 @@ def _render_alpaca(record: dict, index: int) -> list[tuple[str, bool]]:
         prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=context)
     else:
         prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-    return [(prompt, False), (output, True)]
+    return [(prompt, None), (output, eos_token)]
 
 
-def _render_chat(record: dict, tokenizer: Any, index: int) -> list[tuple[str, bool]]:
+def _render_chat(record: dict, tokenizer: Any, index: int) -> list[tuple[str, str | None]]:
     """Cut a rendered conversation into masked markup/user text and learned assistant turns.
 
     Multi-turn masking works by rendering growing prefixes of the conversation: for each
     assistant turn j, the text of ``messages[:j]`` with the generation prompt is everything
     before the turn, and the text of ``messages[:j + 1]`` minus that is the turn itself. The
-    difference between consecutive cut points is masked, the turn is learned. The template's
-    own EOS after a turn is cut off the learned text and re-added as an id by the tokenizer
-    step, so each learned turn is content + EOS whatever the template. Template text after the
-    final turn's EOS (usually a newline) is dropped: nothing follows it in training.
+    difference between consecutive cut points is masked, the turn is learned.
+
+    The special token the template writes right after a turn (``find_end_of_turn_token``:
+    ``<|eot_id|>``, ``<|im_end|>``, or EOS) is cut off the learned text and re-added as an id by
+    the tokenizer step, learned: it is how the model ends a turn, and what generation stops on.
+    No EOS is added after it, so on a base tokenizer whose EOS is another token (Llama-3.1 base:
+    ``<|end_of_text|>``; Qwen2.5 base: ``<|endoftext|>``) the sequence is still the template's
+    own rendering, as a chat server will send it. A turn the template closes with no special
+    token gets one appended (the end-of-turn token, else EOS), or the model would never learn to stop. Template text
+    after the final turn's end token (usually a newline) is dropped: nothing follows it in training.
     """
     messages = _require_messages(record, index)
     eos_token = tokenizer.eos_token or ""
-    segments: list[tuple[str, bool]] = []
+    end_of_turn = find_end_of_turn_token(tokenizer) or eos_token
+    segments: list[tuple[str, str | None]] = []
     consumed = ""  # rendered text already assigned to a segment
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -356,17 +372,19 @@ def _render_chat(record: dict, tokenizer: Any, index: int) -> list[tuple[str, bo
             )
         turn_text = through[len(before) :]
         stripped = turn_text.rstrip()
-        if eos_token and stripped.endswith(eos_token):
-            # Whatever follows the template's EOS (usually "\n") belongs to the next masked piece.
-            learned = stripped[: -len(eos_token)]
-            covered = before + learned + eos_token
+        end = next((token for token in (end_of_turn, eos_token) if token and stripped.endswith(token)), None)
+        if end:
+            # Whatever follows the template's end token (usually "\n") belongs to the next masked piece.
+            learned = stripped[: -len(end)]
+            covered = before + learned + end
         else:
             # Trailing whitespace after the turn is template layout: it goes to the next masked piece.
-            learned = stripped
+            # The turn still needs an end the model learns to stop on.
+            learned, end = stripped, end_of_turn
             covered = before + learned
         if not learned.strip():
             raise DataError(f"record {index} message {turn} has an empty 'content' field ({FORMAT_NEEDS['chat']})")
-        segments += [(before[len(consumed) :], False), (learned, True)]
+        segments += [(before[len(consumed) :], None), (learned, end)]
         consumed = covered
     return segments
 
@@ -389,7 +407,8 @@ def find_end_of_turn_token(tokenizer: Any) -> str | None:
         )
     except Exception:  # a template that refuses this conversation has no end of turn to learn from
         return None
-    after = text[text.rfind(probe) + len(probe) :] if probe in text else ""
+    # Some templates put a space before it (Llama 2: "{content} </s>").
+    after = text[text.rfind(probe) + len(probe) :].lstrip() if probe in text else ""
     special = set(getattr(tokenizer, "all_special_tokens", []))
     special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
     matches = [token for token in special if token and after.startswith(token)]
@@ -458,8 +477,10 @@ def tokenize_example(
 
     The sequence is ``[bos] + prompt + response + eos``: BOS only when the tokenizer adds one
     by itself (Llama 2/3 do, Qwen2 does not) and the rendered text does not already start with
-    it (chat templates often write it); EOS always, learned, so the model learns to stop. For a
-    multi-turn chat every assistant turn is learned as content + EOS (see ``_render_chat``).
+    it (chat templates often write it); EOS always, learned, so the model learns to stop. For
+    chat, each assistant turn is learned as content + the end-of-turn token its template writes
+    (``<|eot_id|>``, ``<|im_end|>``; EOS for ``DEFAULT_CHAT_TEMPLATE``), with no EOS after it
+    (see ``_render_chat``).
 
     Args:
         record: One raw record.
@@ -484,13 +505,14 @@ def tokenize_example(
     input_ids: list[int] = []
     labels: list[int] = []
     # Each piece is tokenized on its own, so the masked/learned boundary falls between ids.
-    for text, learned in _render_segments(record, fmt, tokenizer, index, text_field):
+    for text, end in _render_segments(record, fmt, tokenizer, index, text_field):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         input_ids += ids
-        labels += ids if learned else [IGNORE_INDEX] * len(ids)
-        if learned:
-            input_ids.append(eos_id)
-            labels.append(eos_id)
+        labels += [IGNORE_INDEX] * len(ids) if end is None else ids
+        if end is not None:
+            end_id = eos_id if end == tokenizer.eos_token else tokenizer.convert_tokens_to_ids(end)
+            input_ids.append(end_id)
+            labels.append(end_id)
     bos_id = tokenizer.bos_token_id
     if _adds_bos(tokenizer) and input_ids[:1] != [bos_id]:
         input_ids.insert(0, bos_id)

@@ -15,7 +15,8 @@ import datasets
 import huggingface_hub.constants
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from qlora_lite.config import DataConfig
 from qlora_lite.data import (
@@ -23,6 +24,7 @@ from qlora_lite.data import (
     DataError,
     build_datasets,
     collate_batch,
+    find_end_of_turn_token,
     load_records,
     pack_examples,
     render_example,
@@ -308,6 +310,126 @@ def test_multi_turn_chat_learns_every_assistant_turn_and_nothing_else(tokenizer)
     m1, m2 = ids_of(tokenizer, first), ids_of(tokenizer, between)
     assert example["input_ids"] == m1 + t1 + [EOS] + m2 + t2 + [EOS]
     assert example["labels"] == [IGNORE_INDEX] * len(m1) + t1 + [EOS] + [IGNORE_INDEX] * len(m2) + t2 + [EOS]
+
+
+# Meta-Llama-3-8B-Instruct's chat template, verbatim; Llama-3.1 closes turns the same way.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Qwen2.5's ChatML template less its tool branches.
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif %}{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]  # ids 0..4
+QWEN25_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0..2
+TWO_TURNS = {"messages": [
+    {"role": "user", "content": "hello there"},
+    {"role": "assistant", "content": "hi! how can I help?"},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue is a colour."},
+]}
+
+
+def build_byte_level_tokenizer(special: list[str], template: str, eos: str, bos: str | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer like Llama 3's and Qwen2's (decode gives back the exact text); adds BOS when given one."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(["hello there hi! how can I help? Name a colour. Blue is a colour. You are a helpful assistant."] * 5, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, special.index(bos))])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos)
+    hf_tok.chat_template = template
+    return hf_tok
+
+
+def llama3_tokenizer(eos: str = "<|end_of_text|>") -> PreTrainedTokenizerFast:
+    """Llama-3.1 base (eos <|end_of_text|>) by default; eos <|eot_id|> is the instruct tokenizer."""
+    return build_byte_level_tokenizer(LLAMA3_SPECIAL, LLAMA3_TEMPLATE, eos=eos, bos="<|begin_of_text|>")
+
+
+def qwen25_tokenizer(eos: str = "<|endoftext|>") -> PreTrainedTokenizerFast:
+    """Qwen2.5 base (eos <|endoftext|>, no BOS) by default; eos <|im_end|> is the instruct tokenizer."""
+    return build_byte_level_tokenizer(QWEN25_SPECIAL, QWEN25_TEMPLATE, eos=eos)
+
+
+def test_find_end_of_turn_token_reads_the_template():
+    assert find_end_of_turn_token(llama3_tokenizer()) == "<|eot_id|>"
+    assert find_end_of_turn_token(qwen25_tokenizer()) == "<|im_end|>"
+    assert find_end_of_turn_token(llama3_tokenizer(eos="<|eot_id|>")) == "<|eot_id|>"
+
+
+def test_find_end_of_turn_token_of_our_fixture_tokenizer(tokenizer):
+    assert find_end_of_turn_token(tokenizer) is None  # no template: DEFAULT_CHAT_TEMPLATE ends turns with EOS
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = CHATML_TEMPLATE
+    assert find_end_of_turn_token(chat_tokenizer) == "</s>"
+    chat_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | trim + ' ' + eos_token }}{% endfor %}"
+    assert find_end_of_turn_token(chat_tokenizer) == "</s>"  # Llama 2 writes a space before it
+    chat_tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}\n{% endfor %}"
+    assert find_end_of_turn_token(chat_tokenizer) is None
+
+
+@pytest.mark.parametrize("eos", ["<|end_of_text|>", "<|eot_id|>"], ids=["base", "instruct"])
+def test_llama3_chat_ends_each_turn_with_eot_and_no_extra_eos(eos):
+    tok = llama3_tokenizer(eos)
+    eot, bos = 4, 0
+    assert (tok.convert_tokens_to_ids("<|eot_id|>"), tok.bos_token_id) == (eot, bos)
+
+    prompt, response = render_example(TWO_TURNS, "chat", tok)
+    example = tokenize_example(TWO_TURNS, "chat", tok, max_seq_len=512)
+
+    first = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhello there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    between = "<|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert prompt == first + "hi! how can I help?<|eot_id|>" + between
+    assert prompt == tok.apply_chat_template(TWO_TURNS["messages"][:3], add_generation_prompt=True, tokenize=False)
+    assert response == "Blue is a colour."
+    m1, m2 = ids_of(tok, first), ids_of(tok, between)
+    t1, t2 = ids_of(tok, "hi! how can I help?"), ids_of(tok, "Blue is a colour.")
+    assert m1[0] == bos and m1.count(eot) == 1 and m2.count(eot) == 1  # the user turns' <|eot_id|>, masked
+    assert example["input_ids"] == m1 + t1 + [eot] + m2 + t2 + [eot]
+    assert example["labels"] == [IGNORE_INDEX] * len(m1) + t1 + [eot] + [IGNORE_INDEX] * len(m2) + t2 + [eot]
+    assert example["input_ids"].count(bos) == 1 and 1 not in example["input_ids"]  # no <|end_of_text|> anywhere
+    # The training sequence is the template's own rendering (which ends right after <|eot_id|>).
+    assert tok.decode(example["input_ids"]) == tok.apply_chat_template(TWO_TURNS["messages"], tokenize=False)
+
+
+@pytest.mark.parametrize("eos", ["<|endoftext|>", "<|im_end|>"], ids=["base", "instruct"])
+def test_chatml_chat_ends_each_turn_with_im_end_and_no_extra_eos(eos):
+    tok = qwen25_tokenizer(eos)
+    im_end, endoftext = 2, 0
+    assert tok.convert_tokens_to_ids("<|im_end|>") == im_end and tok.bos_token_id is None
+
+    prompt, response = render_example(TWO_TURNS, "chat", tok)
+    example = tokenize_example(TWO_TURNS, "chat", tok, max_seq_len=512)
+
+    first = (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
+    )
+    between = "\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt == first + "hi! how can I help?<|im_end|>" + between
+    assert prompt == tok.apply_chat_template(TWO_TURNS["messages"][:3], add_generation_prompt=True, tokenize=False)
+    assert response == "Blue is a colour."
+    m1, m2 = ids_of(tok, first), ids_of(tok, between)
+    t1, t2 = ids_of(tok, "hi! how can I help?"), ids_of(tok, "Blue is a colour.")
+    assert m1.count(im_end) == 2 and m2.count(im_end) == 1  # system and user turns' <|im_end|>, masked
+    assert example["input_ids"] == m1 + t1 + [im_end] + m2 + t2 + [im_end]
+    assert example["labels"] == [IGNORE_INDEX] * len(m1) + t1 + [im_end] + [IGNORE_INDEX] * len(m2) + t2 + [im_end]
+    assert endoftext not in example["input_ids"]
+    # The template's rendering, less the "\n" it writes after the last turn.
+    assert tok.decode(example["input_ids"]) + "\n" == tok.apply_chat_template(TWO_TURNS["messages"], tokenize=False)
 
 
 @pytest.mark.parametrize("fmt, record, field", [
