@@ -216,6 +216,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         help="prompt layout; auto = as the adapter was trained (qlora_lite.json), else the chat template if the tokenizer has one, else raw text",
     )
     generate.add_argument("--input", default="", metavar="TEXT", help="alpaca format only: the record's input field (what the instruction is about)")
+    generate.add_argument(
+        "--system", default="", metavar="TEXT",
+        help="chat format only: the system message, as in training records (replaces the template's default system prompt)",
+    )
     generate.add_argument("--no-4bit", action="store_true", help="load the base unquantized instead of NF4")
     generate.add_argument("--allow-pickle", action="store_true", help="read an adapter_model.bin pickle (weights_only) if it is all an adapter has")
 
@@ -274,15 +278,18 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generate import (
         GenerationSettings,
         answer_prompts,
+        check_prompt_options,
         open_switcher,
         read_prompt_lines,
     )
 
     named, prompt = split_generate_inputs(args)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    if args.format != "auto":  # a known format is checked before the slow load; auto once the adapter's is read
+        check_prompt_options(args.format, args.input, args.system)
     switcher = open_switcher(named, args.base, load_in_4bit=not args.no_4bit, allow_pickle=args.allow_pickle)
     prompts = [prompt] if prompt is not None else read_prompt_lines(sys.stdin)
-    answer_prompts(switcher, prompts, settings, args.format, routed=bool(args.adapter), input_text=args.input)
+    answer_prompts(switcher, prompts, settings, args.format, routed=bool(args.adapter), input_text=args.input, system=args.system)
     return 0
 
 

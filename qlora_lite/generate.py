@@ -128,40 +128,51 @@ def resolve_prompt_format(fmt: str, trained_format: str | None, tokenizer: Any) 
     return "chat" if getattr(tokenizer, "chat_template", None) else "text"
 
 
-def build_prompt_ids(prompt: str, fmt: str, tokenizer: Any, input_text: str = "") -> list[int]:
+def build_prompt_ids(prompt: str, fmt: str, tokenizer: Any, input_text: str = "", system: str = "") -> list[int]:
     """The token ids training put before the response, for this prompt in format alpaca, chat or text.
 
     alpaca: BOS (if the tokenizer adds one) + the Alpaca no-input template around the prompt.
     chat: the chat template (the tokenizer's, else ``DEFAULT_CHAT_TEMPLATE``) of one user turn,
+    after a system turn when system is given (it replaces a template's default system prompt),
     with the generation prompt. text: BOS (if added) + the prompt, continued as it stands.
 
     Raises:
-        GenerationError: The prompt is empty, or the chat template cannot render it.
+        GenerationError: The prompt is empty, input_text or system do not belong to the format,
+            or the chat template cannot render it.
     """
     if not prompt.strip():
         raise GenerationError("the prompt is empty; pass some text to answer")
-    if input_text and fmt != "alpaca":
-        raise GenerationError(f"--input is the alpaca format's input field, but prompts are formatted as {fmt}; drop --input or pass --format alpaca")
+    check_prompt_options(fmt, input_text, system)
     try:
         if fmt == "text":
             # Training learns every token of a text record: the prompt is that record less its closing EOS.
             return tokenize_example({"text": prompt}, "text", tokenizer, NO_LENGTH_LIMIT)["input_ids"][:-1]
-        example = tokenize_example(build_prompt_record(prompt, fmt, input_text), fmt, tokenizer, NO_LENGTH_LIMIT)
+        example = tokenize_example(build_prompt_record(prompt, fmt, input_text, system), fmt, tokenizer, NO_LENGTH_LIMIT)
     except DataError as err:
         raise GenerationError(f"cannot format the prompt as {fmt}: {err}") from err
     start = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
     return example["input_ids"][:start]
 
 
-def build_prompt_record(prompt: str, fmt: str, input_text: str = "") -> dict[str, Any]:
+def check_prompt_options(fmt: str, input_text: str = "", system: str = "") -> None:
+    """Refuse a prompt option the format has no place for: --input is alpaca's, --system chat's."""
+    if input_text and fmt != "alpaca":
+        raise GenerationError(f"--input is the alpaca format's input field, but prompts are formatted as {fmt}; drop --input or pass --format alpaca")
+    if system and fmt != "chat":
+        raise GenerationError(f"--system is the chat format's system message, but prompts are formatted as {fmt}; drop --system or pass --format chat")
+
+
+def build_prompt_record(prompt: str, fmt: str, input_text: str = "", system: str = "") -> dict[str, Any]:
     """A training record in format alpaca or chat whose prompt is this text and whose answer is a placeholder.
 
-    input_text fills alpaca's optional input field (the template with "### Input:").
+    input_text fills alpaca's optional input field (the template with "### Input:"); system opens a
+    chat with a system message.
     """
     if fmt == "alpaca":
         return {"instruction": prompt, "input": input_text, "output": PLACEHOLDER_ANSWER}
     if fmt == "chat":
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": PLACEHOLDER_ANSWER}]}
+        opening = [{"role": "system", "content": system}] if system else []
+        return {"messages": [*opening, {"role": "user", "content": prompt}, {"role": "assistant", "content": PLACEHOLDER_ANSWER}]}
     raise GenerationError(f"unknown prompt format {fmt!r}; use one of {', '.join(DATA_FORMATS)}")
 
 
@@ -368,6 +379,7 @@ class AdapterSwitcher:
         fmt: str = "auto",
         stream: bool = False,
         input_text: str = "",
+        system: str = "",
     ) -> str:
         """Answer a prompt with the named adapter (None: the plain base), formatted as it was trained.
 
@@ -378,11 +390,12 @@ class AdapterSwitcher:
             fmt: ``auto`` (the adapter's training format), ``chat``, ``alpaca`` or ``text``.
             stream: Also print the answer to stdout as it is generated.
             input_text: The alpaca format's input field (the text the instruction is about).
+            system: The chat format's system message (replaces the template's default one, if any).
 
         Returns:
             The answer's text.
         """
-        prompt_ids = build_prompt_ids(prompt, self.prompt_format(adapter, fmt), self.tokenizer, input_text)
+        prompt_ids = build_prompt_ids(prompt, self.prompt_format(adapter, fmt), self.tokenizer, input_text, system)
         self.use(adapter)
         return generate_answer(self.active_model, self.tokenizer, prompt_ids, settings or GenerationSettings(), stream)
 
@@ -501,6 +514,7 @@ def answer_prompts(
     fmt: str = "auto",
     routed: bool = False,
     input_text: str = "",
+    system: str = "",
 ) -> int:
     """Stream an answer to each prompt to stdout; returns the number answered.
 
@@ -514,6 +528,6 @@ def answer_prompts(
             print(f"[{adapter or BASE_NAME}] ", end="", flush=True)
         else:
             adapter, prompt = (switcher.names[0] if switcher.names else None), line
-        switcher.generate(prompt, adapter=adapter, settings=settings, fmt=fmt, stream=True, input_text=input_text)
+        switcher.generate(prompt, adapter=adapter, settings=settings, fmt=fmt, stream=True, input_text=input_text, system=system)
         answered += 1
     return answered

@@ -329,6 +329,51 @@ def test_chat_prompt_uses_the_template_with_the_generation_prompt(tokenizer):
     assert ids == training_prompt_ids(record, "chat", templated)
 
 
+# ChatML with Qwen's default system prompt, written whenever the conversation brings none.
+QWEN_STYLE_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_system_message_replaces_the_templates_default(tokenizer):
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = QWEN_STYLE_TEMPLATE
+    default = build_prompt_ids("Hi there", "chat", templated)
+    assert default == tokenizer("<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    ids = build_prompt_ids("Hi there", "chat", templated, system="Answer as a pirate.")
+    text = "<|im_start|>system\nAnswer as a pirate.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "You are Qwen" not in templated.decode(ids) and "Answer as a pirate." in templated.decode(ids)
+    # exactly the prompt training put before the answer of a record with that system message
+    record = {"messages": [{"role": "system", "content": "Answer as a pirate."}, {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Arr"}]}
+    assert ids == training_prompt_ids(record, "chat", templated)
+    # no template of its own: the default one renders the system turn like any other
+    assert build_prompt_ids("Hi there", "chat", tokenizer, system="Be brief.") == tokenizer(
+        "<|system|>\nBe brief.</s>\n<|user|>\nHi there</s>\n<|assistant|>\n", add_special_tokens=False
+    )["input_ids"]
+    for fmt in ("alpaca", "text"):
+        with pytest.raises(GenerationError, match=rf"--system is the chat format's system message, but prompts are formatted as {fmt}; drop --system or pass --format chat"):
+            build_prompt_ids("Hi there", fmt, tokenizer, system="Be brief.")
+
+
+def test_cli_system_message(tiny_llama_dir, adapter_dirs, capsys, monkeypatch):
+    switcher = open_switcher({"a": adapter_dirs["a"]}, load_in_4bit=False)
+    settings = GenerationSettings(max_new_tokens=5)
+    with_system = switcher.generate("Name a colour.", adapter="a", settings=settings, fmt="chat", system="Answer in French.")
+    assert with_system != switcher.generate("Name a colour.", adapter="a", settings=settings, fmt="chat")  # the system message is seen
+    argv = ["generate", str(adapter_dirs["a"]), "Name a colour.", "--no-4bit", "--max-new-tokens", "5"]
+    assert cli.main([*argv, "--format", "chat", "--system", "Answer in French."]) == 0
+    assert capsys.readouterr().out == with_system + "\n"
+    # adapter a was trained on alpaca records: a system message has no place in its prompts
+    err = cli_error([*argv, "--system", "Answer in French."], capsys)
+    assert "error: --system is the chat format's system message, but prompts are formatted as alpaca; drop --system or pass --format chat" in err
+    monkeypatch.setattr(AdapterSwitcher, "from_base", pytest.fail)  # an explicit format is checked before the slow load
+    err = cli_error([*argv, "--format", "text", "--system", "Answer in French."], capsys)
+    assert "error: --system is the chat format's system message, but prompts are formatted as text" in err
+
+
 def test_text_prompt_is_the_raw_text(tokenizer):
     raw = tokenizer("the quick brown fox", add_special_tokens=False)["input_ids"]
     assert build_prompt_ids("the quick brown fox", "text", tokenizer) == raw
