@@ -350,8 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         return commands[args.command](args)
     except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        # A stopped run (SIGINT, SIGTERM) is not an error: it says where it stopped and exits 130 / 143.
+        code = getattr(err, "exit_code", 2)
+        print(f"error: {err}" if code == 2 else str(err), file=sys.stderr)
+        return code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, merging): nothing half-written is kept
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def quiet_library_progress_bars() -> None:
