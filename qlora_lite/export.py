@@ -45,6 +45,7 @@ from .adapters import (
     read_adapter_weights,
 )
 from .config import LoRAConfig, ModelConfig, QuantConfig
+from .generate import find_end_of_turn_id
 from .memory import read_peak_rss_bytes
 from .quant import (
     DTYPES,
@@ -618,4 +619,22 @@ def write_model_files(base_path: str, tokenizer_dir: Path, out_dtype: str, tmp: 
         shutil.copyfile(generation, tmp / "generation_config.json")
     else:
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(tmp))).save_pretrained(str(tmp))
-    load_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)), str(tokenizer_dir)).save_pretrained(str(tmp))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)), str(tokenizer_dir))
+    tokenizer.save_pretrained(str(tmp))
+    add_eos_ids(tmp / "generation_config.json", [tokenizer.eos_token_id, find_end_of_turn_id(tokenizer)])
+
+
+def add_eos_ids(generation_config: Path, eos_ids: list[int | None]) -> None:
+    """Add ids to generation_config.json's eos_token_id (after those it lists), so that servers stop there.
+
+    A chat adapter ends its answers with the template's end-of-turn token (Llama-3 <|eot_id|>);
+    a base model's generation config names only its EOS (<|end_of_text|>), so vLLM, TGI and
+    transformers would otherwise run on past the end of the turn.
+    """
+    config = json.loads(generation_config.read_text())
+    listed = config.get("eos_token_id")
+    listed = listed if isinstance(listed, list) else [listed] if listed is not None else []
+    merged = list(dict.fromkeys([*listed, *(i for i in eos_ids if i is not None)]))
+    if merged != listed:
+        config["eos_token_id"] = merged if len(merged) > 1 else merged[0]
+        generation_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -41,7 +41,7 @@ from .adapters import (
 )
 from .bottleneck import apply_bottleneck, check_bottleneck_fits, read_bottleneck_config, remove_bottleneck
 from .config import BottleneckConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, SelectiveConfig
-from .data import IGNORE_INDEX, DataError, tokenize_example
+from .data import IGNORE_INDEX, DataError, find_end_of_turn_token, tokenize_example
 from .lora import remove_lora
 from .prompt_tuning import PROMPT_KEY, SoftPromptModel, check_prompt_fits, is_soft_prompt, read_prompt_config, read_soft_prompt
 from .quant import load_base_model, load_tokenizer
@@ -182,7 +182,7 @@ def build_prompt_record(prompt: str, fmt: str, input_text: str = "", system: str
 
 
 def build_generate_kwargs(settings: GenerationSettings, tokenizer: Any, model: nn.Module) -> dict[str, Any]:
-    """Arguments for ``model.generate``: greedy or sampling, the KV cache on, stop at EOS."""
+    """Arguments for ``model.generate``: greedy or sampling, the KV cache on, stop at EOS or the end of a chat turn."""
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_new_tokens,
         "use_cache": True,  # load_base_model turns the cache off for training; decoding needs it
@@ -198,13 +198,22 @@ def build_generate_kwargs(settings: GenerationSettings, tokenizer: Any, model: n
 
 
 def collect_eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
-    """The tokenizer's EOS (training ends every answer with it) plus any the model's generation config adds."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    """The ids an answer ends with: the tokenizer's EOS, the chat template's end of turn, any the model's generation config adds.
+
+    Training ends a chat answer with the token the template writes after an assistant turn
+    (Llama-3 ``<|eot_id|>``, ChatML ``<|im_end|>``), which on a base tokenizer is not its EOS
+    (``<|end_of_text|>``, ``<|endoftext|>``); other answers end with EOS.
+    """
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for eos in configured if isinstance(configured, list) else [configured]:
-        if eos is not None and eos not in ids:
-            ids.append(eos)
-    return ids
+    candidates = [tokenizer.eos_token_id, find_end_of_turn_id(tokenizer), *(configured if isinstance(configured, list) else [configured])]
+    return list(dict.fromkeys(i for i in candidates if i is not None))
+
+
+def find_end_of_turn_id(tokenizer: Any) -> int | None:
+    """The id of the token the tokenizer's chat template closes an assistant turn with; None without one."""
+    token = find_end_of_turn_token(tokenizer)
+    token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+    return None if token_id is None or token_id == tokenizer.unk_token_id else token_id
 
 
 @torch.no_grad()

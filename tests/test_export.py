@@ -269,6 +269,30 @@ def test_missing_base_folder_says_pass_base(tiny_llama_dir, tmp_path):
         merge_adapter(adapter, tmp_path / "merged", base=str(tmp_path / "gone"))
 
 
+def test_merged_generation_config_stops_at_the_chat_end_of_turn(tiny_llama_dir, tmp_path):
+    """A chat adapter trained on a base tokenizer (EOS </s>, turns closed by <|eot_id|>): the merged model's
+    generation_config.json lists both, so transformers (and vLLM, TGI) stop at the end of the turn."""
+    from test_generate import ScriptedHead, save_llama3_style_tokenizer
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    eot = save_llama3_style_tokenizer(adapter)
+    merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
+    generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [3, eot] and generation["bos_token_id"] == 2  # the base's EOS first, the rest as it was
+    assert json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    model.lm_head = ScriptedHead([40, 41, eot, 42])
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([[2, 50, 60]]), max_new_tokens=8, do_sample=False)  # its own generation config
+    assert out[0, 3:].tolist() == [40, 41, eot]
+
+    # without a chat template the base's generation config is copied as it was
+    plain = make_adapter(tiny_llama_dir, tmp_path / "plain")
+    merge_adapter(plain, tmp_path / "merged-plain", dtype="fp32", verify=False)
+    assert (tmp_path / "merged-plain" / "generation_config.json").read_text() == (tiny_llama_dir / "generation_config.json").read_text()
+
+
 def test_fp16_overflow_is_an_error_not_inf(tiny_llama_dir, tmp_path):
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", std=1e6)  # deltas ~1e5 > 65504
     with pytest.raises(ExportError, match="beyond fp16's range.*--dtype bf16"):

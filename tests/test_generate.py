@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qlora_lite import cli
@@ -29,7 +30,7 @@ from qlora_lite.generate import (
 from qlora_lite.lora import apply_lora, lora_layers
 from qlora_lite.prompt_tuning import SoftPromptModel, apply_prompt_tuning, load_soft_prompt, save_soft_prompt
 from qlora_lite.quant import load_base_model, load_tokenizer
-from qlora_lite.tiny import build_tiny_model
+from qlora_lite.tiny import build_tiny_model, build_tokenizer
 from qlora_lite.train import fit
 
 BOS, EOS = 2, 3
@@ -262,6 +263,56 @@ def test_sampling_settings_and_seeded_reproducibility(tiny_llama_dir, tokenizer)
     greedy_ids = generate_ids(model, tokenizer, prompt, GenerationSettings(max_new_tokens=12))
     assert runs[0] == runs[1]  # same seed, same sample
     assert runs[0] != runs[2] and runs[0] != greedy_ids  # sampling really samples
+
+
+# A Llama-3-style template: every turn ends in <|eot_id|>, while the *base* tokenizer's EOS is another token.
+LLAMA3_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def save_llama3_style_tokenizer(folder) -> int:
+    """Save into folder (beside an adapter, as training does) a tokenizer like Llama-3's base one, for the tiny
+    models: EOS </s> (id 3, the models' eos_token_id), chat turns closed by <|eot_id|>. Returns <|eot_id|>'s id."""
+    tok = build_tokenizer(["the quick brown fox jumps over the lazy dog", "Name a colour. Blue is a colour."] * 20, folder, vocab_size=200)
+    tok.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+    tok.chat_template = LLAMA3_STYLE_TEMPLATE
+    tok.save_pretrained(str(folder))
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert tok.eos_token_id == EOS and EOS < eot < 256  # a token the tiny models (vocab 256) can emit
+    return eot
+
+
+class ScriptedHead(nn.Module):
+    """An LM head that picks script[k] at the k-th decoding step (the last one from then on)."""
+
+    def __init__(self, script: list[int], vocab_size: int = 256) -> None:
+        super().__init__()
+        self.script, self.vocab_size, self.calls = script, vocab_size, 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, V)
+        token = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size, dtype=hidden.dtype, device=hidden.device)
+        logits[..., token] = 10.0
+        return logits
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn(adapter_dirs, tmp_path):
+    folder = copy_adapter(adapter_dirs["a"], tmp_path / "chat")
+    eot = save_llama3_style_tokenizer(folder)
+    switcher = open_switcher({"chat": folder}, load_in_4bit=False)  # the tokenizer saved beside the adapter
+    switcher.use("chat")
+    assert build_generate_kwargs(GenerationSettings(), switcher.tokenizer, switcher.model)["eos_token_id"] == [EOS, eot]
+    words = switcher.tokenizer(" quick brown fox", add_special_tokens=False)["input_ids"]
+    script = [*words, eot, *words]  # an answer, the end of the turn, then what an unstopped model rambles on with
+    switcher.model.lm_head = ScriptedHead(script)
+    prompt = build_prompt_ids("Name a colour.", "chat", switcher.tokenizer)
+    assert generate_ids(switcher.model, switcher.tokenizer, prompt, GenerationSettings(max_new_tokens=12)) == [*words, eot]
+    switcher.model.lm_head = ScriptedHead(script)
+    answer = switcher.generate("Name a colour.", adapter="chat", settings=GenerationSettings(max_new_tokens=12), fmt="chat")
+    assert answer == switcher.tokenizer.decode(words) and answer.strip() == "quick brown fox"
 
 
 @pytest.mark.parametrize(
