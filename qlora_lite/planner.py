@@ -162,8 +162,7 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}
     trainable_dtype = {"lora": cfg.lora.dtype, "prompt_tuning": cfg.prompt.dtype, "adapter": cfg.bottleneck.dtype}.get(cfg.method, "bfloat16")
     trainable_bytes = sum(trainable) * dtype_bytes[trainable_dtype]
-    eight_bit = "8bit" in cfg.train.optimizer
-    optimizer = sum(2 * n * (1 if eight_bit and n >= BNB_8BIT_MIN_SIZE else 4) for n in trainable)
+    optimizer = estimate_optimizer_bytes(trainable, cfg.train.optimizer)
     return {
         "nf4": nf4, "constants": constants, "unquantized": unquantized, "trainable_params": sum(trainable),
         "trainable_bytes": trainable_bytes, "gradient_bytes": trainable_bytes, "optimizer_bytes": optimizer,
@@ -237,6 +236,13 @@ def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch
         optimizer_bytes=parts["optimizer_bytes"], activation_bytes=activations, logits_bytes=logits, cuda_context_bytes=CUDA_CONTEXT_BYTES,
         total_bytes=total, vram_bytes=vram_bytes, fits=total <= vram_bytes, micro_batch_size=micro_batch, max_seq_len=seq_len,
     )  # fmt: skip
+
+
+def estimate_optimizer_bytes(numels: list[int], optimizer: str) -> int:
+    """AdamW's two moments for tensors of these sizes: 1 byte each in 8-bit (bitsandbytes keeps
+    small tensors in 32-bit), else 4."""
+    eight_bit = "8bit" in optimizer
+    return sum(2 * n * (1 if eight_bit and n >= BNB_8BIT_MIN_SIZE else 4) for n in numels)
 
 
 def search_largest(fits, step: int = 1, limit: int = 1 << 20) -> int:

@@ -9,12 +9,18 @@ A run's output folder:
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import random
 import shutil
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,7 +31,7 @@ from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
 from .methods import attach_method, load_method, save_method
-from .planner import choose_micro_batch
+from .planner import choose_micro_batch, estimate_optimizer_bytes
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
 from .doctor import collect_environment
@@ -40,6 +46,16 @@ KILL_AT_STEP_ENV = "QLORA_LITE_KILL_AT_STEP"
 class TrainingError(RuntimeError):
     """A run stopped for a reason the user can act on; the message says what was kept and what to do."""
 
+    exit_code = 2
+
+
+class TrainingStopped(TrainingError):
+    """The run was asked to stop (SIGINT, SIGTERM); exit code 128 + the signal number, as shells report it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
 
 # ---------------------------------------------------------------------------- the loop
 
@@ -47,7 +63,7 @@ class TrainingError(RuntimeError):
 def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Train the recipe's adapter; returns the run summary (also the last line of metrics.jsonl)."""
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resume, overwrite)
+    check_output_dir(out, resume, overwrite)  # writes nothing: every cheap check comes before the first write
     device = pick_device()
     if device.type == "cpu" and cfg.train.cpu_threads:
         # Tiny matrices gain nothing from a second thread, and spinning threads stall badly
@@ -58,13 +74,27 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         # fp16 gradient scaling cannot unscale fp16 parameters: keep the adapter in fp32 on such GPUs.
         print(f"note: fp16 mixed precision needs fp32 adapter weights; using lora.dtype=float32 instead of {cfg.lora.dtype}")
         cfg.lora.dtype = "float32"
+
+    # --- data, read and checked before the model: a bad record costs seconds, not a model load
+    base_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, base_path)
+    train_examples, eval_examples = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
+    # Resolved before the resume check and config.yaml: a run records the sizes it really used.
     if cfg.train.micro_batch_size == "auto":
-        # Resolved before the resume check and config.yaml: a run records the size it really used.
-        cfg.train.micro_batch_size, plan = choose_micro_batch(cfg, device, resolve_model_path(cfg.model))
-        print(f"train.micro_batch_size auto -> {cfg.train.micro_batch_size} (planner: {plan.largest_micro_batch} fit in {plan.vram_bytes / 2**30:.1f} GiB)")
+        cfg.train.micro_batch_size = choose_auto_micro_batch(cfg, device, base_path, len(train_examples))
+    if len(train_examples) < cfg.train.micro_batch_size:
+        raise TrainingError(
+            f"only {len(train_examples)} training examples for train.micro_batch_size={cfg.train.micro_batch_size}; "
+            "lower the micro-batch size or add data"
+        )
+    if cfg.train.epochs is not None:
+        cfg.train.max_steps = steps_for_epochs(cfg, len(train_examples))
     # Read the checkpoint before anything is loaded or written: a resume that cannot work fails in seconds.
     checkpoint = find_latest_checkpoint(out) if resume else None
     state = read_trainer_state(checkpoint, cfg) if checkpoint else None
+
+    # --- the run really starts: from here on it writes into output_dir
+    prepare_output_dir(out, resume, overwrite)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     save_config(cfg, out / "config.yaml")
@@ -76,8 +106,6 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     metrics.write({"event": "environment", **collect_environment()})
 
     # --- model: frozen base (4-bit or not) + what the method trains, fresh or from the newest checkpoint
-    base_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, base_path)
     unquantized = cfg.selective.unquantized_modules if cfg.method == "selective" else None
     model = load_base_model(cfg.model, cfg.quant, device, base_path, skip_modules=unquantized)
     if cfg.model.gradient_checkpointing:
@@ -87,14 +115,6 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     print(format_memory_report(report, "start"))
     metrics.write({"event": "memory", "when": "start", **report})
 
-    # --- data
-    train_examples, eval_examples = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
-    if len(train_examples) < cfg.train.micro_batch_size:
-        raise TrainingError(
-            f"only {len(train_examples)} training examples for train.micro_batch_size={cfg.train.micro_batch_size}; "
-            "lower the micro-batch size or add data"
-        )
-
     # --- optimizer, schedule, accelerate
     from accelerate import Accelerator
 
@@ -103,11 +123,21 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     optimizer = build_optimizer(trainable, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    checkpoint_bytes = estimate_checkpoint_bytes(trainable, cfg.train.optimizer)
+    warn_if_disk_is_short(out, cfg, checkpoint_bytes)
     step, micro_batches_seen, first_eval = 0, 0, None
     if state:
         step, micro_batches_seen, first_eval = restore_trainer_state(state, cfg, optimizer, scheduler, accelerator)
         print(f"resumed from {checkpoint} at step {step}")
         metrics.write({"event": "resume", "step": step, "checkpoint": str(checkpoint)})
+        if state["config"]["train"]["max_steps"] != cfg.train.max_steps and cfg.train.lr_scheduler != "constant":
+            note = (
+                f"train.max_steps changed from {state['config']['train']['max_steps']} to {cfg.train.max_steps}: the "
+                f"{cfg.train.lr_scheduler} schedule is rebuilt over the new length, so the LR at step {step} is now "
+                f"{scheduler.get_last_lr()[0]:.3g} (it was {state['scheduler']['_last_lr'][0]:.3g})"
+            )
+            print(f"note: {note}")
+            metrics.write({"event": "note", "step": step, "note": note})
 
     def next_micro_batch() -> dict[str, torch.Tensor]:
         nonlocal micro_batches_seen
@@ -131,48 +161,60 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     # --- the loop: accumulate grad_accum_steps micro-batches, clip, step
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
     window_tokens, window_start, last_checkpoint = 0, time.perf_counter(), checkpoint
-    model.train()
-    while step < cfg.train.max_steps:
-        micro_batches = [next_micro_batch() for _ in range(cfg.train.grad_accum_steps)]
-        # Weight each micro-batch by its share of the step's target tokens, so the step's loss is
-        # the mean over all its tokens, as one big batch would give.
-        targets = [count_targets(b["labels"]) for b in micro_batches]
-        total_targets = max(sum(targets), 1)
-        step_loss = 0.0
-        lr = scheduler.get_last_lr()[0]  # the LR this step uses
-        try:
-            for batch, n_targets in zip(micro_batches, targets):
-                with accelerator.autocast():
-                    # use_cache=False also matters for packing: with a cache, transformers skips
-                    # the position_ids-based detection that keeps attention inside each example.
-                    loss = model(**batch, use_cache=False).loss
-                check_finite(loss, step + 1, last_checkpoint)
-                accelerator.backward(loss * n_targets / total_targets)
-                step_loss += loss.item() * n_targets / total_targets
-                window_tokens += count_tokens(batch)
-            grad_norm = clip_gradients(accelerator, trainable, cfg.train.max_grad_norm)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        except torch.OutOfMemoryError as err:
-            raise TrainingError(out_of_memory_message(step + 1, device, last_checkpoint)) from err
-        step += 1
 
-        # --- log, evaluate, checkpoint
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-            metrics.write(record)
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=format_memory_short(device))
-            window_tokens, window_start = 0, time.perf_counter()
-        bar.update(1)
-        if eval_examples and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            evaluate_now()
-        if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == cfg.train.max_steps):
-            trainer_state = build_trainer_state(cfg, step, micro_batches_seen, first_eval, optimizer, scheduler, accelerator)
-            last_checkpoint = save_checkpoint(out, model, cfg, base_path, trainer_state)
-        maybe_kill_for_test(step)
+    def checkpoint_now() -> Path:
+        trainer_state = build_trainer_state(cfg, step, micro_batches_seen, first_eval, optimizer, scheduler, accelerator)
+        return save_checkpoint(out, model, cfg, base_path, trainer_state, checkpoint_bytes)
+
+    stop = StopRequest(out)
+    model.train()
+    with stop.listening():
+        while step < cfg.train.max_steps:
+            micro_batches = [next_micro_batch() for _ in range(cfg.train.grad_accum_steps)]
+            # Weight each micro-batch by its share of the step's target tokens, so the step's loss is
+            # the mean over all its tokens, as one big batch would give.
+            targets = [count_targets(b["labels"]) for b in micro_batches]
+            total_targets = max(sum(targets), 1)
+            step_loss = 0.0
+            lr = scheduler.get_last_lr()[0]  # the LR this step uses
+            try:
+                for batch, n_targets in zip(micro_batches, targets):
+                    with accelerator.autocast():
+                        # use_cache=False also matters for packing: with a cache, transformers skips
+                        # the position_ids-based detection that keeps attention inside each example.
+                        loss = model(**batch, use_cache=False).loss
+                    check_finite(loss, step + 1, last_checkpoint)
+                    accelerator.backward(loss * n_targets / total_targets)
+                    step_loss += loss.item() * n_targets / total_targets
+                    window_tokens += count_tokens(batch)
+                grad_norm = clip_gradients(accelerator, trainable, cfg.train.max_grad_norm)
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            except torch.OutOfMemoryError as err:
+                raise TrainingError(out_of_memory_message(step + 1, device, last_checkpoint)) from err
+            step += 1
+
+            # --- log, evaluate, checkpoint
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                metrics.write(record)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=format_memory_short(device))
+                window_tokens, window_start = 0, time.perf_counter()
+            bar.update(1)
+            if eval_examples and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                evaluate_now()
+            if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == cfg.train.max_steps):
+                last_checkpoint = checkpoint_now()
+            maybe_kill_for_test(step)
+            if stop.signum is not None:  # SIGINT / SIGTERM arrived: this step is done, keep it and go
+                if last_checkpoint is None or last_checkpoint.name != checkpoint_name(step):
+                    last_checkpoint = checkpoint_now()
+                bar.close()
+                metrics.write({"event": "stopped", "step": step, "signal": signal.Signals(stop.signum).name, "checkpoint": str(last_checkpoint)})
+                raise TrainingStopped(f"stopped at step {step}; checkpoint {last_checkpoint}; continue with --resume", stop.signum)
     bar.close()
 
     # --- after training: final eval, adapter, memory report, summary
@@ -181,7 +223,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         last_eval = evaluate_now(with_task_metric=True)
         summary.update({f"final_{k}": v for k, v in last_eval.items() if k != "step"})
         summary.update({f"initial_{k}": v for k, v in (first_eval or {}).items() if k != "step"})
-    write_atomically(out / "adapter", lambda tmp: save_final_adapter(model, cfg, base_path, tokenizer, tmp))
+    write_or_explain(out / "adapter", lambda tmp: save_final_adapter(model, cfg, base_path, tokenizer, tmp), checkpoint_bytes, out)
     report = build_memory_report(model, device)
     print(format_memory_report(report, "end"))
     metrics.write({"event": "memory", "when": "end", **report})
@@ -230,7 +272,7 @@ def check_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) ->
         if last_checkpoint:
             kept = f"the last good checkpoint is {last_checkpoint}; continue from it with --resume"
         else:
-            kept = "no checkpoint had been written yet; start again with --overwrite"
+            kept = "no checkpoint had been written yet; after the fix, run the same command again (it starts over)"
         raise TrainingError(
             f"loss became {loss.item()} at step {step}; stopped without writing anything further. "
             f"Lower train.lr, raise train.warmup_steps, keep train.max_grad_norm on, or check the data; {kept}"
@@ -330,23 +372,137 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train over an earlier run unless asked to resume it or to start over."""
-    has_run = (out / "checkpoints").exists() or (out / "adapter").exists() or (out / "metrics.jsonl").exists()
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over a finished or checkpointed run unless asked to resume it or start over.
+
+    A run that stopped before its first checkpoint (a data error, a crash) left nothing to
+    resume, so running it again simply starts over. Writes nothing.
+    """
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output_dir {out} is a file, not a folder; choose another folder with output_dir=... or move the file away")
     has_checkpoint = find_latest_checkpoint(out) is not None
+    finished = (out / "adapter").exists()
     if resume and not has_checkpoint:
-        raise TrainingError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start again with --overwrite (or without --resume in a new output_dir)")
-    if has_run and not resume:
-        if not overwrite:
-            how = "pass --resume to continue it, " if has_checkpoint else "it has no checkpoint to resume; "
-            raise TrainingError(f"{out} already holds a run; {how}pass --overwrite to delete it and start over, or choose another folder with output_dir=...")
+        fix = "pass --overwrite to train it again" if finished else "run it again without --resume to start over"
+        raise TrainingError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; {fix}")
+    if (has_checkpoint or finished) and not resume and not overwrite:
+        how = "pass --resume to continue it, " if has_checkpoint else "it has finished; "
+        raise TrainingError(f"{out} already holds a run; {how}pass --overwrite to delete it and start over, or choose another folder with output_dir=...")
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Clear what a new run replaces (checked by check_output_dir first) and stale temporary folders."""
+    if overwrite and not resume:
         for name in ("checkpoints", "adapter"):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    elif not resume and (out / "metrics.jsonl").exists():
+        # A run that stopped before its first checkpoint: its log is kept beside the new one.
+        (out / "metrics.jsonl").replace(out / "metrics.previous.jsonl")
+        print(f"note: {out} held a run that stopped before its first checkpoint; starting it over (its log is now metrics.previous.jsonl)")
     out.mkdir(parents=True, exist_ok=True)
     for folder in (out, out / "checkpoints"):
         for stale in folder.glob(".*.tmp") if folder.exists() else []:
             shutil.rmtree(stale, ignore_errors=True)  # half-written by a killed run: never used
+
+
+def choose_auto_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str, n_examples: int) -> int:
+    """train.micro_batch_size auto: the planner's largest for this device, but never more than the data holds."""
+    size, plan = choose_micro_batch(cfg, device, base_path)
+    memory = f"the planner fits {plan.largest_micro_batch} in {plan.vram_bytes / 2**30:.1f} GiB"
+    if size > n_examples:
+        print(f"train.micro_batch_size auto -> {n_examples} ({memory}, but there are only {n_examples} training examples)")
+        return n_examples
+    print(f"train.micro_batch_size auto -> {size} ({memory})")
+    return size
+
+
+def steps_for_epochs(cfg: RecipeConfig, n_examples: int) -> int:
+    """train.epochs -> optimizer steps: each step takes micro_batch_size x grad_accum_steps examples."""
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    steps = max(1, math.ceil(cfg.train.epochs * n_examples / per_step))
+    print(
+        f"train.epochs {cfg.train.epochs:g} -> train.max_steps {steps} ({n_examples} training examples / "
+        f"(micro-batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accumulated) = {n_examples / per_step:.1f} steps per epoch)"
+    )
+    return steps
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, `timeout`, `docker stop`, spot preemption) during training.
+
+    The first signal only records itself: fit() finishes the optimizer step, writes a
+    checkpoint and stops. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise TrainingStopped(
+                f"stopped at once by a second Ctrl-C; the newest checkpoint in {self.out / 'checkpoints'} is kept; continue with --resume",
+                signum,
+            )
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    @contextmanager
+    def listening(self) -> Iterator["StopRequest"]:
+        if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread only
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def estimate_checkpoint_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
+    """Bytes of one checkpoint: the trainable tensors plus the optimizer's two moments (and a margin)."""
+    tensors = sum(p.numel() * p.element_size() for p in params)
+    return tensors + estimate_optimizer_bytes([p.numel() for p in params], optimizer) + 2**20
+
+
+def warn_if_disk_is_short(out: Path, cfg: RecipeConfig, checkpoint_bytes: int) -> None:
+    """Warn at the start when the disk cannot hold keep_checkpoints checkpoints plus the final adapter."""
+    kept = min(cfg.train.keep_checkpoints, math.ceil(cfg.train.max_steps / cfg.train.save_every)) if cfg.train.save_every else 0
+    # +1: a new checkpoint is written whole before the oldest is pruned
+    need = (kept + 1) * checkpoint_bytes + checkpoint_bytes
+    free = shutil.disk_usage(out).free
+    if free < need:
+        print(
+            f"warning: {out} has {free / 2**20:.0f} MiB free but this run needs about {need / 2**20:.0f} MiB "
+            f"({kept} checkpoints of {checkpoint_bytes / 2**20:.0f} MiB kept, one being written, and the final adapter); "
+            "free space, lower train.keep_checkpoints, raise train.save_every, or set output_dir on another disk",
+            file=sys.stderr,
+        )
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT, or torch.save's zip writer failing mid-file ("unexpected pos N vs M")."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in ("unexpected pos", "No space left", "file write failed"))
+
+
+def write_or_explain(final: Path, write: Callable[[Path], None], need_bytes: int, out: Path) -> Path:
+    """write_atomically, with a full disk turned into one line: what, where, bytes needed and free, what is kept."""
+    try:
+        return write_atomically(final, write)
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        latest = find_latest_checkpoint(out)
+        kept = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was written"
+        raise TrainingError(
+            f"disk full while writing {final.name} in {final.parent}: it needs about {need_bytes / 2**20:.1f} MiB and "
+            f"{shutil.disk_usage(final.parent).free / 2**20:.1f} MiB are free; {kept}. Free space, lower "
+            "train.keep_checkpoints, raise train.save_every, or set output_dir on another disk, then continue with --resume"
+        ) from err
 
 
 def check_plan(cfg: RecipeConfig, base_path: str, device: torch.device) -> dict:
@@ -398,7 +554,11 @@ def build_trainer_state(cfg: RecipeConfig, step: int, micro_batches_seen: int, f
     }
 
 
-def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, trainer_state: dict) -> Path:
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, trainer_state: dict, need_bytes: int = 0) -> Path:
     """Adapter + trainer state, written atomically; checkpoints beyond keep_checkpoints are pruned."""
 
     def write(folder: Path) -> None:
@@ -406,7 +566,7 @@ def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, trainer
         write_prompt_info(folder, cfg.data.format)  # a checkpoint can be tried with `generate` too
         torch.save(trainer_state, folder / STATE_NAME)
 
-    path = write_atomically(out / "checkpoints" / f"{CHECKPOINT_PREFIX}{trainer_state['step']:07d}", write)
+    path = write_or_explain(out / "checkpoints" / checkpoint_name(trainer_state["step"]), write, need_bytes, out)
     for old in list_checkpoints(out)[: -cfg.train.keep_checkpoints]:
         shutil.rmtree(old)
     return path
@@ -426,10 +586,10 @@ def find_latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-# Settings a resumed run may change: they steer the rest of the run, not what was already
-# learned. Anything else (model, quant, lora, data, batch shape, seed) would silently mix two runs.
+# Settings a resumed run may change: they steer the rest of the run (or only its speed, like
+# cpu_threads), not what was already learned. Anything else (model, quant, lora, data, batch shape, seed) would silently mix two runs.
 RESUMABLE_CHANGES = {
-    "train.max_steps", "train.lr", "train.weight_decay", "train.lr_scheduler", "train.warmup_steps",
+    "train.max_steps", "train.epochs", "train.cpu_threads", "train.lr", "train.weight_decay", "train.lr_scheduler", "train.warmup_steps",
     "train.max_grad_norm", "train.eval_every", "train.eval_max_batches", "train.exact_match_examples",
     "train.save_every", "train.keep_checkpoints", "train.log_every", "output_dir",
 }

@@ -147,7 +147,7 @@ def test_existing_run_is_not_overwritten_without_flag(tiny_llama_dir, tmp_path):
     cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 1, "data.eval_fraction": 0.0}))
     fit(cfg)
     before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(TrainingError, match="already holds a run.*no checkpoint to resume.*--overwrite"):
+    with pytest.raises(TrainingError, match="already holds a run; it has finished; pass --overwrite"):
         fit(cfg)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
     fit(cfg, overwrite=True)
@@ -203,9 +203,187 @@ def test_resumed_run_forgets_steps_past_its_checkpoint_and_keeps_initial_eval(ti
     assert find_latest_checkpoint(tmp_path / "run").name == "step-0000005"
 
 
-def test_failed_run_without_checkpoint_points_to_overwrite(tiny_llama_dir, tmp_path):
-    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.lr": 1e30, "train.warmup_steps": 0, "train.max_grad_norm": 0.0, "train.optimizer": "adamw"}))
-    with pytest.raises(TrainingError, match="no checkpoint had been written yet; start again with --overwrite"):
+def test_failed_run_without_checkpoint_is_rerun_without_overwrite(tiny_llama_dir, tmp_path, capsys):
+    bad = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.lr": 1e30, "train.warmup_steps": 0, "train.max_grad_norm": 0.0, "train.optimizer": "adamw"}))
+    with pytest.raises(TrainingError, match=r"no checkpoint had been written yet; after the fix, run the same command again \(it starts over\)"):
+        fit(bad)
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and not (tmp_path / "run" / "checkpoints").exists()
+    fixed = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 2}))
+    assert fit(fixed)["steps"] == 2  # no --overwrite needed: nothing was worth protecting
+    assert "stopped before its first checkpoint; starting it over" in capsys.readouterr().out
+    assert any(json.loads(line).get("event") == "environment" for line in (tmp_path / "run" / "metrics.previous.jsonl").read_text().splitlines())
+    with pytest.raises(TrainingError, match="already holds a run; it has finished; pass --overwrite"):
+        fit(fixed)  # a finished run is still protected
+
+
+
+
+# ---------------------------------------------------------------------------- cheap checks first
+
+
+def test_bad_record_fails_before_the_model_loads_and_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    from qlora_lite import train
+    from qlora_lite.data import DataError
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"instruction": "Repeat.", "output": "a"}) + "\n" + json.dumps({"instruction": "Repeat."}) + "\n")
+    monkeypatch.setattr(train, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before the data was checked"))
+    with pytest.raises(DataError, match="record 1 has no 'output' field"):
+        fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"data.path": str(data), "data.eval_fraction": 0.0})))
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_that_is_a_file_is_one_clear_error(tiny_llama_dir, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(TrainingError, match=r"output_dir .*run is a file, not a folder; choose another folder with output_dir=\.\.\. or move the file away"):
+        fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir)))
+    assert (tmp_path / "run").read_text() == "not a folder"
+
+
+def test_auto_micro_batch_is_capped_by_the_data(tiny_llama_dir, tmp_path, capsys):
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{
+        "train.micro_batch_size": "auto", "data.max_examples": 6, "data.eval_fraction": 0.0, "train.max_steps": 1,
+    }))  # fmt: skip
+    fit(cfg)
+    assert cfg.train.micro_batch_size == 6
+    out = capsys.readouterr().out
+    assert "train.micro_batch_size auto -> 6 (the planner fits" in out and "but there are only 6 training examples)" in out
+    assert load_config(str(tmp_path / "run" / "config.yaml")).train.micro_batch_size == 6  # the run records what it used
+
+
+def test_epochs_set_max_steps_from_the_data(tiny_llama_dir, tmp_path, capsys):
+    # 48 records, 12 held out: 36 training examples; micro-batch 4 x 1 -> 9 steps per epoch
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.epochs": 0.5}))
+    assert fit(cfg)["steps"] == 5  # ceil(0.5 x 36 / 4)
+    assert "train.epochs 0.5 -> train.max_steps 5 (36 training examples / (micro-batch 4 x 1 accumulated) = 9.0 steps per epoch)" in capsys.readouterr().out
+
+
+def test_resume_takes_new_cpu_threads_and_says_when_the_schedule_is_rebuilt(tiny_llama_dir, tmp_path, capsys):
+    common = {"train.save_every": 2, "train.lr_scheduler": "cosine"}
+    fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **common, **{"train.max_steps": 4})))
+    longer = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **common, **{"train.max_steps": 8, "train.cpu_threads": 1}))
+    assert fit(longer, resume=True)["steps"] == 8
+    out = capsys.readouterr().out
+    assert "note: train.max_steps changed from 4 to 8: the cosine schedule is rebuilt over the new length, so the LR at step 4 is now" in out
+    notes = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "note"]
+    assert len(notes) == 1 and notes[0]["step"] == 4
+
+
+def test_relative_base_path_is_stored_absolute_in_the_adapter(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"model.name_or_path": tiny_llama_dir.name, "train.max_steps": 1}))
+    fit(cfg)
+    stored = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert stored == str(tiny_llama_dir.resolve())
+
+
+def test_corrupt_base_weights_are_one_line_in_train(tiny_llama_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_llama_dir, broken)
+    for shard in broken.glob("*.safetensors"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    result = run_cli(["train", str(recipe), *recipe_overrides(tmp_path, broken)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: the weights in {broken} are corrupt or truncated (safetensors:")
+
+
+# ---------------------------------------------------------------------------- stopping and full disks
+
+
+def start_long_run(tmp_path, tiny_llama_dir) -> subprocess.Popen:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    args = recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 100000, "train.save_every": 1000})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "qlora_lite.cli", "train", str(recipe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_steps(run_dir, n: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and sum('"loss"' in line for line in path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"the run did not reach {n} steps in {timeout_s} s")
+
+
+@pytest.mark.parametrize("signum,exit_code", [(2, 130), (15, 143)])  # SIGINT (Ctrl-C), SIGTERM
+def test_signal_finishes_the_step_checkpoints_and_resumes(tiny_llama_dir, tmp_path, signum, exit_code):
+    proc = start_long_run(tmp_path, tiny_llama_dir)
+    wait_for_steps(tmp_path / "run", 3, proc)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == exit_code, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    checkpoint = find_latest_checkpoint(tmp_path / "run")
+    step = int(checkpoint.name.removeprefix("step-"))
+    assert last == f"stopped at step {step}; checkpoint {checkpoint}; continue with --resume"
+    # every step that finished was kept: the checkpoint is the last logged step
+    steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert step >= 3 and steps[-1] == step
+    stopped = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "stopped"]
+    assert stopped == [{**stopped[0], "step": step, "signal": {2: "SIGINT", 15: "SIGTERM"}[signum], "checkpoint": str(checkpoint)}]
+    recipe = tmp_path / "recipe.yaml"
+    resumed = run_cli(["train", str(recipe), "--resume", *recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": step + 2, "train.save_every": 1000})])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {checkpoint} at step {step}" in resumed.stdout
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path):
+    import signal
+
+    from qlora_lite.train import StopRequest, TrainingStopped
+
+    stop = StopRequest(tmp_path)
+    stop.handle(signal.SIGINT, None)
+    assert stop.signum == signal.SIGINT  # the first only asks
+    with pytest.raises(TrainingStopped, match="stopped at once by a second Ctrl-C") as err:
+        stop.handle(signal.SIGINT, None)
+    assert err.value.exit_code == 130
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
+    from qlora_lite import train
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the second checkpoint meets a full disk, as torch's zip writer reports it
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 996736 vs 996624")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train.torch, "save", save_until_the_disk_fills)
+    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.save_every": 2, "train.max_steps": 6}))
+    with pytest.raises(TrainingError) as err:
         fit(cfg)
-    with pytest.raises(TrainingError, match="it has no checkpoint to resume; pass --overwrite"):
-        fit(cfg)
+    message = str(err.value)
+    first = tmp_path / "run" / "checkpoints" / "step-0000002"
+    assert message.startswith(f"disk full while writing step-0000004 in {tmp_path / 'run' / 'checkpoints'}: it needs about ")
+    assert f"MiB are free; the last complete checkpoint is {first}." in message
+    assert "train.keep_checkpoints" in message and "train.save_every" in message and "output_dir" in message and "\n" not in message
+    assert find_latest_checkpoint(tmp_path / "run") == first
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]  # no half-written folder
+
+
+def test_short_disk_is_warned_at_start(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import collections
+
+    from qlora_lite import train
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))  # 1 MiB free
+    fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 1})))
+    err = capsys.readouterr().err
+    assert "warning: " in err and "has 1 MiB free but this run needs about" in err and "lower train.keep_checkpoints" in err
