@@ -29,6 +29,9 @@ FORMAT_VERSION = 1  # qlora_lite_format of SELECTIVE/BOTTLENECK folders: bump wh
 PROMPT_INFO_NAME = "qlora_lite.json"  # beside the adapter: how training formatted prompts (PEFT ignores it)
 DATA_FORMATS = ("alpaca", "chat", "text")
 ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# What a Hugging Face hub model id can look like: "name" or "owner/name", never a path from "/", "." or "~".
+HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
+HUB_TIMEOUT_S = 10  # asking the hub whether it has the base must not hang a command when it does not answer
 
 # adapter_config.json keys whose value we read or that cannot change what a plain LoRA layer
 # computes. Any other key (DoRA, PiSSA/OLoRA init, aLoRA, rank patterns, ...) must hold its
@@ -113,24 +116,74 @@ def read_prompt_info(adapter_dir: str | Path) -> dict[str, Any]:
 def find_base_model(adapter_dir: str | Path, peft_config: dict[str, Any], base: str | None = None) -> str:
     """The base to put the adapter on: `base` if given, else the one adapter_config.json names.
 
-    A local path that no longer exists is refused here, before any slow load; `demo:` names
-    resolve to the cached demo base. Hub ids are returned as they are.
+    A folder (absolute, or relative to the current directory) is used as it is, and `demo:`
+    names resolve to the cached demo base. A name that is no folder here is refused before any
+    slow load unless it can be a hub id (no leading "/", "." or "~", at most one "/") that the
+    hub, or its local cache, has: an adapter trained elsewhere, or whose base has moved, names a
+    folder this machine does not have, and the hub's "not found" would only mislead.
+
+    Raises:
+        AdapterError: No base is named, or the one named is neither a folder here nor on the hub.
     """
     name = base or peft_config.get("base_model_name_or_path")
     if not name:
-        raise AdapterError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path); pass --base PATH")
+        raise AdapterError(f"{adapter_dir}/{CONFIG_NAME} names no base model (base_model_name_or_path); pass --base PATH")
     if name.startswith("demo:"):
         from .config import ModelConfig
         from .quant import resolve_model_path
 
         return resolve_model_path(ModelConfig(name_or_path=name))
-    if not Path(name).expanduser().exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
-        named_by = "--base" if base else f"{adapter_dir}/adapter_config.json"
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path) if name.startswith("~") else name
+    where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+    if not HUB_ID.fullmatch(name):
+        if base:
+            raise AdapterError(
+                f"--base names base model {name}, which does not exist on this machine; "
+                "pass --base PATH pointing at the model the adapter was trained on"
+            )
         raise AdapterError(
-            f"{named_by} names base model {name}, which does not exist on this machine; "
-            "pass --base PATH pointing at the model the adapter was trained on"
+            f"the adapter's base {name} ({adapter_dir}/{CONFIG_NAME} base_model_name_or_path) is not a folder here{where}; "
+            "it may have moved: pass --base PATH"
         )
-    return name
+    problem = find_hub_problem(name)
+    if problem is None:
+        return name
+    check = "check its spelling, the network, or your login (hf auth login) for a private model"
+    if base:
+        raise AdapterError(
+            f"--base {name} is not a folder here{where} nor a model on the Hugging Face hub ({problem}): "
+            f"pass the base model's folder, or a hub id the hub has ({check})"
+        )
+    raise AdapterError(
+        f"the adapter's base {name} ({adapter_dir}/{CONFIG_NAME} base_model_name_or_path) is not a folder here{where} "
+        f"nor a model on the Hugging Face hub ({problem}): if it is a folder that moved or was relative to where "
+        f"training ran, pass --base PATH; if it is a hub id, {check}"
+    )
+
+
+def find_hub_problem(repo_id: str) -> str | None:
+    """None when the Hugging Face hub has a model of this id (in the local cache, or answering); else why not, in words."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None  # downloaded before: transformers loads it from the cache, online or not
+    except ValueError:  # not a valid repo id after all (HFValidationError): the hub cannot have it
+        return "not a valid hub id"
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so the hub was not asked"
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return None  # it exists; loading says how to get access
+    except RepositoryNotFoundError:
+        return "the hub has no public model of that id"
+    except Exception as err:  # noqa: BLE001 - network errors come in many types; all mean the hub did not answer
+        return f"the hub could not be reached: {type(err).__name__}"
+    return None
 
 
 def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, Any]]:

@@ -459,15 +459,17 @@ def open_switcher(
     saved the tokenizer there, else from the base.
 
     Raises:
-        GenerationError: No base is given and the adapter names none that exists here.
-        AdapterError: An adapter folder is missing, corrupt or made for another base.
+        GenerationError: Neither an adapter nor a base is given.
+        AdapterError: An adapter folder is missing, corrupt or made for another base, or the base
+            (--base, else the first adapter's) is neither a folder here nor on the hub.
     """
     collect_named_adapters(adapters.items())  # names are checked before anything slow
     folders = {name: require_adapter_dir(path) for name, path in adapters.items()}
     configs = {name: read_any_adapter_config(folder) for name, folder in folders.items()}  # fail before the slow base load
     if not folders and not base:
         raise GenerationError("nothing to load: pass an adapter folder, or --base PATH (with --adapter NAME=DIR to add adapters)")
-    base_path = base or find_base_model(*next(iter(zip(folders.values(), configs.values()))))
+    # --base is checked as the recorded base is: a folder here, or a model the hub has
+    base_path = find_base_model(next(iter(folders.values())), next(iter(configs.values())), base) if folders else base
     only = next(iter(folders.values())) if len(folders) == 1 else None
     tokenizer_path = only if only is not None and (only / "tokenizer_config.json").is_file() else None
     # Layers a selective adapter trained unquantized must be loaded unquantized for it to replace them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,3 +195,138 @@ def test_adapter_whose_maths_differ_is_refused_by_name(tiny_llama_dir, tmp_path,
     with pytest.raises(AdapterError, match=f"{key}=.*not supported"):
         load_adapter(fresh, tmp_path)
     assert lora_state_dict(fresh) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the base an adapter names
+# ---------------------------------------------------------------------------------------------
+
+
+def moved_message(name: str, adapter_dir, where: str = "") -> str:
+    return (
+        f"the adapter's base {name} ({adapter_dir}/adapter_config.json base_model_name_or_path) is not a folder here{where}; "
+        "it may have moved: pass --base PATH"
+    )
+
+
+def folder_or_hub_message(name: str, adapter_dir, cwd, problem: str) -> str:
+    return (
+        f"the adapter's base {name} ({adapter_dir}/adapter_config.json base_model_name_or_path) is not a folder here "
+        f"(relative to {cwd}) nor a model on the Hugging Face hub ({problem}): if it is a folder that moved or was "
+        "relative to where training ran, pass --base PATH; if it is a hub id, check its spelling, the network, "
+        "or your login (hf auth login) for a private model"
+    )
+
+
+OFFLINE = "HF_HUB_OFFLINE is set, so the hub was not asked"
+
+
+def test_find_base_model_tells_a_moved_folder_from_a_hub_id(tiny_llama_dir, tmp_path, monkeypatch):
+    from qlora_lite import adapters
+    from qlora_lite.adapters import find_base_model
+
+    monkeypatch.chdir(tmp_path)
+    adapter = tmp_path / "adapter"
+
+    def find(name: str, base: str | None = None) -> str:
+        return find_base_model(adapter, {"base_model_name_or_path": name}, base)
+
+    # a folder, absolute or relative to the current directory: used as it is
+    assert find(str(tiny_llama_dir)) == str(tiny_llama_dir)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    assert find("models/tiny") == "models/tiny"
+    assert find(str(tmp_path / "gone"), base="models/tiny") == "models/tiny"  # --base wins
+    # a path that cannot be a hub id (absolute, ./, ~, two slashes): the folder has moved
+    for name, where in [(str(tmp_path / "gone"), ""), ("./llama/model", f" (relative to {tmp_path})"), ("runs/llama/model", f" (relative to {tmp_path})")]:
+        with pytest.raises(AdapterError) as err:
+            find(name)
+        assert str(err.value) == moved_message(name, adapter, where)
+    # "llama/model" may be an old relative path or a hub id: neither is here (tests run offline)
+    with pytest.raises(AdapterError) as err:
+        find("llama/model")
+    assert str(err.value) == folder_or_hub_message("llama/model", adapter, tmp_path, OFFLINE)
+    # --base names the culprit itself
+    with pytest.raises(AdapterError) as err:
+        find(str(tiny_llama_dir), base=str(tmp_path / "gone"))
+    assert str(err.value) == f"--base names base model {tmp_path / 'gone'}, which does not exist on this machine; pass --base PATH pointing at the model the adapter was trained on"
+    with pytest.raises(AdapterError) as err:
+        find(str(tiny_llama_dir), base="llama/model")
+    assert str(err.value) == (
+        f"--base llama/model is not a folder here (relative to {tmp_path}) nor a model on the Hugging Face hub ({OFFLINE}): "
+        "pass the base model's folder, or a hub id the hub has (check its spelling, the network, or your login (hf auth login) for a private model)"
+    )
+    # a hub id the hub knows goes on to the loader as it is
+    monkeypatch.setattr(adapters, "find_hub_problem", lambda repo_id: None)
+    assert find("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+
+
+def test_find_hub_problem_reads_the_cache_offline_and_asks_the_hub_online(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from qlora_lite.adapters import find_hub_problem
+
+    # a model in the local hub cache is found offline, as transformers would load it
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert find_hub_problem("org/cached") is None
+    assert find_hub_problem("org/other") == OFFLINE
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    response = SimpleNamespace(headers={}, request=None)  # all the errors read of an HTTP response
+    answers = {
+        "org/real": None, "org/gated": GatedRepoError("401", response=response),
+        "org/typo": RepositoryNotFoundError("404", response=response), "org/net": ConnectionError("down"),
+    }  # fmt: skip
+
+    def model_info(self, repo_id, **kwargs):
+        assert kwargs.get("timeout") == 10  # a hub that does not answer must not hang the command
+        if answers[repo_id] is not None:
+            raise answers[repo_id]
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    assert find_hub_problem("org/real") is None
+    assert find_hub_problem("org/gated") is None  # it exists: the loader says how to get access
+    assert find_hub_problem("org/typo") == "the hub has no public model of that id"
+    assert find_hub_problem("org/net") == "the hub could not be reached: ConnectionError"
+
+
+@pytest.mark.parametrize("command", ["generate", "merge", "inspect-prompt"])
+def test_cli_says_the_recorded_base_is_not_here(command, tiny_llama_dir, tokenizer, tmp_path, capsys, monkeypatch):
+    """Every command that reads base_model_name_or_path says, in one line, that the base is not here and to pass --base."""
+    from test_generate import cli_error, make_soft_prompt
+
+    from qlora_lite import cli
+
+    adapter = tmp_path / "adapter"
+    if command == "inspect-prompt":
+        make_soft_prompt(tiny_llama_dir, adapter, tokenizer, seed=1)
+    else:
+        model = load(tiny_llama_dir, False)
+        apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+        randomize_lora_b(model)
+        save_adapter(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]), adapter, str(tiny_llama_dir))
+    argv = {
+        "generate": ["generate", str(adapter), "hi", "--no-4bit", "--max-new-tokens", "2"],
+        "merge": ["merge", str(adapter), "--out", str(tmp_path / "merged"), "--dtype", "fp32"],
+        "inspect-prompt": ["inspect-prompt", str(adapter)],
+    }[command]
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # the progress bars of making the adapter
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    cases = [
+        (str(tmp_path / "gone"), moved_message(str(tmp_path / "gone"), adapter)),
+        ("./llama/model", moved_message("./llama/model", adapter, f" (relative to {tmp_path})")),
+        ("llama/model", folder_or_hub_message("llama/model", adapter, tmp_path, OFFLINE)),
+    ]
+    for name, message in cases:
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": name}))
+        assert cli_error(argv, capsys) == f"error: {message}\n"
+    assert not (tmp_path / "merged").exists()
+    # the advice works
+    assert cli.main([*argv, "--base", str(tiny_llama_dir)]) == 0

@@ -591,7 +591,12 @@ def test_cli_errors_name_cause_and_fix(tiny_llama_dir, adapter_dirs, other_base_
     raw = json.loads((adapter_dirs["a"] / "adapter_config.json").read_text())
     (moved / "adapter_config.json").write_text(json.dumps({**raw, "base_model_name_or_path": str(tmp_path / "gone")}))
     err = cli_error(["generate", str(moved), "hi"], capsys)
-    assert f"names base model {tmp_path / 'gone'}, which does not exist on this machine; pass --base PATH" in err
+    assert err == (
+        f"error: the adapter's base {tmp_path / 'gone'} ({moved}/adapter_config.json base_model_name_or_path) is not a folder here; "
+        "it may have moved: pass --base PATH\n"
+    )
+    err = cli_error(["generate", str(moved), "hi", "--base", str(tmp_path / "gone-too")], capsys)
+    assert f"error: --base names base model {tmp_path / 'gone-too'}, which does not exist on this machine; pass --base PATH" in err
 
 
 def test_tokenizer_comes_from_the_adapter_folder_when_saved_there(tiny_llama_dir, adapter_dirs, tmp_path):
