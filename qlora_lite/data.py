@@ -24,6 +24,11 @@ Formats (``DataConfig.format``):
   and the template does not write it).
 - ``text``: one text field, every token learned (plain language modelling).
 
+Truncation (``DataConfig.truncation``): an example whose response and closing EOS do not fit in
+``max_seq_len`` is dropped (``drop``, the default) or kept cut, without its EOS (``keep``); one with
+no response token left is always dropped. ``build_datasets`` prints one line per split saying how
+many did not fit and how many response tokens were cut; ``build_datasets_with_stats`` returns them.
+
 Packing (``DataConfig.packing``) concatenates several training examples into one sequence
 of at most ``max_seq_len`` tokens and gives it ``position_ids`` that restart at 0 for each
 example. ``collate_batch`` then returns no ``attention_mask``: transformers (5.x) detects
@@ -37,18 +42,16 @@ crosses example boundaries.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 
-from qlora_lite.config import DataConfig
-
-logger = logging.getLogger(__name__)
+from qlora_lite.config import CHOICES, DataConfig
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss; the default ``ignore_index`` of torch's cross entropy."""
@@ -486,9 +489,10 @@ def tokenize_example(
         record: One raw record.
         fmt: ``alpaca``, ``chat`` or ``text``.
         tokenizer: The model's tokenizer (must define an EOS token).
-        max_seq_len: Longer sequences keep their first ``max_seq_len`` tokens. When that cuts
-            every learned token, the example is still returned with all labels
-            ``IGNORE_INDEX``; ``build_datasets`` drops and counts such examples.
+        max_seq_len: Longer sequences keep their first ``max_seq_len`` tokens, losing the EOS
+            at least. When that cuts every learned token, the example is still returned with all
+            labels ``IGNORE_INDEX``. ``build_datasets`` drops or keeps cut examples as
+            ``data.truncation`` says, and reports them.
         index: Position of the record in its file, quoted in errors.
         text_field: Field holding the text for format ``text``.
 
@@ -499,6 +503,12 @@ def tokenize_example(
     Raises:
         DataError: A required field is missing or empty, or the tokenizer has no EOS token.
     """
+    example = _tokenize_whole(record, fmt, tokenizer, index, text_field)
+    return {"input_ids": example["input_ids"][:max_seq_len], "labels": example["labels"][:max_seq_len]}
+
+
+def _tokenize_whole(record: dict, fmt: str, tokenizer: Any, index: int, text_field: str) -> dict[str, list[int]]:
+    """``tokenize_example`` before the cut to ``max_seq_len``."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before building the data")
@@ -517,7 +527,7 @@ def tokenize_example(
     if _adds_bos(tokenizer) and input_ids[:1] != [bos_id]:
         input_ids.insert(0, bos_id)
         labels.insert(0, IGNORE_INDEX)
-    return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -533,56 +543,149 @@ def _adds_bos(tokenizer: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class TruncationStats:
+    """How ``max_seq_len`` cut one split's examples (``build_datasets_with_stats``)."""
+
+    split: str
+    """``train`` or ``eval``."""
+    examples: int
+    """Examples tokenized, before any was dropped."""
+    truncated: int
+    """Examples whose response, with the EOS (or end-of-turn token) closing it, did not fit."""
+    fully_cut: int
+    """Of those, the examples with no response token left; always dropped."""
+    response_tokens_cut: int
+    """Learned tokens (response and end tokens) past ``max_seq_len``, summed over the truncated examples."""
+    dropped: int
+    """Examples removed: every truncated one (``drop``), or the fully cut ones (``keep``)."""
+    longest_tokens: int
+    """Length of the longest example before the cut (0 for an empty split)."""
+    max_seq_len: int
+    policy: str
+    """``data.truncation``: ``drop`` or ``keep``."""
+
+
+def format_truncation_stats(stats: TruncationStats) -> str:
+    """One report line, e.g. ``train: 3 of 40 examples did not fit in max_seq_len=128 (...); dropped them (...)``."""
+    if not stats.truncated:
+        return (
+            f"{stats.split}: all {stats.examples} examples fit in max_seq_len={stats.max_seq_len} "
+            f"(longest example {stats.longest_tokens} tokens)"
+        )
+    line = (
+        f"{stats.split}: {stats.truncated} of {stats.examples} examples did not fit in max_seq_len={stats.max_seq_len} "
+        f"({stats.response_tokens_cut} response tokens cut, longest example {stats.longest_tokens} tokens); "
+    )
+    kept = stats.truncated - stats.dropped
+    if stats.policy == "drop":
+        action = "dropped them"
+    elif not stats.fully_cut:
+        action = f"kept {kept} with a cut response and no EOS"
+    elif not kept:
+        action = f"dropped {stats.dropped} with no response token left"
+    else:
+        action = f"kept {kept} with a cut response and no EOS, dropped {stats.fully_cut} with no response token left"
+    return line + f"{action} (data.truncation={stats.policy})"
+
+
 def build_datasets(cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Load, split, tokenize and (optionally) pack the training and evaluation examples.
+
+    ``build_datasets_with_stats`` without the stats; it prints the same report lines.
+    """
+    train_examples, eval_examples, _ = build_datasets_with_stats(cfg, tokenizer, max_seq_len, seed)
+    return train_examples, eval_examples
+
+
+def build_datasets_with_stats(
+    cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: int
+) -> tuple[list[dict], list[dict], dict[str, TruncationStats]]:
+    """Load, split, tokenize and (optionally) pack the examples, and say what ``max_seq_len`` cut.
+
+    An example whose response does not fit in ``max_seq_len`` with the EOS that ends it is
+    dropped (``cfg.truncation="drop"``, the default: a cut response would teach the model that
+    some answers never stop) or kept with its first ``max_seq_len`` tokens (``"keep"``). An
+    example with no response token left is dropped either way. One line per non-empty split
+    (``format_truncation_stats``) is printed: how many examples did not fit, the response
+    tokens cut and what the policy did.
 
     Args:
         cfg: The recipe's data section.
         tokenizer: The model's tokenizer.
-        max_seq_len: Longest sequence in tokens; longer examples are truncated, packs fill up to it.
+        max_seq_len: Longest sequence in tokens; packs fill up to it.
         seed: Seeds the shuffle that picks the held-out records for ``cfg.eval_fraction``.
 
     Returns:
-        ``(train, eval)`` lists of examples with ``input_ids`` and ``labels``; packed training
-        examples also carry ``position_ids``. Evaluation examples are never packed. The eval
-        list comes from ``cfg.eval_path`` (read with ``cfg.split``; a single file ignores it),
-        else from ``round(n * cfg.eval_fraction)`` (at least 1) held-out training records,
-        else it is empty. Examples whose response was truncated away entirely are dropped
-        (from both lists) and the count is logged as a warning.
+        ``(train, eval, stats)``: lists of examples with ``input_ids`` and ``labels`` (packed
+        training examples also carry ``position_ids``; evaluation examples are never packed),
+        and ``{"train": TruncationStats, "eval": TruncationStats}``. The eval list comes from
+        ``cfg.eval_path`` (read with ``cfg.split``; a single file ignores it), else from
+        ``round(n * cfg.eval_fraction)`` (at least 1) held-out training records, else it is empty.
 
     Raises:
         DataError: Files cannot be read, a record lacks a required field (message gives the
             field and record index), or no training example is left.
     """
+    if cfg.truncation not in CHOICES["data.truncation"]:
+        raise DataError(f"data.truncation={cfg.truncation!r} is not one of {', '.join(CHOICES['data.truncation'])}")
     records = load_records(cfg.path, cfg.split)
     if cfg.max_examples is not None:
         records = records.select(range(min(cfg.max_examples, len(records))))
     train_indices = list(range(len(records)))
-    eval_examples: list[dict] = []
+    eval_records, eval_indices = records, []
     if cfg.eval_path:
         eval_records = load_records(cfg.eval_path, cfg.split)
-        eval_examples = _tokenize_records(eval_records, range(len(eval_records)), cfg, tokenizer, max_seq_len)
+        eval_indices = list(range(len(eval_records)))
     elif cfg.eval_fraction > 0:
         train_indices, eval_indices = split_indices(len(records), cfg.eval_fraction, seed)
-        eval_examples = _tokenize_records(records, eval_indices, cfg, tokenizer, max_seq_len)
-    train_examples = _tokenize_records(records, train_indices, cfg, tokenizer, max_seq_len)
-    train_examples = drop_unlearnable(train_examples, "training", max_seq_len)
-    eval_examples = drop_unlearnable(eval_examples, "evaluation", max_seq_len)
+    train_examples, train_stats = _tokenize_split(records, train_indices, cfg, tokenizer, max_seq_len, "train")
+    eval_examples, eval_stats = _tokenize_split(eval_records, eval_indices, cfg, tokenizer, max_seq_len, "eval")
+    for stats in (train_stats, eval_stats):
+        if stats.examples:
+            print(format_truncation_stats(stats))
     if not train_examples:
-        raise DataError(f"no training examples left from {cfg.path}; raise train.max_seq_len or check the data")
+        raise DataError(_no_training_examples_message(cfg.path, train_stats))
     if cfg.packing:
         train_examples = pack_examples(train_examples, max_seq_len)
-    return train_examples, eval_examples
+    return train_examples, eval_examples, {"train": train_stats, "eval": eval_stats}
 
 
-def _tokenize_records(
-    records: datasets.Dataset, indices: Any, cfg: DataConfig, tokenizer: Any, max_seq_len: int
-) -> list[dict]:
-    # The index in errors is the record's row in the file, whatever split or shuffle came first.
-    return [
-        tokenize_example(records[i], cfg.format, tokenizer, max_seq_len, index=i, text_field=cfg.text_field)
-        for i in indices
-    ]
+def _tokenize_split(
+    records: datasets.Dataset, indices: Any, cfg: DataConfig, tokenizer: Any, max_seq_len: int, split: str
+) -> tuple[list[dict], TruncationStats]:
+    stats = TruncationStats(split, 0, 0, 0, 0, 0, 0, max_seq_len, cfg.truncation)
+    examples: list[dict] = []
+    for i in indices:
+        # The index in errors is the record's row in the file, whatever split or shuffle came first.
+        whole = _tokenize_whole(records[i], cfg.format, tokenizer, index=i, text_field=cfg.text_field)
+        example = {"input_ids": whole["input_ids"][:max_seq_len], "labels": whole["labels"][:max_seq_len]}
+        stats.examples += 1
+        stats.longest_tokens = max(stats.longest_tokens, len(whole["input_ids"]))
+        # Every example ends in a learned token (EOS or end of turn), so any cut loses learned tokens.
+        cut = sum(label != IGNORE_INDEX for label in whole["labels"][max_seq_len:])
+        learnable = any(label != IGNORE_INDEX for label in example["labels"])
+        if cut:
+            stats.truncated += 1
+            stats.response_tokens_cut += cut
+            stats.fully_cut += not learnable
+        if not learnable or (cut and cfg.truncation == "drop"):
+            stats.dropped += 1
+            continue
+        examples.append(example)
+    return examples, stats
+
+
+def _no_training_examples_message(path: str, stats: TruncationStats) -> str:
+    if stats.truncated > stats.fully_cut and stats.policy == "drop":
+        return (
+            f"no training examples left from {path}: all {stats.examples} did not fit in max_seq_len={stats.max_seq_len}; "
+            "raise train.max_seq_len, or set data.truncation=keep to train on the cut responses"
+        )
+    return (
+        f"no training examples left from {path}: all {stats.examples} had no response token left within "
+        f"max_seq_len={stats.max_seq_len}; raise train.max_seq_len or shorten the prompts"
+    )
 
 
 def split_indices(n_records: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -604,21 +707,6 @@ def split_indices(n_records: int, eval_fraction: float, seed: int) -> tuple[list
     order = list(range(n_records))
     random.Random(seed).shuffle(order)
     return sorted(order[n_eval:]), sorted(order[:n_eval])
-
-
-def drop_unlearnable(examples: list[dict], name: str, max_seq_len: int) -> list[dict]:
-    """Drop examples whose labels are all ``IGNORE_INDEX`` (truncation removed the response)."""
-    kept = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex["labels"])]
-    if len(kept) < len(examples):
-        logger.warning(
-            "dropped %d of %d %s examples: truncation to max_seq_len=%d left no response tokens to learn; "
-            "raise train.max_seq_len or shorten the prompts",
-            len(examples) - len(kept),
-            len(examples),
-            name,
-            max_seq_len,
-        )
-    return kept
 
 
 def pack_examples(examples: list[dict], max_seq_len: int) -> list[dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import logging
 
 import datasets
 import huggingface_hub.constants
@@ -28,6 +27,8 @@ from qlora_lite.data import (
     load_records,
     pack_examples,
     render_example,
+    TruncationStats,
+    build_datasets_with_stats,
     split_indices,
     tokenize_example,
 )
@@ -525,17 +526,109 @@ def test_bad_record_in_a_file_reports_its_row(tmp_path, tokenizer):
         build_datasets(DataConfig(path=str(path)), tokenizer, max_seq_len=512, seed=0)
 
 
-def test_examples_truncated_to_no_response_are_dropped_and_counted(tmp_path, tokenizer, caplog):
-    long_instruction = "the quick brown fox jumps over the lazy dog " * 8
-    records = [{"instruction": text, "output": "Blue."} for text in ("Name colour 1.", long_instruction, "Name colour 2.")]
+# max_seq_len = prompt (33 tokens) + 6: room for 5 response tokens and EOS.
+FIT_MAX_SEQ_LEN = 39
+FIT_RECORDS = [
+    {"instruction": "Name a colour.", "output": "the lazy dog"},  # 3 tokens + EOS: fits
+    {"instruction": "Name a colour.", "output": "the quick brown fox jumps"},  # 5 + EOS: exactly 39 tokens, fits
+    {"instruction": "Name a colour.", "output": "Blue is a colour."},  # 6 + EOS: only the EOS is cut (1 token)
+    {"instruction": "Name a colour.", "output": "the quick brown fox jumps over the lazy dog"},  # 9 + EOS: 4 cut
+    {"instruction": "the quick brown fox jumps over the lazy dog " * 8, "output": "Blue."},  # prompt too long: 4 + EOS cut
+]
+
+
+def test_fit_records_have_the_token_counts_the_truncation_tests_rely_on(tokenizer):
+    full = [tokenize_example(r, "alpaca", tokenizer, max_seq_len=512) for r in FIT_RECORDS]
+    assert len(ids_of(tokenizer, ALPACA_NO_INPUT)) == 33
+    assert [len(ex["input_ids"]) for ex in full] == [37, 39, 40, 43, 113]
+    assert [sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in full] == [4, 6, 7, 10, 5]
+
+
+def test_truncation_drop_drops_every_example_whose_response_and_eos_do_not_fit(tmp_path, tokenizer, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", FIT_RECORDS)
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", FIT_RECORDS[:1] + FIT_RECORDS[3:4])
+    cfg = DataConfig(path=str(path), eval_path=str(eval_path))
+    assert cfg.truncation == "drop"  # the default
+
+    train, evaluation, stats = build_datasets_with_stats(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0)
+
+    assert train == [tokenize_example(r, "alpaca", tokenizer, max_seq_len=512) for r in FIT_RECORDS[:2]]
+    assert evaluation == [tokenize_example(FIT_RECORDS[0], "alpaca", tokenizer, max_seq_len=512)]
+    assert all(ex["labels"][-1] == EOS for ex in train + evaluation)
+    assert stats["train"] == TruncationStats(
+        split="train", examples=5, truncated=3, fully_cut=1, response_tokens_cut=10, dropped=3,
+        longest_tokens=113, max_seq_len=39, policy="drop",
+    )
+    assert stats["eval"] == TruncationStats(
+        split="eval", examples=2, truncated=1, fully_cut=0, response_tokens_cut=4, dropped=1,
+        longest_tokens=43, max_seq_len=39, policy="drop",
+    )
+    assert capsys.readouterr().out == (
+        "train: 3 of 5 examples did not fit in max_seq_len=39 (10 response tokens cut, longest example 113 tokens); "
+        "dropped them (data.truncation=drop)\n"
+        "eval: 1 of 2 examples did not fit in max_seq_len=39 (4 response tokens cut, longest example 43 tokens); "
+        "dropped them (data.truncation=drop)\n"
+    )
+    # build_datasets gives the same examples and prints the same lines.
+    assert build_datasets(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0) == (train, evaluation)
+    assert capsys.readouterr().out.count("did not fit") == 2
+
+
+def test_truncation_keep_keeps_cut_responses_but_drops_those_with_none_left(tmp_path, tokenizer, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", FIT_RECORDS)
+    cfg = DataConfig(path=str(path), truncation="keep")
+
+    train, evaluation, stats = build_datasets_with_stats(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0)
+
+    full = [tokenize_example(r, "alpaca", tokenizer, max_seq_len=512) for r in FIT_RECORDS]
+    assert len(train) == 4 and evaluation == []
+    assert train[:2] == full[:2]
+    for cut, whole in zip(train[2:], full[2:4]):
+        assert len(cut["input_ids"]) == len(cut["labels"]) == 39
+        assert cut["input_ids"] == whole["input_ids"][:39] and cut["labels"] == whole["labels"][:39]
+        assert EOS not in cut["input_ids"]  # the lesson this policy accepts: these responses never end
+    assert train[2]["labels"][33:] == ids_of(tokenizer, "Blue is a colour.")  # the whole response, its EOS cut
+    assert stats == {
+        "train": TruncationStats(
+            split="train", examples=5, truncated=3, fully_cut=1, response_tokens_cut=10, dropped=1,
+            longest_tokens=113, max_seq_len=39, policy="keep",
+        ),
+        "eval": TruncationStats(
+            split="eval", examples=0, truncated=0, fully_cut=0, response_tokens_cut=0, dropped=0,
+            longest_tokens=0, max_seq_len=39, policy="keep",
+        ),
+    }
+    assert capsys.readouterr().out == (
+        "train: 3 of 5 examples did not fit in max_seq_len=39 (10 response tokens cut, longest example 113 tokens); "
+        "kept 2 with a cut response and no EOS, dropped 1 with no response token left (data.truncation=keep)\n"
+    )
+
+
+def test_truncation_report_when_everything_fits(tmp_path, tokenizer, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", FIT_RECORDS[:4])
+    cfg = DataConfig(path=str(path), eval_fraction=0.25)
+
+    train, evaluation, stats = build_datasets_with_stats(cfg, tokenizer, max_seq_len=43, seed=0)
+
+    assert (len(train), len(evaluation)) == (3, 1)
+    assert (stats["train"].truncated, stats["eval"].truncated) == (0, 0)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "train: all 3 examples fit in max_seq_len=43 (longest example 43 tokens)"
+    assert out[1].startswith("eval: all 1 examples fit in max_seq_len=43 (longest example ")
+    assert len(out) == 2
+
+
+@pytest.mark.parametrize("truncation, records, message", [
+    ("drop", FIT_RECORDS[2:], "no training examples left from {path}: all 3 did not fit in max_seq_len=39; "
+     "raise train.max_seq_len, or set data.truncation=keep to train on the cut responses"),
+    ("keep", FIT_RECORDS[4:], "no training examples left from {path}: all 1 had no response token left within "
+     "max_seq_len=39; raise train.max_seq_len or shorten the prompts"),
+], ids=["drop", "keep"])
+def test_no_example_fits_is_an_error_naming_the_fix(tmp_path, tokenizer, truncation, records, message):
     path = write_jsonl(tmp_path / "train.jsonl", records)
-    n_prompt = len(ids_of(tokenizer, ALPACA_NO_INPUT.replace("Name a colour.", "Name colour 2.")))
-
-    with caplog.at_level(logging.WARNING, logger="qlora_lite.data"):
-        train, _ = build_datasets(DataConfig(path=str(path)), tokenizer, max_seq_len=n_prompt + 4, seed=0)
-
-    assert len(train) == 2
-    assert "dropped 1 of 3 training examples" in caplog.text
+    with pytest.raises(DataError) as err:
+        build_datasets(DataConfig(path=str(path), truncation=truncation), tokenizer, FIT_MAX_SEQ_LEN, seed=0)
+    assert str(err.value) == message.format(path=path)
 
 
 # ----------------------------------------------------------------------------- collate
