@@ -678,3 +678,16 @@ def test_switching_covers_bottleneck_and_selective_adapters(tiny_llama_dir, toke
     for name in ["sel", "bn", "a", "sel", None, "bn", "sel", "a", None]:
         switcher.use(name)
         assert (logits(switcher.active_model) - alone[name]).abs().max().item() <= SWITCH_ATOL, name
+
+
+def test_corrupt_base_weights_are_one_line_in_generate(tiny_llama_dir, adapter_dirs, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken-base"
+    shutil.copytree(tiny_llama_dir, broken)
+    for shard in broken.glob("*.safetensors"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    err = cli_error(["generate", str(adapter_dirs["a"]), "--base", str(broken), "hello"], capsys)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: the weights in {broken} are corrupt or truncated (safetensors: ")
+    assert lines[0].endswith("; download or copy the model again")
