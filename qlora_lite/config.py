@@ -160,6 +160,12 @@ class TrainConfig:
     """Seed for data order, dropout and adapter init."""
     cpu_threads: int | None = None
     """Torch threads when training on the CPU (None: torch's default). 1 is fastest for tiny models."""
+    loss: str = "chunked"
+    """`chunked`: fused linear cross-entropy over the labelled tokens only, chunk by chunk, never holding the whole batch's logits; `hf`: transformers' loss (for comparison)."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the chunked loss: the head's logits for this many tokens are the largest tensor it holds."""
+    batching: str = "grouped"
+    """`grouped`: micro-batches of similar lengths (sorted within windows, windows shuffled; deterministic), so little is padding; `random`: examples in random order, padded to the longest."""
 
 
 @dataclass
@@ -196,6 +202,8 @@ CHOICES = {
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
+    "train.loss": ("chunked", "hf"),
+    "train.batching": ("grouped", "random"),
 }
 
 
@@ -237,7 +245,7 @@ def validate_config(cfg: RecipeConfig) -> None:
         raise ConfigError("train.exact_match_examples needs prompts and answers: use it with data.format alpaca or chat, or set it to 0")
     if cfg.train.cpu_threads is not None and cfg.train.cpu_threads <= 0:
         raise ConfigError(f"train.cpu_threads must be positive or null, got {cfg.train.cpu_threads}")
-    for key in ("log_every", "keep_checkpoints"):
+    for key in ("log_every", "keep_checkpoints", "loss_chunk_tokens"):
         if getattr(cfg.train, key) <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {getattr(cfg.train, key)}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
