@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything only a GPU can show, most important first, in at most ~8 minutes on one H100/H200.
+# Each part has its own time limit and writes its results as soon as it finishes, so a run cut
+# off mid-script still leaves what it did. Results go to benchmarks/results/gpu-<device>/.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root, in an environment with qlora-lite installed
+#
+# Parts: 1 doctor; 2 the 8B comparison against the PEFT stack (tokens/s, MFU, peak memory, planner,
+# meter agreement); 3 a few steps of each shipped GPU recipe with paged 8-bit AdamW and a resume;
+# 4 the fp16 path a T4 takes (forced); 5 the notebooks in smoke mode; 6 the longest sequence each
+# side trains under a 24 GiB cap (the slowest part, last).
+set -u
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+device=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'no-gpu')")
+out="benchmarks/results/gpu-$device"
+mkdir -p "$out"
+summary="$out/summary.md"
+echo "# gpu_check on $device, $(date -u +%Y-%m-%dT%H:%MZ)" > "$summary"
+
+# The whole script stays inside this budget: each part gets its own limit or what is left, if less.
+budget=${GPU_CHECK_BUDGET_S:-480}
+
+# part NAME SECONDS COMMAND...: run with a time limit, keep its output, record its exit status.
+part() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((budget - SECONDS))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -le 5 ]; then
+        echo "- $name: skipped, the ${budget}s budget is spent" | tee -a "$summary"
+        return
+    fi
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    local status="ok"
+    [ $rc -eq 124 ] && status="cut off after ${limit}s"
+    [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="failed (exit $rc)"
+    echo "- $name: $status in $((SECONDS - start)) s (log: $name.log)" | tee -a "$summary"
+}
+
+part doctor 30 qlora-lite doctor
+qlora-lite doctor --json > "$out/doctor.json" 2>/dev/null
+[ "$device" = "no-gpu" ] && { echo "no CUDA GPU: only the doctor part ran" | tee -a "$summary"; exit 1; }
+
+part throughput-8b 170 python benchmarks/throughput.py --arch llama8b --seq 512,2048,8192 --micro-batch 1 --steps 2 --warmup 1 --out "$out"
+part memory-meter-8b 80 python benchmarks/memory_compare.py --layers 2 4 --out "$out"
+part recipes 90 python benchmarks/recipe_smoke.py --layers 2 --out "$out"
+part fp16-t4-path 45 qlora-lite train recipes/tiny-demo.yaml quant.compute_dtype=float16 train.mixed_precision=fp16 \
+    "output_dir=$out/fp16-run" --overwrite
+part notebooks 60 python -m pytest -q -p no:cacheprovider tests/test_notebooks.py
+part longest-24gib 120 python benchmarks/throughput.py --arch llama8b --seq 2048 --micro-batch 1 --steps 1 --warmup 1 --longest --out "$out"
+echo "done in $SECONDS s; results in $out" | tee -a "$summary"
