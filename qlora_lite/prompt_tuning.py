@@ -129,6 +129,24 @@ class SoftPromptModel(nn.Module):
         Raises:
             PromptTuningError: A packed batch (position_ids and no attention mask), or no input_ids.
         """
+        return self.base_model(**self.build_base_inputs(input_ids, attention_mask, labels, position_ids, **kwargs))
+
+    def build_base_inputs(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The keyword arguments forward passes to the base: [P ; E(x)] embeddings, the extended mask and labels.
+
+        A method of its own so that the chunked loss (qlora_lite.loss), which runs the base's
+        decoder body itself, feeds it exactly what forward would.
+
+        Raises:
+            PromptTuningError: A packed batch (position_ids and no attention mask), or no input_ids.
+        """
         if input_ids is None:
             raise PromptTuningError("SoftPromptModel needs input_ids (the soft prompt is prepended to their embeddings)")
         if kwargs.get("inputs_embeds") is not None:
@@ -143,12 +161,12 @@ class SoftPromptModel(nn.Module):
         if labels is not None:
             prefix = labels.new_full((labels.shape[0], self.num_virtual_tokens), IGNORE_INDEX)  # (B, n)
             labels = torch.cat((prefix, labels), dim=1)  # (B, n + T): no loss on the virtual tokens
-        return self.base_model(
-            inputs_embeds=self.embed_with_prompt(input_ids),
-            attention_mask=self.extend_attention_mask(attention_mask, input_ids),
-            labels=labels,
+        return {
+            "inputs_embeds": self.embed_with_prompt(input_ids),
+            "attention_mask": self.extend_attention_mask(attention_mask, input_ids),
+            "labels": labels,
             **kwargs,
-        )
+        }
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):

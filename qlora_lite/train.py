@@ -30,6 +30,7 @@ from .adapters import write_prompt_info
 from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
+from .loss import compute_causal_lm_loss
 from .methods import attach_method, load_method, save_method
 from .planner import choose_micro_batch, estimate_optimizer_bytes
 from .memory import build_memory_report, format_memory_report, format_memory_short
@@ -180,9 +181,9 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
             try:
                 for batch, n_targets in zip(micro_batches, targets):
                     with accelerator.autocast():
-                        # use_cache=False also matters for packing: with a cache, transformers skips
-                        # the position_ids-based detection that keeps attention inside each example.
-                        loss = model(**batch, use_cache=False).loss
+                        # The mean over the micro-batch's target tokens: transformers' loss, or with
+                        # train.loss chunked (default) the same number without the batch's logits.
+                        loss = compute_causal_lm_loss(model, batch, cfg.train)
                     check_finite(loss, step + 1, last_checkpoint)
                     accelerator.backward(loss * n_targets / total_targets)
                     step_loss += loss.item() * n_targets / total_targets
@@ -306,11 +307,15 @@ def evaluate_loss(model, examples: list[dict], cfg: RecipeConfig, pad_id: int, d
     batches = range(0, len(examples), size)
     if cfg.train.eval_max_batches is not None:
         batches = batches[: cfg.train.eval_max_batches]
+    # accelerate autocasts the model's forward; the chunked loss runs the model's body and head
+    # itself, so evaluation sets the autocast that training's loop sets.
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_mixed_precision(cfg.train.mixed_precision, device))
     for start in batches:
         batch = {k: v.to(device) for k, v in collate_batch(examples[start : start + size], pad_id).items()}
         n = count_targets(batch["labels"])
         if n:
-            total_loss += model(**batch, use_cache=False).loss.float().item() * n
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                total_loss += compute_causal_lm_loss(model, batch, cfg.train).float().item() * n
             total_targets += n
     return total_loss / max(total_targets, 1)
 
