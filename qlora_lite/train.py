@@ -30,8 +30,8 @@ from .adapters import write_prompt_info
 from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
-from .loss import compute_causal_lm_loss
-from .methods import attach_method, load_method, save_method
+from .loss import check_chunked_loss_supported, compute_causal_lm_loss
+from .methods import attach_method, load_method, save_method, unwrap_base
 from .planner import choose_micro_batch, estimate_optimizer_bytes
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
@@ -112,6 +112,8 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)  # on the base, before prompt tuning wraps it
     model = load_method(model, cfg, checkpoint, trainable=True) if checkpoint else attach_method(model, cfg, tokenizer)
+    if cfg.train.loss == "chunked":
+        check_chunked_loss_supported(unwrap_base(model))  # refuse now, not at the first eval
     report = build_memory_report(model, device)
     print(format_memory_report(report, "start"))
     metrics.write({"event": "memory", "when": "start", **report})
