@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .adapters import write_prompt_info
 from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
-from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch
+from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch, select_micro_batch
 from .loss import check_chunked_loss_supported, compute_causal_lm_loss
 from .methods import attach_method, load_method, save_method, unwrap_base
 from .planner import choose_micro_batch, estimate_optimizer_bytes
@@ -144,7 +144,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
 
     def next_micro_batch() -> dict[str, torch.Tensor]:
         nonlocal micro_batches_seen
-        batch = select_micro_batch(train_examples, micro_batches_seen, cfg.train.micro_batch_size, cfg.train.seed)
+        batch = select_micro_batch(train_examples, micro_batches_seen, cfg.train.micro_batch_size, cfg.train.seed, cfg.train.batching)
         micro_batches_seen += 1
         return {k: v.to(device) for k, v in collate_batch(batch, tokenizer.pad_token_id).items()}
 
@@ -246,17 +246,6 @@ def resolve_mixed_precision(name: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def select_micro_batch(examples: list[dict], index: int, micro_batch_size: int, seed: int) -> list[dict]:
-    """The index-th micro-batch of an endless, per-epoch shuffled stream (the last partial batch of an epoch is dropped).
-
-    A pure function of the index, so a resumed run sees exactly the batches it would have seen.
-    """
-    per_epoch = len(examples) // micro_batch_size
-    epoch, offset = divmod(index, per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
-    return [examples[i] for i in order[offset * micro_batch_size : (offset + 1) * micro_batch_size].tolist()]
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -596,7 +585,7 @@ def find_latest_checkpoint(out: Path) -> Path | None:
 # Settings a resumed run may change: they steer the rest of the run (or only its speed, like
 # cpu_threads), not what was already learned. Anything else (model, quant, lora, data, batch shape, seed) would silently mix two runs.
 RESUMABLE_CHANGES = {
-    "train.max_steps", "train.epochs", "train.cpu_threads", "train.lr", "train.weight_decay", "train.lr_scheduler", "train.warmup_steps",
+    "train.max_steps", "train.epochs", "train.cpu_threads", "train.loss", "train.loss_chunk_tokens", "train.lr", "train.weight_decay", "train.lr_scheduler", "train.warmup_steps",
     "train.max_grad_norm", "train.eval_every", "train.eval_max_batches", "train.exact_match_examples",
     "train.save_every", "train.keep_checkpoints", "train.log_every", "output_dir",
 }
@@ -608,13 +597,28 @@ def read_trainer_state(checkpoint: Path, cfg: RecipeConfig) -> dict:
         state = torch.load(checkpoint / STATE_NAME, weights_only=True, map_location="cpu")
     except Exception as err:  # a torn or foreign file: say which and what to do
         raise TrainingError(f"{checkpoint / STATE_NAME} cannot be read ({err}); delete that checkpoint folder to resume from an earlier one") from err
-    changed = [key for key in diff_configs(state["config"], config_to_dict(cfg)) if key not in RESUMABLE_CHANGES]
+    saved = fill_legacy_settings(state["config"])
+    changed = [key for key in diff_configs(saved, config_to_dict(cfg)) if key not in RESUMABLE_CHANGES]
     if changed:
         raise TrainingError(
             f"cannot resume {checkpoint}: it was trained with different {', '.join(changed)}. "
             "Resume with the recipe and overrides it was started with, or start a new run (--overwrite or another output_dir)"
         )
     return state
+
+
+# Settings added after checkpoints were already being written, with the value that reproduces
+# what those older runs did (random batches, cut answers kept): a checkpoint without the key was
+# trained that way, so resuming it asks for that value, not the new default.
+LEGACY_SETTINGS = {"train": {"batching": "random", "loss": "hf"}, "data": {"truncation": "keep"}}
+
+
+def fill_legacy_settings(saved: dict) -> dict:
+    filled = {section: dict(values) if isinstance(values, dict) else values for section, values in saved.items()}
+    for section, defaults in LEGACY_SETTINGS.items():
+        for key, value in defaults.items():
+            filled.setdefault(section, {}).setdefault(key, value)
+    return filled
 
 
 def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_lite.config import load_config
-from qlora_lite.train import TrainingError, find_latest_checkpoint, fit, select_micro_batch
+from qlora_lite.data import select_micro_batch
+from qlora_lite.train import TrainingError, find_latest_checkpoint, fit
 
 WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "rain", "lamp", "door"]
 
@@ -76,7 +77,8 @@ def test_loss_falls_on_4bit_base_and_outputs_are_written(tiny_model_dir, tmp_pat
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_llama_dir, tmp_path):
-    common = {"lora.dtype": "float32", "train.optimizer": "adamw", "train.max_steps": 3, "data.eval_fraction": 0.0}
+    # random batching: grouped batching would give the micro-batches of 2 and of 4 different examples
+    common = {"lora.dtype": "float32", "train.optimizer": "adamw", "train.max_steps": 3, "data.eval_fraction": 0.0, "train.batching": "random"}
     fit(load_config(None, recipe_overrides(tmp_path / "a", tiny_llama_dir, **common, **{"train.micro_batch_size": 2, "train.grad_accum_steps": 2}))) if (tmp_path / "a").mkdir() is None else None
     fit(load_config(None, recipe_overrides(tmp_path / "b", tiny_llama_dir, **common, **{"train.micro_batch_size": 4, "train.grad_accum_steps": 1}))) if (tmp_path / "b").mkdir() is None else None
     a, b = adapter_tensors(tmp_path / "a" / "run" / "adapter"), adapter_tensors(tmp_path / "b" / "run" / "adapter")
@@ -87,11 +89,11 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_dir, tmp_path):
 
 def test_micro_batches_are_a_pure_function_of_position():
     examples = [{"id": i} for i in range(10)]
-    first_epoch = [select_micro_batch(examples, i, 3, seed=7) for i in range(3)]
+    first_epoch = [select_micro_batch(examples, i, 3, seed=7, batching="random") for i in range(3)]
     assert sorted(e["id"] for batch in first_epoch for e in batch) == sorted(e["id"] for e in examples if e["id"] in {x["id"] for b in first_epoch for x in b})
     assert len({e["id"] for batch in first_epoch for e in batch}) == 9  # 3 full batches, the 10th example waits
-    assert select_micro_batch(examples, 4, 3, seed=7) == select_micro_batch(examples, 4, 3, seed=7)
-    assert select_micro_batch(examples, 3, 3, seed=7) != select_micro_batch(examples, 0, 3, seed=7)  # new epoch, new order
+    assert select_micro_batch(examples, 4, 3, seed=7, batching="random") == select_micro_batch(examples, 4, 3, seed=7, batching="random")
+    assert select_micro_batch(examples, 3, 3, seed=7, batching="random") != select_micro_batch(examples, 0, 3, seed=7, batching="random")  # new epoch, new order
 
 
 def run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -387,3 +389,19 @@ def test_short_disk_is_warned_at_start(tiny_llama_dir, tmp_path, monkeypatch, ca
     fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 1})))
     err = capsys.readouterr().err
     assert "warning: " in err and "has 1 MiB free but this run needs about" in err and "lower train.keep_checkpoints" in err
+
+
+def test_checkpoint_from_before_the_new_settings_resumes_as_it_was_trained(tiny_llama_dir, tmp_path):
+    from qlora_lite.train import STATE_NAME
+
+    common = {"train.save_every": 2, "train.batching": "random", "data.truncation": "keep", "train.loss": "hf"}
+    fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **common, **{"train.max_steps": 2})))
+    checkpoint = find_latest_checkpoint(tmp_path / "run")
+    state = torch.load(checkpoint / STATE_NAME, weights_only=True)
+    for section, key in (("train", "batching"), ("train", "loss"), ("train", "loss_chunk_tokens"), ("data", "truncation")):
+        del state["config"][section][key]  # as an older qlora-lite wrote it
+    torch.save(state, checkpoint / STATE_NAME)
+    with pytest.raises(TrainingError, match="trained with different data.truncation, train.batching"):  # new defaults: drop, grouped
+        fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.save_every": 2, "train.max_steps": 4})), resume=True)
+    resumed = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{**common, "train.loss": "chunked"}, **{"train.max_steps": 4}))
+    assert fit(resumed, resume=True)["steps"] == 4  # the loss path may change: both compute the same loss
