@@ -13,8 +13,12 @@ The estimate adds up:
   moments (1 byte each for 8-bit AdamW on tensors of 4096+ elements, 4 bytes otherwise);
 - activations kept for the backward pass, per token and layer: with gradient checkpointing
   only each layer's input plus one layer's worth recomputed at a time, without it every layer's;
-- the logits and loss buffers, micro_batch x seq x vocab: bf16 logits, their fp32 copy for the
-  loss and its gradient (for 128k-vocabulary models this rivals the weights);
+- the head and the loss (`train.loss`): transformers' loss (`hf`) holds three fp32 tensors of
+  micro_batch x seq x vocab at once (for 128k-vocabulary models this rivals the weights); the
+  chunked loss (the default) one chunk's logits, fp32 and bf16, plus the labelled hidden states
+  and their gradient (see estimate_loss_bytes);
+- with gradient checkpointing the loss's buffers are freed before the backward recomputes the
+  first layer, so only the larger of the two counts (the `overlap_bytes` row takes the smaller off);
 - a fixed allowance for the CUDA context and cuBLAS workspaces.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +45,22 @@ BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer state for smalle
 # norm outputs (~6 hidden), q/k/v after RoPE and the attention output, the MLP's gate, up,
 # activation and product (4 intermediate). Calibrated against saved-tensor bytes on CPU.
 ACTIVATION_TERMS = {"hidden": 6, "kv": 2, "intermediate": 4}
-LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, fp32 copy for the loss, fp32 gradient of the logits
+# With gradient checkpointing, the peak inside the one layer being recomputed and differentiated:
+# its recomputed activations plus the gradients of its MLP and attention alive at once, and the
+# RMSNorms' fp32 copies. Measured with memory.MemoryMeter (one NF4 + bf16-autocast LoRA step on
+# the CPU, 2 x 1024 tokens, 2 layers): a least-squares fit over (hidden, kv, intermediate) =
+# (512, 128, 2048), (768, 768, 1536), (1024, 256, 2816) gave 10.96 hidden + 2.18 kv + 6.08
+# intermediate elements per token; ACTIVATION_TERMS (forward saved tensors only) gave 35-40% less.
+CHECKPOINT_BACKWARD_TERMS = {"hidden": 11, "kv": 2, "intermediate": 6}
+# train.loss hf, bytes per token x vocab at its peak (the backward of the loss), measured with the
+# meter: the fp32 log-softmax saved by the forward, nll_loss's fp32 gradient and log-softmax's fp32
+# gradient. The bf16 logits and their fp32 copy are gone by then (only the loss leaves the model).
+LOGIT_BYTES = 4 + 4 + 4
+# train.loss chunked, bytes per token x vocab of one chunk (loss.compute_chunk): the fp32 logits,
+# softmaxed in place, and one copy in the compute dtype (the bf16 logits, then the bf16 gradient).
+CHUNK_LOGIT_BYTES = 4 + 2
+CHUNK_SOFTCAP_BYTES = 2  # Gemma's softcapping keeps tanh (fp32) and makes its own bf16 cast: measured 8 in all
+NORM_FP32_BYTES = 4  # the final RMSNorm's fp32 input, kept for its backward while the loss runs
 
 KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
 
@@ -62,7 +82,8 @@ class MemoryPlan:
     gradient_bytes: int
     optimizer_bytes: int
     activation_bytes: int
-    logits_bytes: int
+    logits_bytes: int  # the head and the loss at their own peak (train.loss: hf or chunked)
+    overlap_bytes: int  # <= 0: with checkpointing, the loss's peak and the recomputed layer's never coincide; the smaller is taken off
     cuda_context_bytes: int
     total_bytes: int
     vram_bytes: int
@@ -73,6 +94,8 @@ class MemoryPlan:
     largest_seq_len: int = 0
     context_len: int | None = None  # the model's max_position_embeddings: largest_seq_len never exceeds it
     seq_len_capped_by_context: bool = False  # memory would allow more than the model's context
+    loss: str = "chunked"  # train.loss the logits row is for
+    loss_chunk_tokens: int = 512
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -135,6 +158,8 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
         plan.largest_seq_len, plan.seq_len_capped_by_context = plan.context_len, True
     if cfg.method != "lora":
         plan.notes.append(f"method {cfg.method}: trainable part estimated from its parameters; activations as for LoRA")
+    if cfg.train.batching == "grouped" and not cfg.data.packing:
+        plan.notes.append("planned for every sequence at max_seq_len (the worst micro-batch); grouped batching pads ~5%, so most steps need less")
     return plan
 
 
@@ -163,7 +188,10 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
     trainable_dtype = {"lora": cfg.lora.dtype, "prompt_tuning": cfg.prompt.dtype, "adapter": cfg.bottleneck.dtype}.get(cfg.method, "bfloat16")
     trainable_bytes = sum(trainable) * dtype_bytes[trainable_dtype]
     optimizer = estimate_optimizer_bytes(trainable, cfg.train.optimizer)
+    head = model.get_output_embeddings()
+    head_names = [n for n, p in model.named_parameters(remove_duplicate=False) if head is not None and p is head.weight]
     return {
+        "head_trains": cfg.method == "full" or (cfg.method == "selective" and any(re.search(pat, n) for pat in cfg.selective.patterns for n in head_names)),
         "nf4": nf4, "constants": constants, "unquantized": unquantized, "trainable_params": sum(trainable),
         "trainable_bytes": trainable_bytes, "gradient_bytes": trainable_bytes, "optimizer_bytes": optimizer,
     }  # fmt: skip
@@ -201,41 +229,89 @@ def count_trainable(cfg: RecipeConfig, model: nn.Module, resolve_targets) -> lis
         per = [cfg.bottleneck.size * hidden, cfg.bottleneck.size, hidden * cfg.bottleneck.size, hidden]
         return per * (model.config.num_hidden_layers * placements)
     if cfg.method == "selective":
-        import re
-
         return [p.numel() for n, p in model.named_parameters() if any(re.search(pat, n) for pat in cfg.selective.patterns)]
     return [p.numel() for p in model.parameters()]  # full
 
 
 def estimate_activation_bytes(model_config, micro_batch: int, seq_len: int, checkpointing: bool, element_bytes: int = 2) -> int:
-    """Bytes kept for the backward pass by the decoder layers (not the logits)."""
+    """Bytes kept for the backward pass by the decoder layers (not the logits), at their own peak."""
+    tokens = micro_batch * seq_len
+    layers = model_config.num_hidden_layers
+    if checkpointing:
+        # Each layer's input (one hidden vector per token) is kept; one layer is recomputed and
+        # differentiated at a time.
+        return tokens * (layers * model_config.hidden_size * element_bytes + count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element_bytes))
+    return tokens * layers * count_layer_bytes(model_config, ACTIVATION_TERMS, element_bytes)
+
+
+def count_layer_bytes(model_config, terms: dict[str, int], element_bytes: int) -> int:
+    """Bytes per token of one decoder layer: terms are multiples of (hidden, kv width, intermediate)."""
     hidden = model_config.hidden_size
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or hidden // heads
     kv = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
-    per_token_layer = element_bytes * (
-        ACTIVATION_TERMS["hidden"] * hidden + ACTIVATION_TERMS["kv"] * kv + ACTIVATION_TERMS["intermediate"] * model_config.intermediate_size
-    )
+    return element_bytes * (terms["hidden"] * hidden + terms["kv"] * kv + terms["intermediate"] * model_config.intermediate_size)
+
+
+def estimate_loss_bytes(cfg: RecipeConfig, model_config, micro_batch: int, seq_len: int, head_trains: bool = False) -> int:
+    """Bytes the LM head and the loss hold at their peak, for train.loss (loss.py), every token labelled.
+
+    hf:      tokens x (LOGIT_BYTES x vocab + 4 x hidden)
+    chunked: min(N, chunk) x vocab x 6 (8 with softcapping) + 2 x N x hidden x element bytes
+             + tokens x 4 x hidden [+ vocab x hidden x element bytes when the head trains]
+
+    tokens = micro_batch x seq_len positions the decoder runs (soft prompt included); N =
+    micro_batch x max_seq_len labelled ones (the worst case; prompt tokens and padding are
+    dropped before the head). The chunked loss's 2 x N x hidden are the labelled hidden states
+    (a copy made by the boolean selection) and their gradient, computed in the forward and kept
+    for the backward; the head's weight gradient is accumulated there too when it trains.
+    Both paths keep the final norm's fp32 input (NORM_FP32_BYTES x hidden per token).
+    """
+    element = compute_element_bytes(cfg)
+    vocab, hidden = model_config.vocab_size, model_config.hidden_size
     tokens = micro_batch * seq_len
-    layers = model_config.num_hidden_layers
-    if checkpointing:
-        # Each layer's input (one hidden vector per token) is kept; one layer is recomputed at a time.
-        return tokens * (layers * hidden * element_bytes + per_token_layer)
-    return tokens * layers * per_token_layer
+    norm = tokens * hidden * NORM_FP32_BYTES
+    if cfg.train.loss == "hf":
+        return tokens * vocab * LOGIT_BYTES + norm
+    labelled = micro_batch * cfg.train.max_seq_len
+    per_logit = CHUNK_LOGIT_BYTES + (CHUNK_SOFTCAP_BYTES if getattr(model_config, "final_logit_softcapping", None) else 0)
+    chunk = min(labelled, cfg.train.loss_chunk_tokens) * vocab * per_logit
+    head_grad = vocab * hidden * element if head_trains else 0
+    return chunk + 2 * labelled * hidden * element + norm + head_grad
 
 
 def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch: int, seq_len: int, vram_bytes: int) -> MemoryPlan:
-    tokens_seq = seq_len + (cfg.prompt.num_virtual_tokens if cfg.method == "prompt_tuning" else 0)
-    activations = estimate_activation_bytes(model_config, micro_batch, tokens_seq, cfg.model.gradient_checkpointing, compute_element_bytes(cfg))
-    logits = micro_batch * tokens_seq * model_config.vocab_size * LOGIT_BYTES
+    virtual = cfg.prompt.num_virtual_tokens if cfg.method == "prompt_tuning" else 0
+    tokens_seq = seq_len + virtual
+    element = compute_element_bytes(cfg)
+    checkpointing = cfg.model.gradient_checkpointing
+    activations = estimate_activation_bytes(model_config, micro_batch, tokens_seq, checkpointing, element)
+    loss_cfg = cfg if seq_len == cfg.train.max_seq_len else _with_max_seq_len(cfg, seq_len)
+    logits = estimate_loss_bytes(loss_cfg, model_config, micro_batch, tokens_seq, parts.get("head_trains", False))
+    # With checkpointing the loss runs (forward and, for hf, backward) before the backward
+    # recomputes the last layer, and frees its buffers first: the two peaks never coincide
+    # (measured with the meter). Without it every layer's activations are alive during the loss.
+    recomputed = micro_batch * tokens_seq * count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element)
+    overlap = -min(recomputed, logits) if checkpointing else 0
     weights = parts["nf4"] + parts["constants"] + parts["unquantized"]
-    total = weights + parts["trainable_bytes"] + parts["gradient_bytes"] + parts["optimizer_bytes"] + activations + logits + CUDA_CONTEXT_BYTES
+    total = weights + parts["trainable_bytes"] + parts["gradient_bytes"] + parts["optimizer_bytes"] + activations + logits + overlap + CUDA_CONTEXT_BYTES
     return MemoryPlan(
         weights_bytes=weights, nf4_bytes=parts["nf4"], quant_constant_bytes=parts["constants"], unquantized_bytes=parts["unquantized"],
         trainable_params=parts["trainable_params"], trainable_bytes=parts["trainable_bytes"], gradient_bytes=parts["gradient_bytes"],
-        optimizer_bytes=parts["optimizer_bytes"], activation_bytes=activations, logits_bytes=logits, cuda_context_bytes=CUDA_CONTEXT_BYTES,
-        total_bytes=total, vram_bytes=vram_bytes, fits=total <= vram_bytes, micro_batch_size=micro_batch, max_seq_len=seq_len,
+        optimizer_bytes=parts["optimizer_bytes"], activation_bytes=activations, logits_bytes=logits, overlap_bytes=overlap,
+        cuda_context_bytes=CUDA_CONTEXT_BYTES, total_bytes=total, vram_bytes=vram_bytes, fits=total <= vram_bytes,
+        micro_batch_size=micro_batch, max_seq_len=seq_len, loss=cfg.train.loss, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
     )  # fmt: skip
+
+
+def _with_max_seq_len(cfg: RecipeConfig, seq_len: int) -> RecipeConfig:
+    """cfg planned at another sequence length (the search for the longest one)."""
+    import copy
+
+    other = copy.copy(cfg)
+    other.train = copy.copy(cfg.train)
+    other.train.max_seq_len = seq_len
+    return other
 
 
 def estimate_optimizer_bytes(numels: list[int], optimizer: str) -> int:
@@ -294,6 +370,13 @@ def parse_bytes(text: str) -> int:
     return int(float(digits) * units[unit])
 
 
+def describe_loss(plan: MemoryPlan) -> str:
+    """The detail of the "logits and loss" row: which loss, and what it holds."""
+    if plan.loss == "hf":
+        return "train.loss hf: micro-batch x seq x vocab, 3 fp32 tensors (log-softmax and two gradients)"
+    return f"train.loss chunked: {plan.loss_chunk_tokens} labelled tokens x vocab at a time, fp32 + bf16; hidden gradients"
+
+
 def format_plan(plan: MemoryPlan, model_name: str) -> str:
     def gib(n: int) -> str:
         return f"{n / GIB:6.2f} GiB"
@@ -304,11 +387,12 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         ("their gradients", plan.gradient_bytes, ""),
         ("optimizer state", plan.optimizer_bytes, "two AdamW moments"),
         ("activations", plan.activation_bytes, f"micro-batch {plan.micro_batch_size} x {plan.max_seq_len} tokens"),
-        ("logits and loss", plan.logits_bytes, "micro-batch x seq x vocab, bf16 + fp32 copy + fp32 grad"),
+        ("logits and loss", plan.logits_bytes, describe_loss(plan)),
+        ("not at the same time", plan.overlap_bytes, "the loss's buffers are freed before the backward recomputes a layer"),
         ("CUDA context", plan.cuda_context_bytes, "fixed allowance"),
     ]
     lines = [f"memory plan for {model_name}:"]
-    lines += [f"  {name:<22}{gib(value)}  {detail}".rstrip() for name, value, detail in rows]
+    lines += [f"  {name:<22}{gib(value)}  {detail}".rstrip() for name, value, detail in rows if value or name != "not at the same time"]
     verdict = "fits" if plan.fits else "does NOT fit"
     lines.append(f"  {'estimated peak':<22}{gib(plan.total_bytes)}  -> {verdict} in {plan.vram_bytes / GIB:.0f} GiB")
     lines.append(

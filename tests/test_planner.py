@@ -27,8 +27,10 @@ from qlora_lite.planner import (
 from qlora_lite.quant import load_base_model
 
 # Activations kept for backward, estimate / measured saved-tensor bytes: measured 0.974 without
-# checkpointing and 0.96 with it (forward-saved layer inputs + one layer recomputed); allow 15%.
+# checkpointing; allow 15%. With checkpointing the estimate is of the recomputed layer's backward
+# peak, held to the meter by test_plan_within_10_percent_of_the_metered_step.
 ACTIVATION_MARGIN = 0.15
+METER_MARGIN = 0.10
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -59,7 +61,7 @@ def test_nf4_bytes_of_llama_3_1_8b_follow_the_formula():
     assert plan.trainable_params == 16 * (layers * (h + h + h + kv + h + kv + h + h + h + i + h + i + i + h))  # r=16 on all 7
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False])
 def test_activation_estimate_within_margin_of_saved_tensors(tmp_path, checkpointing):
     from qlora_lite.tiny import build_tiny_model
 
@@ -120,7 +122,8 @@ def test_plan_json_has_the_documented_keys(capsys):
     assert cli.main(["plan", "recipes/qwen2.5-7b-alpaca.yaml", "--vram", "80GiB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] is True and plan["vram_bytes"] == 80 * GIB
-    assert plan["total_bytes"] == sum(plan[k] for k in ("weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "cuda_context_bytes"))
+    assert plan["total_bytes"] == sum(plan[k] for k in ("weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "overlap_bytes", "cuda_context_bytes"))
+    assert plan["loss"] == "chunked" and plan["overlap_bytes"] <= 0
 
 
 def test_plan_errors_exit_2_with_the_fix(capsys, monkeypatch):
@@ -188,3 +191,86 @@ def test_longest_sequence_stops_at_the_model_context_and_says_so(tiny_llama_dir)
     tight = plan_memory(cfg, vram_bytes=plan.total_bytes + 1)
     assert 64 <= tight.largest_seq_len < 512 and not tight.seq_len_capped_by_context
     assert "context length binds" not in format_plan(tight, "tiny")
+
+
+# ---------------------------------------------------------------------------- the plan against the meter
+
+# (hidden, intermediate, heads, kv heads, vocab, micro-batch, seq, method, train.loss): loss-bound and
+# trunk-bound steps, both losses, three methods. Each step takes 0.4-2 s on one CPU thread.
+METERED_CONFIGS = [
+    (512, 1536, 8, 4, 16000, 2, 512, "lora", "chunked"),
+    (512, 1536, 8, 4, 16000, 2, 512, "lora", "hf"),
+    (1024, 2816, 8, 2, 8000, 2, 1024, "lora", "chunked"),
+    (768, 1536, 6, 6, 8000, 2, 1024, "lora", "chunked"),
+    (256, 768, 4, 2, 32000, 4, 128, "lora", "chunked"),
+    (512, 1536, 8, 4, 16000, 2, 512, "prompt_tuning", "chunked"),
+    (512, 1536, 8, 4, 16000, 2, 512, "selective", "hf"),
+    (1024, 2816, 8, 2, 8000, 2, 1024, "selective", "chunked"),
+]
+
+
+@pytest.fixture(scope="module")
+def metered_model_dirs(tmp_path_factory):
+    """One saved random-weight 2-layer Llama per width, shared by the configurations that use it."""
+    from qlora_lite.tiny import build_tiny_model
+
+    dirs = {}
+    for hidden, inter, heads, kv, vocab, *_ in METERED_CONFIGS:
+        key = (hidden, inter, heads, kv, vocab)
+        if key not in dirs:
+            dirs[key] = tmp_path_factory.mktemp(f"metered-{hidden}-{vocab}")
+            build_tiny_model(dirs[key], vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=2, num_heads=heads, num_kv_heads=kv, max_position_embeddings=2048)
+    return dirs
+
+
+def meter_one_step(cfg, micro_batch: int, seq: int, vocab: int):
+    """One bf16-autocast forward + backward as fit() runs it, metered; the optimizer's state exists beforehand."""
+    from qlora_lite.loss import compute_causal_lm_loss
+    from qlora_lite.memory import MemoryMeter
+    from qlora_lite.methods import attach_method
+    from qlora_lite.optim import build_optimizer
+    from qlora_lite.quant import enable_gradient_checkpointing
+
+    device = torch.device("cpu")
+    model = load_base_model(cfg.model, cfg.quant, device)
+    enable_gradient_checkpointing(model)
+    model = attach_method(model, cfg, tokenizer=None)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.train.optimizer, 1e-4, 0.0, device)
+    for p in params:  # a step on zero gradients makes the AdamW state without a forward
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # as fit(): the step's gradients are made inside it
+    ids = torch.randint(4, vocab, (micro_batch, seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}  # every token labelled: the planned worst case
+    with MemoryMeter(baseline=[model, optimizer, batch], device="cpu") as meter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compute_causal_lm_loss(model, batch, cfg.train)
+        loss.backward()
+    return meter
+
+
+METERED_TABLE: list[str] = []
+
+
+@pytest.mark.parametrize("hidden, inter, heads, kv, vocab, micro_batch, seq, method, loss", METERED_CONFIGS)
+def test_plan_within_10_percent_of_the_metered_step(metered_model_dirs, hidden, inter, heads, kv, vocab, micro_batch, seq, method, loss):
+    from qlora_lite.planner import CUDA_CONTEXT_BYTES
+
+    torch.manual_seed(0)
+    model_dir = metered_model_dirs[(hidden, inter, heads, kv, vocab)]
+    cfg = load_config(None, [
+        f"model.name_or_path={model_dir}", "quant.compute_dtype=bfloat16", "train.mixed_precision=bf16", f"method={method}",
+        f"train.loss={loss}", f"train.max_seq_len={seq}", f"train.micro_batch_size={micro_batch}", "train.optimizer=adamw", "lora.dropout=0.0",
+    ])  # fmt: skip
+    meter = meter_one_step(cfg, micro_batch, seq, vocab)
+    plan = plan_memory(cfg, read_model_config(str(model_dir)), vram_bytes=1024 * GIB)
+    planned = plan.total_bytes - CUDA_CONTEXT_BYTES  # the meter sees no CUDA context
+    ratio = planned / meter.peak_bytes
+    METERED_TABLE.append(f"| h{hidden} i{inter} v{vocab} {micro_batch}x{seq} {method} {loss} | {planned / GIB:.4f} | {meter.peak_bytes / GIB:.4f} | {ratio:.3f} |")
+    print(METERED_TABLE[-1])
+    assert abs(ratio - 1) <= METER_MARGIN, f"planner {planned / GIB:.4f} GiB, meter {meter.peak_bytes / GIB:.4f} GiB"
+    # the loss row follows train.loss: the chunked one holds at most one chunk's logits, 6 bytes each, never the hf loss's 12
+    assert (plan.logits_bytes < micro_batch * seq * vocab * 12) == (loss == "chunked")
+    assert f"train.loss {loss}" in format_plan(plan, "m")
