@@ -227,7 +227,8 @@ def format_table(record: dict) -> str:
     lines = [
         f"Useful (non-pad) tokens/s, LoRA r=16 all-linear on NF4, random-weight Llama (hidden 1024, intermediate 2816, "
         f"16/8 heads, 2 layers, vocab 32,000), {record['device']}, {record['date']}; {record['steps']} timed steps after "
-        f"{record['warmup']} warm-up, fp32 compute, gradient checkpointing, 8-bit AdamW, clip 1.0.",
+        f"{record['warmup']} warm-up, fp32 compute, gradient checkpointing, 8-bit AdamW, clip 1.0. "
+        f"`{record['command'].strip()}`",
         "",
         f"Examples: {lengths['n']:,}, lognormal lengths (median 180, sigma 0.8, cut to [2, 2048]; drawn median "
         f"{lengths['median']}, mean {lengths['mean']:.0f}, {100 * lengths['share_over_1000']:.1f}% past 1,000), first 40% "
