@@ -41,7 +41,7 @@ trains on), the padded fraction of the processed micro-batches, seconds per step
 first losses. Sanity: before training, each process computes its own loss (chunked or HF) on one
 identical padded batch (the first 4 examples); the two sides must agree within 1e-3.
 
-    python benchmarks/useful_throughput.py                    # mbs 4 and 8, 2 warm-up + 20 timed steps (~6 min)
+    python benchmarks/useful_throughput.py                    # mbs 4 and 8, 2 warm-up + 20 timed steps (~11 min on 1 busy core)
     python benchmarks/useful_throughput.py --steps 3 --micro-batch 4
 
 Writes benchmarks/results/useful-throughput-cpu.{json,md}. Goal: qlora-lite >= 1.8x the PEFT
