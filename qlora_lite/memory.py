@@ -3,16 +3,25 @@
 Parameter counts treat a packed 4-bit weight as the weights it holds (two per byte), the
 way PEFT's `print_trainable_parameters` does, so "8B" means 8B whether the base is NF4 or
 bf16. Byte counts, on the other hand, are what really sits in memory, by storage dtype.
+
+`MemoryMeter` measures the peak bytes of live tensors during a step on any device, the CPU
+included, by watching every storage the step's operations create until it is freed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import resource
-from dataclasses import asdict, dataclass
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .quant import is_quantized_parameter, quantized_numel
 
@@ -149,3 +158,267 @@ def format_memory_short(device: torch.device) -> str:
     if mem["kind"] == "cuda":
         return f"{mem['peak_allocated_gib']:.1f}G"
     return f"{mem['rss_gib']:.1f}G rss"
+
+
+# ---------------------------------------------------------------------------- the meter
+
+# The CUDA caching allocator hands out blocks in multiples of 512 bytes, and
+# torch.cuda.max_memory_allocated counts the rounded sizes.
+CUDA_BLOCK_BYTES = 512
+
+
+@dataclass
+class Allocation:
+    """One storage the meter saw: who made it, how big, and when it lived (event numbers)."""
+
+    op: str
+    """The operation that created it (`aten.mm.default`), or `baseline` / `baseline (found)`."""
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    nbytes: int
+    born: int
+    """Event number of its creation; -1 for storages alive before the meter started."""
+    freed: int | None = None
+
+    def is_alive_at(self, event: int) -> bool:
+        return self.born <= event and (self.freed is None or self.freed > event)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.born < 0
+
+
+@dataclass
+class _Live:
+    record: Allocation
+    ref: weakref.ref = field(repr=False)
+
+
+class MemoryMeter(TorchDispatchMode):
+    """Peak bytes of live tensor storages during a block of code, on the CPU or a GPU.
+
+    Usage::
+
+        with MemoryMeter(baseline=[model, optimizer, batch]) as meter:
+            loss = model(**batch).loss
+            loss.backward()
+        meter.peak_bytes, meter.baseline_bytes, meter.peak_transient_bytes
+
+    Every ATen operation run inside the block (forward, autograd's saved tensors, backward,
+    gradient checkpointing's recomputation) passes through `__torch_dispatch__`; each output
+    storage not seen before is counted from then until it is freed (a weakref callback on the
+    storage). Counting storages, keyed by their data pointer, means a view is never counted
+    again. The storages of `baseline` (parameters, buffers, gradients, a Params4bit's quant
+    state, optimizer state, a batch) are counted from the start: bitsandbytes' 4-bit weights
+    first appear inside a step as outputs of `aten.view`, so without them each would count twice.
+    A storage the block reads that is neither in the baseline nor made inside the block was
+    alive from the start too: it is added to the baseline when first seen
+    (`found_baseline_bytes`), and to every earlier moment, so the peak stays exact.
+
+    Limits: temporaries made inside one operation's kernel and freed before it returns (a
+    bitsandbytes kernel's scratch buffers, cuBLAS workspaces) are not seen, nor storages
+    resized through `UntypedStorage.resize_`. On CUDA the autograd engine runs backward on its
+    own device thread; each graph task carries the caller's thread-local state, dispatch modes
+    included (`at::ThreadLocalState::torch_dispatch_mode_state_`), into that thread, so backward
+    is measured there too; a lock keeps the count consistent across the two threads. A backward
+    started outside the block is not measured.
+
+    Args:
+        baseline: modules, optimizers, tensors, or dicts / lists of them, alive before the block.
+        device: count only storages on this device type ("cpu", "cuda"); None counts all.
+    """
+
+    def __init__(self, baseline: Iterable | None = None, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        self.device_type = torch.device(device).type if device is not None else None
+        self.allocations: list[Allocation] = []
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.peak_event = -1
+        self.baseline_bytes = 0
+        self.found_baseline_bytes = 0
+        self.end_bytes: int | None = None
+        self._event = 0
+        self._live: dict[tuple[str, int], _Live] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        for tensor in iter_held_tensors(baseline or []):
+            self._track(tensor, "baseline", found=False)
+
+    # --- results
+
+    @property
+    def peak_transient_bytes(self) -> int:
+        """Peak above what was alive at the start: what the block itself needed."""
+        return self.peak_bytes - self.baseline_bytes
+
+    def allocations_at_peak(self, include_baseline: bool = False) -> list[Allocation]:
+        """The storages alive at the peak, largest first."""
+        alive = [a for a in self.allocations if a.is_alive_at(self.peak_event) and (include_baseline or not a.is_baseline)]
+        return sorted(alive, key=lambda a: a.nbytes, reverse=True)
+
+    def peak_transient_bytes_where(self, predicate: Callable[[Allocation], bool]) -> int:
+        """The most bytes that storages made in the block and matching predicate held at any one moment.
+
+        E.g. `lambda a: vocab_size in a.shape` gives what the LM head and the loss held at their
+        own peak, which need not be the moment of the step's peak.
+        """
+        changes: list[tuple[int, int]] = []
+        for a in self.allocations:
+            if not a.is_baseline and predicate(a):
+                changes.append((a.born, a.nbytes))
+                if a.freed is not None:
+                    changes.append((a.freed, -a.nbytes))
+        live = peak = 0
+        for _, delta in sorted(changes):  # at equal event numbers a free (negative) sorts first
+            live += delta
+            peak = max(peak, live)
+        return peak
+
+    def peak_breakdown(self, top: int = 10) -> list[dict]:
+        """Transient bytes alive at the peak grouped by (op, shape, dtype), largest group first."""
+        groups: dict[tuple, dict] = {}
+        for a in self.allocations_at_peak():
+            key = (a.op, a.shape, a.dtype)
+            group = groups.setdefault(key, {"op": a.op, "shape": list(a.shape), "dtype": a.dtype, "count": 0, "bytes": 0})
+            group["count"] += 1
+            group["bytes"] += a.nbytes
+        return sorted(groups.values(), key=lambda g: g["bytes"], reverse=True)[:top]
+
+    def summary(self, top: int = 10) -> dict:
+        """The figures as one JSON-able dict."""
+        return {
+            "peak_bytes": self.peak_bytes,
+            "baseline_bytes": self.baseline_bytes,
+            "found_baseline_bytes": self.found_baseline_bytes,
+            "peak_transient_bytes": self.peak_transient_bytes,
+            "end_bytes": self.end_bytes,
+            "storages_seen": len(self.allocations),
+            "peak_breakdown": self.peak_breakdown(top),
+        }
+
+    # --- the mode
+
+    def __enter__(self) -> "MemoryMeter":
+        if self._closed:
+            raise RuntimeError("a MemoryMeter measures one block; make a new one for the next")
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        with self._lock:
+            self.end_bytes = self.live_bytes
+            self._closed = True
+            # Dropping the weakrefs drops their callbacks: nothing changes after the block.
+            self._live.clear()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # Inputs first: a storage read here that the meter has not seen was alive before the block.
+        for tensor in _tensors_in((args, kwargs)):
+            self._track(tensor, "baseline (found)", found=True)
+        out = func(*args, **(kwargs or {}))
+        op = str(func)
+        for tensor in _tensors_in(out):
+            self._track(tensor, op, found=False)
+        return out
+
+    # --- bookkeeping
+
+    def _track(self, tensor: torch.Tensor, op: str, found: bool) -> None:
+        if self.device_type is not None and tensor.device.type != self.device_type:
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse, nested or meta-like tensors own no plain storage
+            return
+        nbytes = count_allocated_bytes(storage.nbytes(), tensor.device)
+        if nbytes == 0 or tensor.device.type == "meta":
+            return
+        key = (str(tensor.device), storage.data_ptr())
+        with self._lock:
+            live = self._live.get(key)
+            if live is not None and live.ref() is storage:
+                if live.record.nbytes != nbytes:  # an out= op or resize_ grew it in place
+                    self._add(nbytes - live.record.nbytes)
+                    live.record.nbytes = nbytes
+                return
+            if live is not None:  # its memory was reused before the old storage's callback ran
+                self._free(key, live)
+            self._event += 1
+            born = -1 if op.startswith("baseline") else self._event
+            record = Allocation(op, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), str(tensor.device), nbytes, born)
+            entry = _Live(record, weakref.ref(storage, lambda _ref, key=key: self._on_storage_freed(key, _ref)))
+            self._live[key] = entry
+            self.allocations.append(record)
+            if born < 0:
+                self.baseline_bytes += nbytes
+            if found:
+                # Alive at every earlier moment too: each earlier total grows by nbytes, the peak with them.
+                self.found_baseline_bytes += nbytes
+                self.peak_bytes += nbytes
+            self._add(nbytes)
+
+    def _add(self, nbytes: int) -> None:
+        self.live_bytes += nbytes
+        if self.live_bytes > self.peak_bytes or self.peak_event < 0:
+            self.peak_bytes, self.peak_event = max(self.live_bytes, self.peak_bytes), self._event
+
+    def _on_storage_freed(self, key: tuple[str, int], ref: weakref.ref) -> None:
+        with self._lock:
+            live = self._live.get(key)
+            if live is not None and live.ref is ref:
+                self._free(key, live)
+
+    def _free(self, key: tuple[str, int], live: _Live) -> None:
+        del self._live[key]
+        self._event += 1
+        live.record.freed = self._event
+        self.live_bytes -= live.record.nbytes
+
+
+def count_allocated_bytes(nbytes: int, device: torch.device) -> int:
+    """Bytes an allocation of nbytes takes: rounded up to the CUDA allocator's block on a GPU, exact elsewhere."""
+    if device.type == "cuda":
+        return math.ceil(nbytes / CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+    return nbytes
+
+
+def iter_held_tensors(obj) -> Iterator[torch.Tensor]:
+    """Every tensor that obj keeps alive: a module's parameters, buffers, gradients and 4-bit
+    quant state; an optimizer's state; the tensors in a dict, list or tuple; a tensor itself."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        if obj.is_leaf and obj.grad is not None:  # .grad of a non-leaf warns and is always None
+            yield obj.grad
+        if is_quantized_parameter(obj) and getattr(obj, "quant_state", None) is not None:
+            yield from quant_constants(obj.quant_state)
+    elif isinstance(obj, nn.Module):
+        for tensor in [*obj.parameters(), *obj.buffers()]:
+            yield from iter_held_tensors(tensor)
+    elif isinstance(obj, torch.optim.Optimizer):
+        for group in obj.param_groups:
+            yield from iter_held_tensors(group["params"])
+        yield from iter_held_tensors(list(obj.state.values()))
+    elif isinstance(obj, dict) or (hasattr(obj, "keys") and hasattr(obj, "values")):  # BatchEncoding too
+        for value in obj.values():
+            yield from iter_held_tensors(value)
+    elif isinstance(obj, (list, tuple, set)):
+        for item in obj:
+            yield from iter_held_tensors(item)
+
+
+def _tensors_in(tree) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+
+def format_peak_breakdown(meter: MemoryMeter, top: int = 8) -> str:
+    """Lines naming the largest storages alive at the meter's peak."""
+    lines = [
+        f"peak {meter.peak_bytes / GIB:.3f} GiB = baseline {meter.baseline_bytes / GIB:.3f} GiB "
+        f"+ transient {meter.peak_transient_bytes / GIB:.3f} GiB; largest transient storages at the peak:"
+    ]
+    for g in meter.peak_breakdown(top):
+        shape = "x".join(str(d) for d in g["shape"])
+        lines.append(f"  {g['bytes'] / 2**20:10.1f} MiB  {g['count']:3d} x {g['op']} {g['dtype']}[{shape}]")
+    return "\n".join(lines)

@@ -68,3 +68,159 @@ def test_report_labels_cpu_rss_and_formats(tiny_llama_dir):
     text = format_memory_report(report)
     assert "CPU process RSS" in text and f"frozen {report['params']['frozen']:,}" in text
     assert get_device_memory(torch.device("cpu"))["kind"] == "cpu process RSS"
+
+
+# ---------------------------------------------------------------------------- MemoryMeter
+
+N = 1000
+MB4 = N * N * 4  # one fp32 1000x1000 tensor
+
+
+def test_meter_matches_hand_count_of_matmul_relu_sum_backward():
+    from qlora_lite.memory import MemoryMeter
+
+    x = torch.randn(N, N)
+    w = torch.randn(N, N, requires_grad=True)
+    with MemoryMeter(baseline=[x, w]) as meter:
+        loss = torch.relu(x @ w).sum()
+        loss.backward()
+    # Forward: x, w, y = x @ w, r = relu(y) -> 4 x MB4 while relu runs (16,000,000 B); y dies after it.
+    # Backward, inside ReluBackward: x, w, r (saved by relu), grad_y = threshold_backward(grad, r),
+    # plus the 4-byte loss and its 4-byte ones_like seed (the sum's backward only expands it, a view).
+    # Then r is released and grad_w = x.T @ grad_y is made while r is gone: 16,000,008 is the peak.
+    assert meter.baseline_bytes == 2 * MB4
+    assert meter.peak_bytes == 4 * MB4 + 8
+    assert meter.peak_transient_bytes == 2 * MB4 + 8
+    alive = sorted((a.op, a.nbytes) for a in meter.allocations_at_peak())
+    assert alive == [("aten.ones_like.default", 4), ("aten.relu.default", MB4), ("aten.sum.default", 4), ("aten.threshold_backward.default", MB4)]
+    # After the block: x, w, w.grad and the loss.
+    assert meter.end_bytes == 3 * MB4 + 4
+    assert [a.op for a in meter.allocations if not a.is_baseline].count("aten.mm.default") == 2  # y and grad_w
+    # Each 4 MB storage lives alone or with one other: at most 2 x MB4 of them at once, at most 1 x of relu's.
+    assert meter.peak_transient_bytes_where(lambda a: a.nbytes == MB4) == 2 * MB4
+    assert meter.peak_transient_bytes_where(lambda a: a.op == "aten.relu.default") == MB4
+    assert meter.peak_transient_bytes_where(lambda a: a.op == "aten.mm.default") == MB4  # y dies before grad_w is made
+
+
+def test_meter_counts_a_storage_once_whatever_its_views():
+    from qlora_lite.memory import MemoryMeter
+
+    with MemoryMeter() as meter:
+        a = torch.zeros(N, N)  # one new storage
+        views = [a.view(-1), a.t(), a[1:], a.T.contiguous().T, a.unsqueeze(0).expand(3, N, N)]
+        a.add_(1).mul_(2)  # in place: no new storage
+    # a.T.contiguous() makes one new copy (4 MB); .T of it is a view.
+    assert meter.peak_bytes == 2 * MB4
+    assert len([x for x in meter.allocations]) == 2
+    assert all(v.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() for v in views[:3])
+
+
+def test_meter_baseline_is_counted_once_and_an_unregistered_input_joins_it_from_the_start():
+    from qlora_lite.memory import MemoryMeter
+
+    w = torch.randn(N, N)
+    other = torch.randn(N, N)  # alive before the block, not registered
+    with MemoryMeter(baseline=[w, {"again": w}, [w.view(-1)]]) as meter:
+        assert meter.baseline_bytes == MB4  # w, its dict and its view: one storage
+        first = torch.ones(N, N) * 2  # ones and their product: 2 x MB4 at this moment, then ones die
+        del first
+        second = other + w  # `other` is found here: it was alive at the moment above too
+    assert meter.found_baseline_bytes == MB4
+    assert meter.baseline_bytes == 2 * MB4
+    # The peak is the first moment (w + other + ones + product), not the second (w + other + second).
+    assert meter.peak_bytes == 4 * MB4
+    assert meter.peak_transient_bytes == 2 * MB4
+    assert {a.op for a in meter.allocations_at_peak()} == {"aten.ones.default", "aten.mul.Tensor"}
+    assert second.shape == (N, N)
+
+
+def test_meter_freed_storages_leave_the_live_count_and_after_the_block_nothing_changes():
+    from qlora_lite.memory import MemoryMeter
+
+    with MemoryMeter() as meter:
+        a = torch.empty(N, N)
+        b = a.view(-1)
+        del a
+        assert meter.live_bytes == MB4  # the view keeps the storage alive
+        del b
+        assert meter.live_bytes == 0
+        c = torch.empty(2 * N, N)
+        assert meter.live_bytes == 2 * MB4
+    assert (meter.peak_bytes, meter.end_bytes) == (2 * MB4, 2 * MB4)
+    del c
+    assert meter.live_bytes == 2 * MB4  # the meter stopped counting at the end of the block
+    assert [a.freed is not None for a in meter.allocations] == [True, False]
+
+
+def test_meter_sees_the_recomputation_of_gradient_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    from qlora_lite.memory import MemoryMeter
+
+    x = torch.randn(N, N, requires_grad=True)
+    w = torch.randn(N, N)
+    with MemoryMeter(baseline=[x, w]) as meter:
+        loss = checkpoint(lambda t: torch.relu(t @ w), x, use_reentrant=False).sum()
+        assert meter.live_bytes == 2 * MB4 + 4  # the forward kept nothing but the loss: relu's output is not saved
+        loss.backward()
+    ops = [a.op for a in meter.allocations]
+    assert ops.count("aten.relu.default") == 2  # once in the forward, once recomputed in the backward
+    # The peak is in the recomputation: y = x @ w and r = relu(y) again, next to the loss and its seed.
+    assert meter.peak_transient_bytes == 2 * MB4 + 8
+    assert sorted(a.op for a in meter.allocations_at_peak()) == ["aten.mm.default", "aten.ones_like.default", "aten.relu.default", "aten.sum.default"]
+    seed = next(a for a in meter.allocations if a.op == "aten.ones_like.default")  # backward() starts here
+    assert all(a.born > seed.born for a in meter.allocations_at_peak() if a.op == "aten.relu.default")
+
+
+def test_meter_on_a_bitsandbytes_linear4bit_forward_backward():
+    import bitsandbytes as bnb
+    from torch import nn
+
+    from qlora_lite.memory import MemoryMeter, quant_constants
+
+    d_in, d_out, tokens = 1024, 2048, 512
+    dense = nn.Linear(d_in, d_out, bias=False)
+    layer = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)._quantize("cpu")
+    layer.support_avx512bf16_for_cpu = False  # as quant.keep_4bit_layout does
+    x = torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
+    packed = d_in * d_out // 2
+    constants = sum(t.untyped_storage().nbytes() for t in quant_constants(layer.weight.quant_state))
+    assert d_in * d_out // 64 <= constants < d_in * d_out // 64 + 4096  # one uint8 scale per block + fp32 scales and codebooks
+
+    def measure(baseline):
+        x.grad = None
+        with MemoryMeter(baseline=baseline) as meter:
+            y = layer(x)  # (tokens, d_out) bf16, kept alive here
+            y.float().sum().backward()
+        return meter
+
+    meter = measure([layer, x])
+    assert meter.baseline_bytes == packed + constants + x.numel() * 2
+    # The least a backward needs at once: y, its gradient (bf16) and the dense bf16 weight. bitsandbytes
+    # 0.50 on the CPU also holds the fp32 dequantized weight it casts from (and its fp32 block scales).
+    floor = 2 * tokens * d_out * 2 + d_in * d_out * 2
+    assert floor <= meter.peak_transient_bytes <= floor + d_in * d_out * 4 + d_in * d_out // 64 * 4 + 64
+    packed_records = [a for a in meter.allocations if a.shape == tuple(layer.weight.shape) and a.dtype == "uint8"]
+    assert [a.op for a in packed_records] == ["baseline"]  # its views (weight.t()) never counted again
+
+    # Unregistered, the 4-bit weight is found as an input and counted once, in the baseline, not as transient.
+    unregistered = measure([x])
+    assert unregistered.found_baseline_bytes >= packed
+    assert unregistered.peak_transient_bytes == meter.peak_transient_bytes
+
+
+def test_meter_baseline_of_a_module_and_its_optimizer_is_weights_grads_and_adam_state():
+    from torch import nn
+
+    from qlora_lite.memory import MemoryMeter
+
+    layer = nn.Linear(100, 100, bias=False)
+    optimizer = torch.optim.Adam(layer.parameters())
+    layer(torch.randn(3, 100)).sum().backward()
+    optimizer.step()
+    meter = MemoryMeter(baseline=[layer, optimizer])
+    # weight, its grad, exp_avg, exp_avg_sq: 4 x 100 x 100 fp32, plus Adam's fp32 `step` scalar; the weight and
+    # grad reached both through the module and the optimizer's param groups count once.
+    assert meter.baseline_bytes == 4 * 100 * 100 * 4 + 4
+    assert meter.peak_bytes == meter.baseline_bytes and meter.peak_transient_bytes == 0
