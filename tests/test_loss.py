@@ -178,6 +178,9 @@ def test_fit_with_chunked_loss_follows_the_hf_run(tiny_llama_dir, tmp_path):
             "train.max_steps": 3, "train.micro_batch_size": 3, "train.grad_accum_steps": 2, "train.lr": 5e-3,
             "train.warmup_steps": 1, "train.log_every": 1, "train.eval_every": 0, "train.save_every": 0,
             "train.loss": loss, "train.loss_chunk_tokens": 16, "output_dir": str(tmp_path / loss),
+            # random: the batches the 5e-5 adapter tolerance was measured on; grouped batches put
+            # near-zero-gradient entries where AdamW's m/sqrt(v) turns 1e-7 loss rounding into 9e-4
+            "train.batching": "random",
         }  # fmt: skip
         summary = fit(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
         metrics = [json.loads(line) for line in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
