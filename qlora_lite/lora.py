@@ -78,7 +78,12 @@ class LoRALinear(LinearWrapper):
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
+        dropped = self.lora_dropout(x)  # in x's dtype (bf16 on a GPU): no full-width fp32 copy and fp32 mask
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmul casts its input to bf16 anyway, so an fp32 copy of the
+            # (tokens x in_features) activation would be made, kept for backward and thrown away.
+            dropped = dropped.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(dropped))  # (..., out)
         return result + (update * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
