@@ -223,8 +223,10 @@ def test_plan_and_merge_plans_every_recipe_and_merges(smoke_results):
     variants = r["variants"]
     assert variants["as shipped"][0] and not variants["Llama-3.1-70B"][0]
     assert variants["Llama-3.1-70B"][1] > 37 * GIB
-    for label in ("seq 4096", "micro-batch 8", "no gradient checkpointing"):
-        assert variants[label][1] > 1.4 * variants["as shipped"][1], label
+    # With the chunked loss, sequence length moves only the activations (1.24x for 2048 -> 4096);
+    # 4x the micro-batch and turning checkpointing off cost far more (1.71x, 3.24x).
+    for label, factor in (("seq 4096", 1.2), ("micro-batch 8", 1.6), ("no gradient checkpointing", 3.0)):
+        assert variants[label][1] > factor * variants["as shipped"][1], label
     assert r["merge_diff"] <= r["threshold"] and r["merged_dtype"] == "float32"
     assert r["quantization_config"] is False
     assert r["loading_info"] == {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0, "error_msgs": 0}
