@@ -5,7 +5,8 @@ checkpoint, loaded in NF4 with double quantization and bf16 compute (fp32 on the
 non-reentrant gradient checkpointing, paged 8-bit AdamW (unpaged on the CPU), SDPA attention and
 the same token batches. Side (a) is qlora-lite's own pieces (`load_base_model`, `attach_method`,
 `build_optimizer`); side (b) is the usual PEFT script: `BitsAndBytesConfig` +
-`prepare_model_for_kbit_training` + `get_peft_model` + `bnb.optim.PagedAdamW8bit`.
+`prepare_model_for_kbit_training` + `get_peft_model` + `bnb.optim.PagedAdamW8bit`. Each side computes
+its loss as its own loop does: fit()'s (`train.loss: chunked` by default) and transformers' own.
 Each case runs in its own process, so peak memory is that case's alone.
 
 Measured per case: tokens/s over the timed steps (after warm-up), peak allocated and reserved
@@ -95,7 +96,7 @@ def run_side(side: str, base: str, micro_batch: int, seq: int, steps: int, warmu
                 start = time.perf_counter()
             ids = ids.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss = compute_loss(side, model, ids)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -127,6 +128,17 @@ def run_side(side: str, base: str, micro_batch: int, seq: int, steps: int, warmu
     if cuda:
         result["planner_over_measured"] = result["planner_gib"] / result["peak_reserved_gib"]
     return result
+
+
+def compute_loss(side: str, model, ids):
+    """Each side's loss as its training loop computes it: fit()'s (the chunked loss by default) for
+    qlora-lite, transformers' own for the PEFT script."""
+    if side == "qlora-lite":
+        from qlora_lite.config import TrainConfig
+        from qlora_lite.loss import compute_causal_lm_loss
+
+        return compute_causal_lm_loss(model, {"input_ids": ids, "labels": ids}, TrainConfig())
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 BENCH_OVERRIDES = ["lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "lora.target_modules=all-linear"]
