@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoRAConfig
-from .lora import apply_lora, is_linear, lora_state_dict
+from .config import LoRAConfig, RecipeConfig
+from .lora import apply_lora, is_linear, lora_state_dict, remove_lora, resolve_targets
+from .method_entry import Method
+from .names import is_demo_name
 from .quant import DTYPES
+
+PEFT_TYPE = "LORA"
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,7 +66,7 @@ def build_peft_config(cfg: LoRAConfig, targets: list[str], base_model_name_or_pa
     # dotted suffix); all-linear is written as the full module paths, as PEFT itself does.
     target_modules = sorted(targets) if cfg.target_modules == "all-linear" else list(cfg.target_modules)
     return {
-        "peft_type": "LORA",
+        "peft_type": PEFT_TYPE,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.r,
@@ -128,9 +133,9 @@ def find_base_model(adapter_dir: str | Path, peft_config: dict[str, Any], base: 
     name = base or peft_config.get("base_model_name_or_path")
     if not name:
         raise AdapterError(f"{adapter_dir}/{CONFIG_NAME} names no base model (base_model_name_or_path); pass --base PATH")
-    if name.startswith("demo:"):
+    if is_demo_name(name):
         from .config import ModelConfig
-        from .quant import resolve_model_path
+        from .names import resolve_model_path
 
         return resolve_model_path(ModelConfig(name_or_path=name))
     path = Path(name).expanduser()
@@ -191,8 +196,8 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, 
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / CONFIG_NAME
     raw = read_adapter_json(adapter_dir)
-    if raw.get("peft_type") != "LORA":
-        raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; this loader reads LORA adapters")
+    if raw.get("peft_type") != PEFT_TYPE:
+        raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; this loader reads {PEFT_TYPE} adapters")
     unsupported = [k for k, v in raw.items() if k not in UNDERSTOOD_PEFT_KEYS and not any(v == n and type(v) is type(n) for n in NEUTRAL_VALUES)]
     if raw.get("init_lora_weights", True) not in PLAIN_INITS:
         unsupported.append("init_lora_weights")
@@ -348,3 +353,63 @@ def read_method_config(adapter_dir: str | Path, peft_type: str, fields: dict[str
                 f"{path}: {key} must be of type {kind.__name__}, got {raw.get(key)!r}; the file is corrupt or was edited, re-save the adapter"
             )
     return raw
+
+
+# --- the LoRA entry in the table of methods (methods.py) --------------------------------------
+
+
+def attach_lora_method(model: nn.Module, cfg: RecipeConfig, tokenizer) -> nn.Module:
+    apply_lora(model, cfg.lora)
+    return model
+
+
+def save_lora_method(model: nn.Module, cfg: RecipeConfig, folder: Path, base_path: str) -> None:
+    save_adapter(model, cfg.lora, folder, base_path)
+
+
+def load_lora_method(model: nn.Module, cfg: RecipeConfig, folder: Path, trainable: bool) -> nn.Module:
+    load_adapter(model, folder, trainable=trainable)
+    return model
+
+
+def count_lora_trainable(cfg: RecipeConfig, model: nn.Module) -> list[int]:
+    """A (r, in) and B (out, r) for each target layer."""
+    modules = dict(model.named_modules())
+    sizes = []
+    for name in resolve_targets(model, cfg.lora.target_modules):
+        layer = modules[name]
+        sizes += [cfg.lora.r * layer.in_features, layer.out_features * cfg.lora.r]
+    return sizes
+
+
+def read_lora(adapter_dir: Path, allow_pickle: bool) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    cfg, _ = read_adapter_config(adapter_dir)
+    return cfg, read_adapter_weights(adapter_dir, allow_pickle)
+
+
+def check_lora_fits(model: nn.Module, cfg: LoRAConfig, weights: dict[str, torch.Tensor]) -> None:
+    check_adapter_fits(model, weights, cfg.r)
+
+
+def apply_lora_weights(model: nn.Module, cfg: LoRAConfig, weights: dict[str, torch.Tensor]) -> nn.Module:
+    # attach_adapter records the weights' dtype in its config: give it a copy, keep the caller's as read.
+    attach_adapter(model, replace(cfg), weights)
+    return model
+
+
+LORA_METHOD = Method(
+    name="lora",
+    peft_type=PEFT_TYPE,
+    attach=attach_lora_method,
+    save=save_lora_method,
+    load=load_lora_method,
+    count_trainable=count_lora_trainable,
+    trainable_dtype=lambda cfg: cfg.lora.dtype,
+    plan_note="",
+    read_config=lambda adapter_dir: read_adapter_config(adapter_dir)[1],
+    read=read_lora,
+    check_fits=check_lora_fits,
+    apply=apply_lora_weights,
+    remove=remove_lora,
+    merge_summary="merged {n} LoRA layers into",
+)

@@ -37,6 +37,7 @@ the base's weights; serve it as base + adapter. PEFT has no such adapter type; t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,10 +45,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_weights
-from .config import CHOICES, BottleneckConfig
+from .config import CHOICES, BottleneckConfig, ConfigError, RecipeConfig
 from .lora import LinearWrapper
+from .method_entry import Method
 from .quant import DTYPES
-from .adapters import FORMAT_VERSION, read_method_config
+from .adapters import FORMAT_VERSION, read_adapter_json, read_method_config
 
 PEFT_TYPE = "BOTTLENECK"
 # placement -> the output projections (module path suffixes) whose outputs get an adapter.
@@ -299,3 +301,68 @@ def check_bottleneck_fits(model: nn.Module, cfg: BottleneckConfig, weights: dict
             f"adapter lacks {len(missing)} tensors this base needs, e.g. {missing[0]}: the file is incomplete, "
             "or the adapter was made for a base with fewer layers"
         )
+
+
+# --- the bottleneck-adapter entry in the table of methods (methods.py) -----------------------
+
+
+def attach_bottleneck_method(model: nn.Module, cfg: RecipeConfig, tokenizer) -> nn.Module:
+    apply_bottleneck(model, cfg.bottleneck)
+    return model
+
+
+def save_bottleneck_method(model: nn.Module, cfg: RecipeConfig, folder: Path, base_path: str) -> None:
+    save_bottleneck(model, cfg.bottleneck, folder, base_path)
+
+
+def load_bottleneck_method(model: nn.Module, cfg: RecipeConfig, folder: Path, trainable: bool) -> nn.Module:
+    load_bottleneck(model, folder, trainable=trainable)
+    return model
+
+
+def validate_bottleneck_recipe(cfg: RecipeConfig) -> None:
+    if cfg.bottleneck.size <= 0:
+        raise ConfigError(f"bottleneck.size must be a positive integer, got {cfg.bottleneck.size}; typical values are 8 to 64")
+
+
+def count_bottleneck_trainable(cfg: RecipeConfig, model: nn.Module) -> list[int]:
+    """down (size, H) + bias, up (H, size) + bias, per placement per layer."""
+    hidden = model.config.hidden_size
+    placements = 2 if cfg.bottleneck.placement == "both" else 1
+    per = [cfg.bottleneck.size * hidden, cfg.bottleneck.size, hidden * cfg.bottleneck.size, hidden]
+    return per * (model.config.num_hidden_layers * placements)
+
+
+def read_bottleneck(adapter_dir: Path, allow_pickle: bool) -> tuple[BottleneckConfig, dict[str, torch.Tensor]]:
+    return read_bottleneck_config(adapter_dir), read_adapter_weights(adapter_dir, allow_pickle)
+
+
+def apply_bottleneck_weights(model: nn.Module, cfg: BottleneckConfig, weights: dict[str, torch.Tensor]) -> nn.Module:
+    apply_bottleneck(model, replace(cfg))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            params[key].copy_(tensor.to(params[key].dtype))
+    return model
+
+
+BOTTLENECK_METHOD = Method(
+    name="adapter",
+    peft_type=PEFT_TYPE,
+    attach=attach_bottleneck_method,
+    save=save_bottleneck_method,
+    load=load_bottleneck_method,
+    validate=validate_bottleneck_recipe,
+    count_trainable=count_bottleneck_trainable,
+    trainable_dtype=lambda cfg: cfg.bottleneck.dtype,
+    read_config=read_adapter_json,
+    read=read_bottleneck,
+    check_fits=check_bottleneck_fits,
+    apply=apply_bottleneck_weights,
+    remove=remove_bottleneck,
+    merge_refusal=(
+        "{adapter_dir} holds bottleneck adapters, h + up(act(down(h))): the activation between the two projections "
+        "makes them nonlinear, so they cannot be folded into the base's weights. Serve the base + adapter instead "
+        "(qlora-lite generate {adapter_dir}, or load_bottleneck in Python)"
+    ),
+)

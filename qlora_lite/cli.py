@@ -156,7 +156,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def format_merge_report(report) -> str:
     source = "dequantized NF4 weights" if report.from_4bit else "original weights"
-    what = f"replaced {report.merged_modules} tensors of" if report.peft_type == "SELECTIVE" else f"merged {report.merged_modules} LoRA layers into"
+    from .methods import get_method_by_peft_type
+
+    what = get_method_by_peft_type(report.peft_type).merge_summary.format(n=report.merged_modules)
     lines = [
         f"{what} the base's {source}: {report.num_parameters / 1e6:,.1f}M parameters, "
         f"{report.num_shards} shard(s), {report.dtype} -> {report.out_dir}"

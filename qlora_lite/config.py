@@ -256,20 +256,11 @@ def validate_config(cfg: RecipeConfig) -> None:
 
 
 def validate_method(cfg: RecipeConfig) -> None:
-    """Settings that only make sense, or only fail, with a given method."""
-    if cfg.method == "full" and cfg.quant.load_in_4bit:
-        raise ConfigError("method full trains every weight, which 4-bit weights cannot hold: set quant.load_in_4bit: false (or use method lora)")
-    if cfg.method == "prompt_tuning":
-        if cfg.data.packing:
-            raise ConfigError("method prompt_tuning prepends the soft prompt to each example, which packed rows cannot take: set data.packing: false")
-        if cfg.prompt.num_virtual_tokens <= 0:
-            raise ConfigError(f"prompt.num_virtual_tokens must be a positive integer, got {cfg.prompt.num_virtual_tokens}; typical values are 20 to 100")
-        if cfg.prompt.init == "text" and not cfg.prompt.init_text.strip():
-            raise ConfigError("prompt.init is text but prompt.init_text is empty: give the text to start from, or use prompt.init: sample_vocab")
-    if cfg.method == "selective" and not cfg.selective.patterns:
-        raise ConfigError("selective.patterns is empty: name what to train, e.g. [norm] or [bias, norm]")
-    if cfg.method == "adapter" and cfg.bottleneck.size <= 0:
-        raise ConfigError(f"bottleneck.size must be a positive integer, got {cfg.bottleneck.size}; typical values are 8 to 64")
+    """Settings that only make sense, or only fail, with a given method: its entry in the table checks them."""
+    # Deferred: the table's entries are built from this module's dataclasses, so it sits above config.
+    from .methods import get_method
+
+    get_method(cfg.method).validate(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .adapters import (
     ADAPTER_KEY,
+    LORA_METHOD,
     AdapterError,
     attach_adapter,
     find_base_model,
@@ -56,7 +57,8 @@ from .quant import (
     set_4bit_compute_dtype,
 )
 from .adapters import read_adapter_json
-from .selective import attach_selective, check_selective_fits, read_selective
+from .methods import find_saved_method
+from .selective import SELECTIVE_METHOD, attach_selective, check_selective_fits, read_selective
 from .shards import (
     SAFETENSORS_DTYPES,
     ShardError,
@@ -85,18 +87,6 @@ VERIFY_REL_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 # parameters it is opt-in (--verify), so that merging an 8B model stays within one shard.
 AUTO_VERIFY_MAX_PARAMS = 1_000_000_000
 MAX_SHARD_BYTES = 5 * 1024**3  # shard size for --from-4bit output (the default path keeps the base's shards)
-# Adapter kinds that change what the model computes without changing a weight: nothing to fold in.
-UNMERGEABLE = {
-    "BOTTLENECK": (
-        "{adapter_dir} holds bottleneck adapters, h + up(act(down(h))): the activation between the two projections "
-        "makes them nonlinear, so they cannot be folded into the base's weights. Serve the base + adapter instead "
-        "(qlora-lite generate {adapter_dir}, or load_bottleneck in Python)"
-    ),
-    "PROMPT_TUNING": (
-        "{adapter_dir} holds a soft prompt: vectors prepended to the input, not a change to any weight, so there is "
-        "nothing to merge into the base. Serve the base + adapter instead (qlora-lite generate {adapter_dir})"
-    ),
-}
 
 
 class ExportError(ValueError):
@@ -119,7 +109,7 @@ class MergeReport:
     peak_rss_bytes: int = 0
     num_probes: int = len(PROBE_PROMPTS)
     notes: list[str] = field(default_factory=list)
-    peft_type: str = "LORA"  # the adapter kind merged: LORA or SELECTIVE
+    peft_type: str = LORA_METHOD.peft_type  # the adapter kind merged (its entry in the table of methods says how to report it)
 
 
 def merge_adapter(
@@ -195,7 +185,7 @@ def merge_adapter(
 class MergePlan:
     """One adapter as merge sees it, whatever its kind: how it changes base tensors, how to check and attach it."""
 
-    peft_type: str  # LORA or SELECTIVE
+    peft_type: str  # the adapter's peft_type (a mergeable method's)
     peft_config: dict[str, Any]  # adapter_config.json
     num_merged: int  # LoRA layers merged, or base tensors replaced
     merge_tensor: Callable[[str, torch.Tensor], torch.Tensor]  # (tensor name, base tensor) -> merged tensor
@@ -207,20 +197,21 @@ class MergePlan:
 
 def plan_merge(adapter_dir: Path, allow_pickle: bool) -> MergePlan:
     """Read the adapter and decide how it merges; refuse the kinds that cannot be folded into weights."""
-    peft_type = read_adapter_json(adapter_dir).get("peft_type")
-    if peft_type in UNMERGEABLE:
-        raise ExportError(UNMERGEABLE[peft_type].format(adapter_dir=adapter_dir))
-    if peft_type == "SELECTIVE":
-        return plan_selective_merge(adapter_dir, allow_pickle)
-    return plan_lora_merge(adapter_dir, allow_pickle)  # read_adapter_config refuses any type but LORA
+    method = find_saved_method(adapter_dir)  # an unknown peft_type goes to LoRA's reader, which refuses it
+    if method.merge_refusal is not None:
+        raise ExportError(method.merge_refusal.format(adapter_dir=adapter_dir))
+    # Two ways to fold an adapter in: replace base tensors (selective), or add a delta (LoRA).
+    if method.replaces_base_tensors:
+        return plan_selective_merge(adapter_dir, allow_pickle, method.peft_type)
+    return plan_lora_merge(adapter_dir, allow_pickle, method.peft_type)
 
 
-def plan_lora_merge(adapter_dir: Path, allow_pickle: bool) -> MergePlan:
+def plan_lora_merge(adapter_dir: Path, allow_pickle: bool, peft_type: str = LORA_METHOD.peft_type) -> MergePlan:
     cfg, raw = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
     pairs = collect_lora_pairs(weights)
     return MergePlan(
-        peft_type="LORA",
+        peft_type=peft_type,
         peft_config=raw,
         num_merged=len(pairs),
         merge_tensor=partial(add_lora_delta, pairs, cfg),
@@ -230,10 +221,10 @@ def plan_lora_merge(adapter_dir: Path, allow_pickle: bool) -> MergePlan:
     )
 
 
-def plan_selective_merge(adapter_dir: Path, allow_pickle: bool) -> MergePlan:
+def plan_selective_merge(adapter_dir: Path, allow_pickle: bool, peft_type: str = SELECTIVE_METHOD.peft_type) -> MergePlan:
     cfg, weights = read_selective(adapter_dir, allow_pickle=allow_pickle)
     return MergePlan(
-        peft_type="SELECTIVE",
+        peft_type=peft_type,
         peft_config=read_adapter_json(adapter_dir),
         num_merged=len(weights),
         merge_tensor=partial(replace_tensor, weights),

@@ -21,31 +21,19 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from torch import nn
 
-from .adapters import (
-    DATA_FORMATS,
-    AdapterError,
-    attach_adapter,
-    check_adapter_fits,
-    find_base_model,
-    read_adapter_config,
-    read_adapter_json,
-    read_adapter_weights,
-    read_prompt_info,
-)
-from .bottleneck import apply_bottleneck, check_bottleneck_fits, read_bottleneck_config, remove_bottleneck
+from .adapters import DATA_FORMATS, AdapterError, find_base_model, read_prompt_info
 from .config import BottleneckConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, SelectiveConfig
 from .data import IGNORE_INDEX, DataError, find_end_of_turn_token, tokenize_example
-from .lora import remove_lora
-from .prompt_tuning import PROMPT_KEY, SoftPromptModel, check_prompt_fits, is_soft_prompt, read_prompt_config, read_soft_prompt
+from .method_entry import Method
+from .methods import TABLE, find_method_of_config, find_saved_method
 from .quant import load_base_model, load_tokenizer
-from .selective import attach_selective, check_selective_fits, read_selective
 
 PROMPT_FORMATS = ("auto", *DATA_FORMATS)
 BASE_NAME = "base"
@@ -94,18 +82,7 @@ class LoadedAdapter:
     cfg: LoRAConfig | PromptConfig | BottleneckConfig | SelectiveConfig
     weights: dict[str, torch.Tensor]  # module path -> tensor (a soft prompt: PROMPT_KEY -> (n, H)), on the model's device
     data_format: str | None  # from qlora_lite.json; None for adapters trained elsewhere
-
-    @property
-    def is_soft_prompt(self) -> bool:
-        return isinstance(self.cfg, PromptConfig)
-
-    @property
-    def is_bottleneck(self) -> bool:
-        return isinstance(self.cfg, BottleneckConfig)
-
-    @property
-    def is_selective(self) -> bool:
-        return isinstance(self.cfg, SelectiveConfig)
+    method: Method  # its entry in the table of methods: how the switcher applies and removes it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,29 +283,16 @@ class AdapterSwitcher:
         active = self.active
         self.use(None)  # fit checks run against the plain base
         try:  # a wrong adapter fails now, not at its first request
-            peft_type = read_adapter_json(adapter_dir).get("peft_type")
-            if is_soft_prompt(adapter_dir):
-                cfg, prompt = read_soft_prompt(adapter_dir, allow_pickle)
-                check_prompt_fits(self.model, prompt)
-                weights = {PROMPT_KEY: prompt.to(device)}
-            elif peft_type == "BOTTLENECK":
-                cfg = read_bottleneck_config(adapter_dir)
-                weights = {key: tensor.to(device) for key, tensor in read_adapter_weights(adapter_dir, allow_pickle).items()}
-                check_bottleneck_fits(self.model, cfg, weights)
-            elif peft_type == "SELECTIVE":
-                cfg, weights = read_selective(adapter_dir, allow_pickle)
-                weights = {key: tensor.to(device) for key, tensor in weights.items()}
-                check_selective_fits(self.model, weights, cfg.unquantized_modules)
-            else:
-                cfg, _ = read_adapter_config(adapter_dir)
-                weights = {key: tensor.to(device) for key, tensor in read_adapter_weights(adapter_dir, allow_pickle).items()}
-                check_adapter_fits(self.model, weights, cfg.r)
+            method = find_saved_method(adapter_dir)
+            cfg, weights = method.read(adapter_dir, allow_pickle)
+            weights = {key: tensor.to(device) for key, tensor in weights.items()}
+            method.check_fits(self.model, cfg, weights)
         except AdapterError as err:
             raise AdapterError(f"adapter {name!r} ({adapter_dir}): {err}") from err
         finally:
             self.use(active)
         data_format = read_prompt_info(adapter_dir).get("data_format")
-        self.adapters[name] = LoadedAdapter(adapter_dir, cfg, weights, data_format)
+        self.adapters[name] = LoadedAdapter(adapter_dir, cfg, weights, data_format, method)
 
     def use(self, name: str | None) -> None:
         """Make the named adapter active (None: the plain base). The base itself is never reloaded."""
@@ -336,30 +300,19 @@ class AdapterSwitcher:
             return
         adapter = self.get(name) if name is not None else None
         self.detach_all()
-        if adapter is not None and adapter.is_soft_prompt:
-            # A new wrapper around the same base: it holds the in-memory prompt, no copy of the base.
-            self.active_model = SoftPromptModel(self.model, adapter.weights[PROMPT_KEY], trainable=False)
-        elif adapter is not None and adapter.is_bottleneck:
-            apply_bottleneck(self.model, replace(adapter.cfg))
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for key, tensor in adapter.weights.items():
-                    params[key].copy_(tensor.to(params[key].dtype))
-        elif adapter is not None and adapter.is_selective:
-            # Selective adapters overwrite base tensors: keep the originals to put back on the next switch.
-            params = dict(self.model.named_parameters())
-            self.replaced = {key: params[key].detach().clone() for key in adapter.weights}
-            attach_selective(self.model, adapter.weights, unquantized_modules=adapter.cfg.unquantized_modules)
-        elif adapter is not None:
-            # attach_adapter records the weights' dtype in its config: give it a copy, keep ours as read.
-            attach_adapter(self.model, replace(adapter.cfg), adapter.weights)
+        if adapter is not None:
+            if adapter.method.replaces_base_tensors:
+                # The adapter overwrites base tensors: keep the originals to put back on the next switch.
+                params = dict(self.model.named_parameters())
+                self.replaced = {key: params[key].detach().clone() for key in adapter.weights}
+            self.active_model = adapter.method.apply(self.model, adapter.cfg, adapter.weights)
         self.active = name
         self.active_model.eval()
 
     def detach_all(self) -> None:
-        """Back to the plain base: LoRA and bottleneck layers removed, selectively replaced tensors restored."""
-        remove_lora(self.model)
-        remove_bottleneck(self.model)
+        """Back to the plain base: every method's layers removed, selectively replaced tensors restored."""
+        for method in TABLE:
+            method.remove(self.model)
         if self.replaced:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
@@ -421,12 +374,7 @@ def check_adapter_name(name: str, taken: list[str]) -> None:
 
 def read_any_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """adapter_config.json of any adapter kind, checked by the reader of its kind where it has one."""
-    if is_soft_prompt(adapter_dir):
-        return read_prompt_config(adapter_dir)[1]
-    raw = read_adapter_json(adapter_dir)
-    if raw.get("peft_type") in ("BOTTLENECK", "SELECTIVE"):
-        return raw
-    return read_adapter_config(adapter_dir)[1]
+    return find_saved_method(adapter_dir).read_config(adapter_dir)
 
 
 def require_adapter_dir(adapter_dir: str | Path) -> Path:
@@ -473,7 +421,7 @@ def open_switcher(
     only = next(iter(folders.values())) if len(folders) == 1 else None
     tokenizer_path = only if only is not None and (only / "tokenizer_config.json").is_file() else None
     # Layers a selective adapter trained unquantized must be loaded unquantized for it to replace them.
-    unquantized = sorted({m for raw in configs.values() if raw.get("peft_type") == "SELECTIVE" for m in raw["unquantized_modules"]})
+    unquantized = sorted({m for raw in configs.values() for m in find_method_of_config(raw).saved_unquantized_modules(raw)})
     switcher = AdapterSwitcher.from_base(base_path, load_in_4bit=load_in_4bit, tokenizer_path=tokenizer_path, skip_modules=unquantized or None)
     for name, folder in folders.items():
         switcher.add(name, folder, allow_pickle=allow_pickle)

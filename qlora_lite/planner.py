@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import RecipeConfig
+from .config import ModelConfig, RecipeConfig
+from .methods import get_method
+from .names import is_demo_name, resolve_model_path
 
 GIB = 1024**3
 NF4_BLOCK = 64  # weights per quantization block (bitsandbytes' default for 4-bit)
@@ -108,10 +109,8 @@ def read_model_config(name_or_path: str):
 
     local = Path(name_or_path).expanduser()
     known = KNOWN_CONFIGS_DIR / (name_or_path.split("/")[-1] + ".json")
-    if name_or_path.startswith("demo:"):
-        from .demo import ensure_demo_base
-
-        return AutoConfig.from_pretrained(str(ensure_demo_base()))
+    if is_demo_name(name_or_path):
+        return AutoConfig.from_pretrained(resolve_model_path(ModelConfig(name_or_path=name_or_path)))
     if (local / "config.json").is_file():
         return AutoConfig.from_pretrained(str(local))
     if known.is_file():
@@ -156,8 +155,8 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
     plan.largest_seq_len = search_largest(fits_seq, step=64, limit=seq_limit)
     if plan.context_len and plan.largest_seq_len and fits_seq(plan.context_len):
         plan.largest_seq_len, plan.seq_len_capped_by_context = plan.context_len, True
-    if cfg.method != "lora":
-        plan.notes.append(f"method {cfg.method}: trainable part estimated from its parameters; activations as for LoRA")
+    if get_method(cfg.method).plan_note:
+        plan.notes.append(f"method {cfg.method}: {get_method(cfg.method).plan_note}")
     if cfg.train.batching == "grouped" and not cfg.data.packing:
         plan.notes.append("planned for every sequence at max_seq_len (the worst micro-batch); grouped batching pads ~5%, so most steps need less")
     return plan
@@ -165,12 +164,13 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
 
 def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
     """Weight, trainable-parameter, gradient and optimizer bytes (independent of batch and sequence)."""
-    from .lora import find_linear_names, resolve_targets
+    from .lora import find_linear_names
 
+    method = get_method(cfg.method)
     compute = compute_element_bytes(cfg)
     quantized = set(find_linear_names(model)) if cfg.quant.load_in_4bit else set()
-    if cfg.method == "selective":
-        quantized = {n for n in quantized if not any(n == m or n.endswith("." + m) for m in cfg.selective.unquantized_modules)}
+    if method.unquantized_modules(cfg):
+        quantized = {n for n in quantized if not any(n == m or n.endswith("." + m) for m in method.unquantized_modules(cfg))}
     nf4 = constants = unquantized = 0
     seen: set[int] = set()
     for name, param in model.named_parameters():
@@ -183,15 +183,15 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
             constants += count_quant_constant_bytes(param.numel(), cfg.quant.double_quant)
         else:
             unquantized += param.numel() * compute
-    trainable = count_trainable(cfg, model, resolve_targets)
+    trainable = method.count_trainable(cfg, model)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}
-    trainable_dtype = {"lora": cfg.lora.dtype, "prompt_tuning": cfg.prompt.dtype, "adapter": cfg.bottleneck.dtype}.get(cfg.method, "bfloat16")
+    trainable_dtype = method.trainable_dtype(cfg)
     trainable_bytes = sum(trainable) * dtype_bytes[trainable_dtype]
     optimizer = estimate_optimizer_bytes(trainable, cfg.train.optimizer)
     head = model.get_output_embeddings()
     head_names = [n for n, p in model.named_parameters(remove_duplicate=False) if head is not None and p is head.weight]
     return {
-        "head_trains": cfg.method == "full" or (cfg.method == "selective" and any(re.search(pat, n) for pat in cfg.selective.patterns for n in head_names)),
+        "head_trains": method.trains_head(cfg, head_names),
         "nf4": nf4, "constants": constants, "unquantized": unquantized, "trainable_params": sum(trainable),
         "trainable_bytes": trainable_bytes, "gradient_bytes": trainable_bytes, "optimizer_bytes": optimizer,
     }  # fmt: skip
@@ -210,27 +210,6 @@ def count_quant_constant_bytes(numel: int, double_quant: bool) -> int:
         return blocks * 4 + code
     second = math.ceil(blocks / DOUBLE_QUANT_BLOCK)
     return blocks + code + second * 4 + 256 * 4 + 4  # uint8 scales, their fp32 scales, 8-bit code table, offset
-
-
-def count_trainable(cfg: RecipeConfig, model: nn.Module, resolve_targets) -> list[int]:
-    """Element counts of each trainable tensor the method adds or unfreezes."""
-    modules = dict(model.named_modules())
-    if cfg.method == "lora":
-        sizes = []
-        for name in resolve_targets(model, cfg.lora.target_modules):
-            layer = modules[name]
-            sizes += [cfg.lora.r * layer.in_features, layer.out_features * cfg.lora.r]
-        return sizes
-    hidden = model.config.hidden_size
-    if cfg.method == "prompt_tuning":
-        return [cfg.prompt.num_virtual_tokens * hidden]
-    if cfg.method == "adapter":
-        placements = 2 if cfg.bottleneck.placement == "both" else 1
-        per = [cfg.bottleneck.size * hidden, cfg.bottleneck.size, hidden * cfg.bottleneck.size, hidden]
-        return per * (model.config.num_hidden_layers * placements)
-    if cfg.method == "selective":
-        return [p.numel() for n, p in model.named_parameters() if any(re.search(pat, n) for pat in cfg.selective.patterns)]
-    return [p.numel() for p in model.parameters()]  # full
 
 
 def estimate_activation_bytes(model_config, micro_batch: int, seq_len: int, checkpointing: bool, element_bytes: int = 2) -> int:
@@ -281,7 +260,7 @@ def estimate_loss_bytes(cfg: RecipeConfig, model_config, micro_batch: int, seq_l
 
 
 def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch: int, seq_len: int, vram_bytes: int) -> MemoryPlan:
-    virtual = cfg.prompt.num_virtual_tokens if cfg.method == "prompt_tuning" else 0
+    virtual = get_method(cfg.method).virtual_tokens(cfg)
     tokens_seq = seq_len + virtual
     element = compute_element_bytes(cfg)
     checkpointing = cfg.model.gradient_checkpointing

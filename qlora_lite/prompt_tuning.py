@@ -32,8 +32,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, find_base_model, read_adapter_json, read_adapter_weights
-from .config import ModelConfig, PromptConfig
+from .config import ConfigError, ModelConfig, PromptConfig, RecipeConfig
 from .data import IGNORE_INDEX
+from .method_entry import Method
 from .quant import DTYPES, load_tokenizer
 from .shards import SAFETENSORS_DTYPES, ShardError, read_header
 
@@ -512,3 +513,62 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
         if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
             raise ShardError(f"{path} is truncated: tensor {name} runs past the end of the file")
     return buffer.view(SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+# --- the prompt-tuning entry in the table of methods (methods.py) -----------------------------
+
+
+def attach_prompt_method(model: nn.Module, cfg: RecipeConfig, tokenizer) -> nn.Module:
+    return apply_prompt_tuning(model, cfg.prompt, tokenizer)
+
+
+def save_prompt_method(model: nn.Module, cfg: RecipeConfig, folder: Path, base_path: str) -> None:
+    save_soft_prompt(model, cfg.prompt, folder, base_path)
+
+
+def load_prompt_method(model: nn.Module, cfg: RecipeConfig, folder: Path, trainable: bool) -> nn.Module:
+    return load_soft_prompt(model, folder, trainable=trainable)
+
+
+def validate_prompt_recipe(cfg: RecipeConfig) -> None:
+    if cfg.data.packing:
+        raise ConfigError("method prompt_tuning prepends the soft prompt to each example, which packed rows cannot take: set data.packing: false")
+    if cfg.prompt.num_virtual_tokens <= 0:
+        raise ConfigError(f"prompt.num_virtual_tokens must be a positive integer, got {cfg.prompt.num_virtual_tokens}; typical values are 20 to 100")
+    if cfg.prompt.init == "text" and not cfg.prompt.init_text.strip():
+        raise ConfigError("prompt.init is text but prompt.init_text is empty: give the text to start from, or use prompt.init: sample_vocab")
+
+
+def read_prompt_weights(adapter_dir: Path, allow_pickle: bool) -> tuple[PromptConfig, dict[str, torch.Tensor]]:
+    cfg, prompt = read_soft_prompt(adapter_dir, allow_pickle)
+    return cfg, {PROMPT_KEY: prompt}
+
+
+def check_prompt_weights_fit(model: nn.Module, cfg: PromptConfig, weights: dict[str, torch.Tensor]) -> None:
+    check_prompt_fits(model, weights[PROMPT_KEY])
+
+
+def apply_prompt_weights(model: nn.Module, cfg: PromptConfig, weights: dict[str, torch.Tensor]) -> nn.Module:
+    # A new wrapper around the same base: it holds the in-memory prompt, no copy of the base.
+    return SoftPromptModel(model, weights[PROMPT_KEY], trainable=False)
+
+
+PROMPT_TUNING_METHOD = Method(
+    name="prompt_tuning",
+    peft_type=PEFT_TYPE,
+    attach=attach_prompt_method,
+    save=save_prompt_method,
+    load=load_prompt_method,
+    validate=validate_prompt_recipe,
+    count_trainable=lambda cfg, model: [cfg.prompt.num_virtual_tokens * model.config.hidden_size],
+    trainable_dtype=lambda cfg: cfg.prompt.dtype,
+    virtual_tokens=lambda cfg: cfg.prompt.num_virtual_tokens,
+    read_config=lambda adapter_dir: read_prompt_config(adapter_dir)[1],
+    read=read_prompt_weights,
+    check_fits=check_prompt_weights_fit,
+    apply=apply_prompt_weights,
+    merge_refusal=(
+        "{adapter_dir} holds a soft prompt: vectors prepended to the input, not a change to any weight, so there is "
+        "nothing to merge into the base. Serve the base + adapter instead (qlora-lite generate {adapter_dir})"
+    ),
+)

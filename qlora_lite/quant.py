@@ -74,27 +74,18 @@ def build_bnb_config(quant: QuantConfig, compute_dtype: torch.dtype, skip_module
     )
 
 
-def resolve_model_path(model: ModelConfig) -> str:
-    """Local folder, hub id, or the offline demo base (`demo:...`, built and cached on first use).
-
-    A local folder comes back absolute: adapters record this path as their base, and a relative
-    one would mean another folder (or a hub id) when read from another directory.
-    """
-    if model.name_or_path.startswith("demo:"):
-        from .demo import ensure_demo_base
-
-        return str(ensure_demo_base())
+def require_model_path(model: ModelConfig) -> str:
+    """The recipe's name as given, for callers that did not resolve it (qlora_lite.names does that)."""
     if not model.name_or_path:
         raise ModelLoadError("model.name_or_path is empty; set it to a local model folder or a hub id")
-    local = Path(model.name_or_path).expanduser()
-    return str(local.resolve()) if local.is_dir() else model.name_or_path
+    return model.name_or_path
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None):
     """The base model's tokenizer, with a pad token that is not EOS where one can be had."""
     from transformers import AutoTokenizer
 
-    path = path or resolve_model_path(model)
+    path = path or require_model_path(model)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -124,7 +115,7 @@ def load_base_model(
 
     device = device or pick_device()
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
-    path = path or resolve_model_path(model)
+    path = path or require_model_path(model)
     kwargs = dict(
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,

@@ -34,8 +34,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, AdapterError, read_adapter_weights, read_method_config
-from .config import SelectiveConfig
+from .adapters import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, AdapterError, read_adapter_json, read_adapter_weights, read_method_config
+from .config import ConfigError, RecipeConfig, SelectiveConfig
+from .method_entry import Method
 from .quant import is_4bit_linear, is_quantized_parameter
 
 PEFT_TYPE = "SELECTIVE"
@@ -230,3 +231,62 @@ def check_selective_fits(model: nn.Module, weights: dict[str, torch.Tensor], unq
                 f"adapter tensor {name} has shape {tuple(tensor.shape)} but this base's {name} has shape "
                 f"{tuple(params[name].shape)}: the adapter was made for a different base model"
             )
+
+
+# --- the selective entry in the table of methods (methods.py) ---------------------------------
+
+
+def attach_selective_method(model: nn.Module, cfg: RecipeConfig, tokenizer) -> nn.Module:
+    apply_selective(model, cfg.selective)
+    return model
+
+
+def save_selective_method(model: nn.Module, cfg: RecipeConfig, folder: Path, base_path: str) -> None:
+    save_selective(model, cfg.selective, folder, base_path)
+
+
+def load_selective_method(model: nn.Module, cfg: RecipeConfig, folder: Path, trainable: bool) -> nn.Module:
+    load_selective(model, folder, trainable=trainable)
+    return model
+
+
+def validate_selective_recipe(cfg: RecipeConfig) -> None:
+    if not cfg.selective.patterns:
+        raise ConfigError("selective.patterns is empty: name what to train, e.g. [norm] or [bias, norm]")
+
+
+def count_selective_trainable(cfg: RecipeConfig, model: nn.Module) -> list[int]:
+    return [p.numel() for n, p in model.named_parameters() if any(re.search(pat, n) for pat in cfg.selective.patterns)]
+
+
+def selects_head(cfg: RecipeConfig, head_names: list[str]) -> bool:
+    return any(re.search(pat, n) for pat in cfg.selective.patterns for n in head_names)
+
+
+def check_selective_weights_fit(model: nn.Module, cfg: SelectiveConfig, weights: dict[str, torch.Tensor]) -> None:
+    check_selective_fits(model, weights, cfg.unquantized_modules)
+
+
+def apply_selective_weights(model: nn.Module, cfg: SelectiveConfig, weights: dict[str, torch.Tensor]) -> nn.Module:
+    attach_selective(model, weights, unquantized_modules=cfg.unquantized_modules)
+    return model
+
+
+SELECTIVE_METHOD = Method(
+    name="selective",
+    peft_type=PEFT_TYPE,
+    attach=attach_selective_method,
+    save=save_selective_method,
+    load=load_selective_method,
+    validate=validate_selective_recipe,
+    unquantized_modules=lambda cfg: cfg.selective.unquantized_modules,
+    count_trainable=count_selective_trainable,
+    trains_head=selects_head,
+    read_config=read_adapter_json,
+    saved_unquantized_modules=lambda raw: raw["unquantized_modules"],
+    read=read_selective,
+    check_fits=check_selective_weights_fit,
+    apply=apply_selective_weights,
+    replaces_base_tensors=True,
+    merge_summary="replaced {n} tensors of",
+)

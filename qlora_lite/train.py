@@ -31,12 +31,13 @@ from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch, select_micro_batch
 from .loss import check_chunked_loss_supported, compute_causal_lm_loss
-from .methods import attach_method, load_method, save_method, unwrap_base
+from .names import resolve_model_path
+from .methods import attach_method, get_method, load_method, save_method, unwrap_base
 from .planner import choose_micro_batch, estimate_optimizer_bytes
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
 from .doctor import collect_environment
-from .quant import enable_gradient_checkpointing, load_base_model, load_tokenizer, pick_device, resolve_model_path
+from .quant import enable_gradient_checkpointing, load_base_model, load_tokenizer, pick_device
 
 CHECKPOINT_PREFIX = "step-"
 STATE_NAME = "trainer_state.pt"
@@ -107,7 +108,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     metrics.write({"event": "environment", **collect_environment()})
 
     # --- model: frozen base (4-bit or not) + what the method trains, fresh or from the newest checkpoint
-    unquantized = cfg.selective.unquantized_modules if cfg.method == "selective" else None
+    unquantized = get_method(cfg.method).unquantized_modules(cfg)
     model = load_base_model(cfg.model, cfg.quant, device, base_path, skip_modules=unquantized)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)  # on the base, before prompt tuning wraps it

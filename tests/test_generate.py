@@ -109,7 +109,7 @@ def test_switched_adapter_logits_equal_adapter_loaded_alone(tiny_llama_dir, toke
     weight_ptr = q_proj.weight.data_ptr()
     # From here on neither the base nor an adapter file may be read again.
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", pytest.fail)
-    monkeypatch.setattr("qlora_lite.generate.read_adapter_weights", pytest.fail)
+    monkeypatch.setattr("qlora_lite.adapters.read_adapter_weights", pytest.fail)
     wrapped_layers = {"a": 2 * 2, "b": 2 * 3, None: 0}
     for name in ["a", "b", "a", None, "b"]:
         switcher.use(name)
@@ -180,8 +180,8 @@ def test_switched_soft_prompts_equal_each_loaded_alone_and_switch_with_lora(tiny
     embed_ptr = switcher.model.get_input_embeddings().weight.data_ptr()
     # From here on neither the base nor an adapter file may be read again.
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", pytest.fail)
-    monkeypatch.setattr("qlora_lite.generate.read_adapter_weights", pytest.fail)
-    monkeypatch.setattr("qlora_lite.generate.read_soft_prompt", pytest.fail)
+    monkeypatch.setattr("qlora_lite.adapters.read_adapter_weights", pytest.fail)
+    monkeypatch.setattr("qlora_lite.prompt_tuning.read_soft_prompt", pytest.fail)
     for name in ["p", "q", "a", "p", None, "q", "a", None]:
         switcher.use(name)
         assert (logits(switcher.active_model) - expected[name]).abs().max().item() <= SWITCH_ATOL

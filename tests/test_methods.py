@@ -75,3 +75,57 @@ def test_each_method_trains_and_its_saved_output_reproduces_the_final_eval(tiny_
     _, eval_examples = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
     reloaded = evaluate_loss(model, eval_examples, cfg, tokenizer.pad_token_id, torch.device("cpu"))
     assert reloaded == pytest.approx(summary["final_eval_loss"], abs=1e-5)
+
+
+# --- the table of methods -------------------------------------------------------------------------
+
+
+def test_every_recipe_method_has_one_entry_and_every_entry_is_a_recipe_method():
+    from qlora_lite.config import METHODS
+    from qlora_lite.methods import TABLE, get_method
+
+    assert sorted(m.name for m in TABLE) == sorted(METHODS)
+    assert len({m.name for m in TABLE}) == len(TABLE) == 5
+    for name in METHODS:
+        assert get_method(name).name == name
+
+
+def test_peft_types_round_trip_and_both_lookups_agree(tmp_path):
+    from qlora_lite.methods import TABLE, find_saved_method, get_method, get_method_by_peft_type
+
+    with_folder = [m for m in TABLE if m.peft_type is not None]
+    assert sorted(m.peft_type for m in with_folder) == ["BOTTLENECK", "LORA", "PROMPT_TUNING", "SELECTIVE"]
+    for method in with_folder:
+        assert get_method_by_peft_type(method.peft_type) is method
+        assert get_method(method.name) is get_method_by_peft_type(method.peft_type)
+        folder = tmp_path / method.name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(f'{{"peft_type": "{method.peft_type}"}}')
+        assert find_saved_method(folder) is method
+        # an adapter folder can be served: the switcher's capabilities are all there
+        assert None not in (method.read_config, method.read, method.check_fits, method.apply)
+    # full fine-tuning writes a plain checkpoint, not an adapter folder: no peft_type
+    assert get_method("full").peft_type is None
+
+
+def test_each_entry_merges_or_says_why_not():
+    from qlora_lite.methods import TABLE
+
+    for method in TABLE:
+        if method.peft_type is None:
+            continue
+        assert (method.merge_refusal is None) == bool(method.merge_summary), method.name
+        if method.merge_refusal is not None:
+            assert "{adapter_dir}" in method.merge_refusal and "Serve the base + adapter instead" in method.merge_refusal
+    assert [m.name for m in TABLE if m.merge_refusal] == ["prompt_tuning", "adapter"]
+
+
+def test_unknown_names_and_peft_types_are_clear_errors():
+    from qlora_lite.methods import get_method, get_method_by_peft_type
+
+    with pytest.raises(MethodError, match=r"method 'ia3' is unknown; known methods: lora, prompt_tuning, selective, adapter, full"):
+        get_method("ia3")
+    with pytest.raises(MethodError, match=r"peft_type 'IA3' is not one qlora-lite reads; known: LORA, PROMPT_TUNING, SELECTIVE, BOTTLENECK"):
+        get_method_by_peft_type("IA3")
+    with pytest.raises(MethodError, match="peft_type None"):
+        get_method_by_peft_type(None)

@@ -155,7 +155,7 @@ def test_corrupt_safetensors_is_one_clear_error(tmp_path, damage):
 
 
 def test_local_model_path_resolves_to_an_absolute_folder(tiny_llama_dir, monkeypatch):
-    from qlora_lite.quant import resolve_model_path
+    from qlora_lite.names import resolve_model_path
 
     monkeypatch.chdir(tiny_llama_dir.parent)
     assert resolve_model_path(ModelConfig(name_or_path=tiny_llama_dir.name)) == str(tiny_llama_dir.resolve())
