@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .memory import read_available_ram_bytes
 from .quant import describe_bitsandbytes, pick_device, resolve_compute_dtype
 
 GIB = 2**30
@@ -106,13 +107,7 @@ def read_ram_gib() -> dict[str, float | None]:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = None
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
+    available = read_available_ram_bytes()
     return {
         "ram_total_gib": round(total / GIB, 2) if total else None,
         "ram_available_gib": round(available / GIB, 2) if available else None,

@@ -98,6 +98,15 @@ def get_device_memory(device: torch.device) -> dict[str, float | str]:
     return {"kind": "cpu process RSS", "rss_gib": rss / GIB, "peak_rss_gib": max(rss, read_peak_rss_bytes()) / GIB}
 
 
+def read_available_ram_bytes() -> int | None:
+    """RAM the kernel says can be had now without swapping (Linux /proc/meminfo MemAvailable; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
 def read_rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
     try:

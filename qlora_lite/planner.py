@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, RecipeConfig
+from .memory import read_available_ram_bytes
 from .methods import get_method
 from .names import is_demo_name, resolve_model_path
 
@@ -320,9 +321,10 @@ def read_device_memory_bytes(device: torch.device) -> int:
     """Memory a run may plan for: the GPU's total, or on the CPU the RAM available now."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    return available * 1024
+    available = read_available_ram_bytes()
+    if available is None:
+        raise PlanError("train.micro_batch_size auto on the CPU needs the available RAM (/proc/meminfo), which this system does not show; set a number")
+    return available
 
 
 def choose_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str | None = None) -> tuple[int, MemoryPlan]:
