@@ -116,6 +116,10 @@ class DataConfig:
     """Use only the first N training records (quick experiments)."""
     truncation: str = "drop"
     """Examples whose answer does not fit in max_seq_len: `drop` them (default: a cut answer has no EOS and teaches the model not to stop) or `keep` the cut answer (its EOS is lost). Either way the run reports how many and the tokens lost."""
+    num_proc: int | None = None
+    """Processes that tokenize the data the first time (None: one per CPU core, at most 8); the result is cached on disk and reused."""
+    cache_dir: str | None = None
+    """Where tokenized data is cached (None: ~/.cache/qlora-lite/data, or $QLORA_LITE_DATA_CACHE)."""
 
 
 @dataclass
@@ -166,6 +170,18 @@ class TrainConfig:
     """Tokens per chunk of the chunked loss: the head's logits for this many tokens are the largest tensor it holds (6 bytes per token x vocab under bf16: 0.36 GiB at 512 for a 128k vocabulary, 1/19 of the hf loss's 6.9 GiB for 2 x 2048 tokens; 1024 doubles it and was no faster, measured on a CPU)."""
     batching: str = "grouped"
     """`grouped`: micro-batches of similar lengths (sorted within windows, windows shuffled; deterministic), so little is padding; `random`: examples in random order, padded to the longest."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that receive the records of metrics.jsonl: any of `tensorboard`, `wandb`, `mlflow`, `trackio` (each an optional extra)."""
+    run_name: str | None = None
+    """The run's name in the trackers (None: the output folder's name)."""
+    sample_prompts: int = 3
+    """At each eval, greedy answers to this many fixed eval prompts go to metrics.jsonl and the trackers (0: none)."""
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "ddp"
+    """With several processes (torchrun, accelerate launch): `ddp` (each process holds the whole 4-bit base and the adapter) or `fsdp` (FSDP2 shards the base and the adapter across processes: a model that does not fit one GPU). One process ignores it."""
 
 
 @dataclass
@@ -180,6 +196,7 @@ class RecipeConfig:
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     output_dir: str = "runs/default"
     """Where config.yaml, metrics.jsonl, checkpoints/ and adapter/ are written."""
 
@@ -204,7 +221,9 @@ CHOICES = {
     "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
     "train.loss": ("chunked", "hf"),
     "train.batching": ("grouped", "random"),
+    "dist.strategy": ("ddp", "fsdp"),
 }
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 def validate_config(cfg: RecipeConfig) -> None:
@@ -248,6 +267,13 @@ def validate_config(cfg: RecipeConfig) -> None:
     for key in ("log_every", "keep_checkpoints", "loss_chunk_tokens"):
         if getattr(cfg.train, key) <= 0:
             raise ConfigError(f"train.{key} must be a positive integer, got {getattr(cfg.train, key)}")
+    unknown = [name for name in cfg.train.report_to if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"train.report_to: {', '.join(map(repr, unknown))} is not one of {', '.join(TRACKERS)}")
+    if cfg.train.sample_prompts < 0:
+        raise ConfigError(f"train.sample_prompts must be >= 0, got {cfg.train.sample_prompts}")
+    if cfg.data.num_proc is not None and cfg.data.num_proc <= 0:
+        raise ConfigError(f"data.num_proc must be a positive integer or null (one per core), got {cfg.data.num_proc}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     targets = cfg.lora.target_modules

@@ -400,7 +400,7 @@ def test_default_config_round_trips(tmp_path):
     assert cfg == RecipeConfig()
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
-    assert [f.name for f in dataclasses.fields(cfg)] == ["method", "model", "quant", "lora", "prompt", "selective", "bottleneck", "data", "train", "output_dir"]
+    assert [f.name for f in dataclasses.fields(cfg)] == ["method", "model", "quant", "lora", "prompt", "selective", "bottleneck", "data", "train", "dist", "output_dir"]
 
 
 def test_readme_documents_every_key():
