@@ -18,6 +18,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .lora import LoRAError
     from .methods import MethodError
     from .planner import PlanError
+    from .plot import PlotError
     from .prompt_tuning import PromptTuningError
     from .quant import ModelLoadError
     from .shards import ShardError
@@ -25,7 +26,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     return (
         AdapterError, ConfigError, DataError, ExportError, GenerationError, LoRAError, MethodError, ModelLoadError,
-        PlanError, PromptTuningError, ShardError, TrainingError,
+        PlanError, PlotError, PromptTuningError, ShardError, TrainingError,
     )  # fmt: skip
 
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_parser(sub)
     add_generate_parser(sub)
     add_inspect_prompt_parser(sub)
+    add_plot_parser(sub)
     doctor = sub.add_parser(
         "doctor",
         help="report versions, GPU or CPU, and whether this setup can train (paste it into bug reports)",
@@ -330,6 +332,29 @@ def format_prompt_neighbours(rows: list[list[tuple[str, int, float]]]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- plot
+
+
+def add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    plot = sub.add_parser(
+        "plot",
+        help="draw a run's curves into RUN_DIR/curves.png (also while it trains)",
+        description=(
+            "Draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl: train loss (as logged and smoothed) and eval loss, "
+            "learning rate, gradient norm and tokens/s against the optimizer step. Works while the run is going; "
+            "every run also draws it when it ends. Needs matplotlib (pip install 'qlora-lite[plot]')."
+        ),
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run's output folder (the recipe's output_dir), e.g. runs/tiny-demo")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, missing_ok=False)}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -348,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {
             "train": run_train, "plan": run_plan, "merge": run_merge, "generate": run_generate,
-            "inspect-prompt": run_inspect_prompt, "doctor": run_doctor,
+            "inspect-prompt": run_inspect_prompt, "doctor": run_doctor, "plot": run_plot,
         }  # fmt: skip
         return commands[args.command](args)
     except user_errors() as err:
