@@ -87,7 +87,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3.1-8b-alpaca.yaml")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_seq_len=4096")
-    plan.add_argument("--vram", default="24GiB", help="GPU memory to plan for (default 24GiB)")
+    plan.add_argument("--vram", default="24GiB", help="memory of one GPU to plan for (default 24GiB)")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs (processes) to split the run over, with the recipe's dist.strategy (ddp or fsdp); the plan is then per GPU (default 1)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
 
@@ -98,7 +99,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from .planner import format_plan, parse_bytes, plan_memory
 
     cfg = load_config(args.recipe, args.overrides)
-    plan = plan_memory(cfg, vram_bytes=parse_bytes(args.vram))
+    plan = plan_memory(cfg, vram_bytes=parse_bytes(args.vram), gpus=args.gpus)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan, cfg.model.name_or_path))
     return 0
 

@@ -20,6 +20,19 @@ The estimate adds up:
 - with gradient checkpointing the loss's buffers are freed before the backward recomputes the
   first layer, so only the larger of the two counts (the `overlap_bytes` row takes the smaller off);
 - a fixed allowance for the CUDA context and cuBLAS workspaces.
+
+With several GPUs (`gpus` > 1, `dist.strategy`) the plan is per GPU (see plan_memory):
+
+- `ddp`: every GPU holds what one GPU would, plus DDP's gradient buckets (a second copy of the
+  trainable gradients) and NCCL's buffers;
+- `fsdp` (FSDP2 `fully_shard` on each decoder layer, on embed_tokens unless tied to the head,
+  then on the root that holds the head and the final norm): each GPU keeps 1/N of the 4-bit
+  weights (stored as bf16, the same bytes), of the unquantized ones, of the trainable part, its
+  gradients (but between the micro-batches of one step FSDP accumulates them unsharded, in fp32)
+  and torch AdamW's fp32 moments; the quantization constants are not sharded. During the step
+  the root stays all-gathered (the bf16 lm_head) and two decoder layers are (the one running and
+  the one prefetched), and one layer's gradients exist unsharded before their reduce-scatter.
+  Activations are those of one GPU at the same micro-batch.
 """
 
 from __future__ import annotations
@@ -63,6 +76,12 @@ LOGIT_BYTES = 4 + 4 + 4
 CHUNK_LOGIT_BYTES = 4 + 2
 CHUNK_SOFTCAP_BYTES = 2  # Gemma's softcapping keeps tanh (fp32) and makes its own bf16 cast: measured 8 in all
 NORM_FP32_BYTES = 4  # the final RMSNorm's fp32 input, kept for its backward while the loss runs
+# NCCL's communicator buffers per GPU with more than one process: 4 MiB per channel and connection for
+# the simple protocol plus the LL/LL128 buffers; a ring over PCIe uses a few channels (~0.1 GiB),
+# NVLink up to 32 (~0.5 GiB and more). An allowance, not a measurement.
+NCCL_BYTES = int(0.25 * GIB)
+FSDP_UNSHARDED_LAYERS = 2  # the layer running and the one FSDP2 prefetches (all-gathered ahead)
+FSDP_REDUCE_ELEMENT_BYTES = 4  # distributed.shard_with_fsdp reduces gradients in fp32
 
 KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
 
@@ -99,6 +118,14 @@ class MemoryPlan:
     loss: str = "chunked"  # train.loss the logits row is for
     loss_chunk_tokens: int = 512
     notes: list[str] = field(default_factory=list)
+    # Several GPUs: every other field is then per GPU. Zero with one GPU.
+    gpus: int = 1
+    strategy: str | None = None  # dist.strategy when gpus > 1
+    grad_accum_steps: int = 1
+    gathered_bytes: int = 0  # fsdp: parameters all-gathered at the peak (the root with lm_head, 2 decoder layers)
+    unsharded_gradient_bytes: int = 0  # fsdp: one layer's (and the root's) gradients before their reduce-scatter
+    bucket_bytes: int = 0  # ddp: the gradient buckets the all-reduce runs on
+    nccl_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,23 +162,32 @@ def build_meta_model(model_config) -> nn.Module:
         return AutoModelForCausalLM.from_config(model_config)
 
 
-def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB) -> MemoryPlan:
+def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB, gpus: int = 1) -> MemoryPlan:
     """Estimate the peak GPU memory of training cfg, and whether it fits in vram_bytes.
 
-    With train.micro_batch_size auto, the plan is made for a micro-batch of 1.
+    With train.micro_batch_size auto, the plan is made for a micro-batch of 1. With gpus > 1 the
+    plan is per GPU, for cfg.dist.strategy (each process runs its own micro-batches of
+    train.micro_batch_size); vram_bytes is then one GPU's memory. gpus 1 plans one process,
+    whatever dist.strategy says.
     """
+    if gpus < 1:
+        raise PlanError(f"--gpus {gpus}: the number of GPUs (processes) must be at least 1")
     model_config = model_config if model_config is not None else read_model_config(cfg.model.name_or_path)
     model = build_meta_model(model_config)
     parts = estimate_static(cfg, model)
+
+    def plan_at(micro_batch: int, seq_len: int) -> MemoryPlan:
+        return assemble(cfg, model_config, parts, micro_batch, seq_len, vram_bytes, gpus)
+
     batch = 1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
-    plan = assemble(cfg, model_config, parts, batch, cfg.train.max_seq_len, vram_bytes)
-    plan.largest_micro_batch = search_largest(lambda b: assemble(cfg, model_config, parts, b, cfg.train.max_seq_len, vram_bytes).fits)
+    plan = plan_at(batch, cfg.train.max_seq_len)
+    plan.largest_micro_batch = search_largest(lambda b: plan_at(b, cfg.train.max_seq_len).fits)
     # A model cannot attend past its context length, whatever memory would allow.
     plan.context_len = getattr(model_config, "max_position_embeddings", None)
     seq_limit = plan.context_len or 1 << 20
 
     def fits_seq(seq_len: int) -> bool:
-        return assemble(cfg, model_config, parts, batch, seq_len, vram_bytes).fits
+        return plan_at(batch, seq_len).fits
 
     plan.largest_seq_len = search_largest(fits_seq, step=64, limit=seq_limit)
     if plan.context_len and plan.largest_seq_len and fits_seq(plan.context_len):
@@ -160,7 +196,24 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
         plan.notes.append(f"method {cfg.method}: {get_method(cfg.method).plan_note}")
     if cfg.train.batching == "grouped" and not cfg.data.packing:
         plan.notes.append("planned for every sequence at max_seq_len (the worst micro-batch); grouped batching pads ~5%, so most steps need less")
+    plan.notes += describe_distributed_notes(cfg, plan)
     return plan
+
+
+def describe_distributed_notes(cfg: RecipeConfig, plan: MemoryPlan) -> list[str]:
+    """What a per-GPU plan assumes, and a one-GPU plan of an fsdp recipe leaves out."""
+    if plan.gpus == 1:
+        if cfg.dist.strategy == "fsdp":
+            return ["dist.strategy fsdp shards only with several processes: this is one GPU's plan (add --gpus N for the per-GPU one)"]
+        return []
+    batch = "micro-batch" if cfg.train.micro_batch_size == "auto" else f"{cfg.train.micro_batch_size}"
+    notes = [
+        f"effective batch: {batch} x {cfg.train.grad_accum_steps} accumulation steps x {plan.gpus} processes"
+        + ("" if cfg.train.micro_batch_size == "auto" else f" = {cfg.train.micro_batch_size * cfg.train.grad_accum_steps * plan.gpus} sequences per optimizer step")
+    ]
+    if plan.strategy == "fsdp" and cfg.train.optimizer != "adamw":
+        notes.append(f"dist.strategy fsdp runs torch AdamW (bitsandbytes' 8-bit and paged optimizers do not take sharded tensors): planned with fp32 moments; set train.optimizer=adamw (the recipe says {cfg.train.optimizer})")
+    return notes
 
 
 def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
@@ -173,6 +226,8 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
     if method.unquantized_modules(cfg):
         quantized = {n for n in quantized if not any(n == m or n.endswith("." + m) for m in method.unquantized_modules(cfg))}
     nf4 = constants = unquantized = 0
+    unit_of = find_fsdp_unit_of(model)
+    unit_bytes: dict[str, int] = {}  # frozen bytes (NF4 + unquantized) per FSDP unit: root, embed, layer.<i>
     seen: set[int] = set()
     for name, param in model.named_parameters():
         if id(param) in seen:  # tied embeddings are stored once
@@ -180,10 +235,14 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
         seen.add(id(param))
         module_name, _, leaf = name.rpartition(".")
         if module_name in quantized and leaf == "weight":
-            nf4 += param.numel() // 2
+            stored = param.numel() // 2
+            nf4 += stored
             constants += count_quant_constant_bytes(param.numel(), cfg.quant.double_quant)
         else:
-            unquantized += param.numel() * compute
+            stored = param.numel() * compute
+            unquantized += stored
+        unit = unit_of(name)
+        unit_bytes[unit] = unit_bytes.get(unit, 0) + stored
     trainable = method.count_trainable(cfg, model)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}
     trainable_dtype = method.trainable_dtype(cfg)
@@ -191,11 +250,47 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
     optimizer = estimate_optimizer_bytes(trainable, cfg.train.optimizer)
     head = model.get_output_embeddings()
     head_names = [n for n, p in model.named_parameters(remove_duplicate=False) if head is not None and p is head.weight]
+    head_trains = method.trains_head(cfg, head_names)
+    # FSDP: the trainable part of the root (a trained head) and of one decoder layer (the rest, spread evenly).
+    layer_units = sorted((b for u, b in unit_bytes.items() if u.startswith("layer.")), reverse=True)
+    root_trainable = head.weight.numel() if head_trains and head is not None else 0
+    layer_trainable = math.ceil((sum(trainable) - root_trainable) / max(len(layer_units), 1))
     return {
-        "head_trains": method.trains_head(cfg, head_names),
+        "head_trains": head_trains,
         "nf4": nf4, "constants": constants, "unquantized": unquantized, "trainable_params": sum(trainable),
         "trainable_bytes": trainable_bytes, "gradient_bytes": trainable_bytes, "optimizer_bytes": optimizer,
+        "adamw_optimizer_bytes": estimate_optimizer_bytes(trainable, "adamw"),
+        "root_frozen_bytes": unit_bytes.get("root", 0), "embed_frozen_bytes": unit_bytes.get("embed", 0),
+        "gathered_layers_frozen_bytes": sum(layer_units[:FSDP_UNSHARDED_LAYERS]), "layers": len(layer_units),
+        "root_trainable_params": root_trainable, "layer_trainable_params": layer_trainable,
     }  # fmt: skip
+
+
+def find_fsdp_unit_of(model: nn.Module):
+    """A function from parameter name to the FSDP2 unit that shards it, as distributed training wraps the model:
+    `layer.<i>` for each decoder layer, `embed` for the input embeddings (unless tied to the head), `root` for
+    everything else (lm_head, the final norm)."""
+    layers_prefix = find_decoder_layers_prefix(model)
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    embed_names = set() if tied or embed is None else {n for n, p in model.named_parameters() if p is embed.weight}
+
+    def unit_of(name: str) -> str:
+        if layers_prefix is not None and name.startswith(layers_prefix + "."):
+            return "layer." + name[len(layers_prefix) + 1 :].split(".", 1)[0]
+        return "embed" if name in embed_names else "root"
+
+    return unit_of
+
+
+def find_decoder_layers_prefix(model: nn.Module) -> str | None:
+    """The module path of the decoder layers (`model.layers` for Llama): the ModuleList of num_hidden_layers blocks."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return name
+    return None
 
 
 def compute_element_bytes(cfg: RecipeConfig) -> int:
@@ -260,7 +355,7 @@ def estimate_loss_bytes(cfg: RecipeConfig, model_config, micro_batch: int, seq_l
     return chunk + 2 * labelled * hidden * element + norm + head_grad
 
 
-def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch: int, seq_len: int, vram_bytes: int) -> MemoryPlan:
+def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch: int, seq_len: int, vram_bytes: int, gpus: int = 1) -> MemoryPlan:
     virtual = get_method(cfg.method).virtual_tokens(cfg)
     tokens_seq = seq_len + virtual
     element = compute_element_bytes(cfg)
@@ -273,15 +368,62 @@ def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch
     # (measured with the meter). Without it every layer's activations are alive during the loss.
     recomputed = micro_batch * tokens_seq * count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element)
     overlap = -min(recomputed, logits) if checkpointing else 0
-    weights = parts["nf4"] + parts["constants"] + parts["unquantized"]
-    total = weights + parts["trainable_bytes"] + parts["gradient_bytes"] + parts["optimizer_bytes"] + activations + logits + overlap + CUDA_CONTEXT_BYTES
+    static = shard_static(cfg, parts, gpus)
+    weights = static["nf4"] + static["constants"] + static["unquantized"]
+    total = (
+        weights + static["trainable_bytes"] + static["gradient_bytes"] + static["optimizer_bytes"] + activations + logits + overlap + CUDA_CONTEXT_BYTES
+        + static["gathered"] + static["unsharded_gradients"] + static["buckets"] + static["nccl"]
+    )  # fmt: skip
     return MemoryPlan(
-        weights_bytes=weights, nf4_bytes=parts["nf4"], quant_constant_bytes=parts["constants"], unquantized_bytes=parts["unquantized"],
-        trainable_params=parts["trainable_params"], trainable_bytes=parts["trainable_bytes"], gradient_bytes=parts["gradient_bytes"],
-        optimizer_bytes=parts["optimizer_bytes"], activation_bytes=activations, logits_bytes=logits, overlap_bytes=overlap,
+        weights_bytes=weights, nf4_bytes=static["nf4"], quant_constant_bytes=static["constants"], unquantized_bytes=static["unquantized"],
+        trainable_params=parts["trainable_params"], trainable_bytes=static["trainable_bytes"], gradient_bytes=static["gradient_bytes"],
+        optimizer_bytes=static["optimizer_bytes"], activation_bytes=activations, logits_bytes=logits, overlap_bytes=overlap,
         cuda_context_bytes=CUDA_CONTEXT_BYTES, total_bytes=total, vram_bytes=vram_bytes, fits=total <= vram_bytes,
         micro_batch_size=micro_batch, max_seq_len=seq_len, loss=cfg.train.loss, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+        gpus=gpus, strategy=cfg.dist.strategy if gpus > 1 else None, grad_accum_steps=cfg.train.grad_accum_steps, gathered_bytes=static["gathered"],
+        unsharded_gradient_bytes=static["unsharded_gradients"], bucket_bytes=static["buckets"], nccl_bytes=static["nccl"],
     )  # fmt: skip
+
+
+def shard_static(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> dict[str, int]:
+    """One GPU's share of the batch-independent parts: as planned for one GPU, for `ddp`, or for `fsdp` (FSDP2).
+
+    fsdp (distributed.shard_with_fsdp: param_dtype the compute dtype, gradients reduced in fp32), with
+    N = gpus and T the trainable parameters:
+      NF4 / N, unquantized / N, constants whole (bitsandbytes' quant state is not a parameter: never sharded);
+      trainable: T x dtype / N; optimizer: T x 8 (torch AdamW, fp32 moments) / N;
+      gradients: T x dtype / N, but with grad_accum_steps > 1, T x 4: the micro-batches before a step's
+        last run without gradient sync (distributed.gradient_sync), and FSDP2 then keeps every layer's
+        gradient unsharded, accumulated in the reduce dtype (fp32), until the last one reduce-scatters it;
+      gathered: the root (lm_head, final norm) whole, unsharded for the whole step, + 2 decoder layers whole
+        (frozen bytes, and their trainable part cast to the compute dtype), one running and one prefetched;
+      unsharded gradients: one layer's, in the compute dtype and their fp32 copy for the reduce-scatter,
+        and the root's (reduce-scattered only at the end of the backward).
+    ddp: as one GPU, + buckets (one more copy of the gradients, in their dtype).
+    Both: + NCCL's buffers (NCCL_BYTES).
+    """
+    one = {
+        "nf4": parts["nf4"], "constants": parts["constants"], "unquantized": parts["unquantized"],
+        "trainable_bytes": parts["trainable_bytes"], "gradient_bytes": parts["gradient_bytes"], "optimizer_bytes": parts["optimizer_bytes"],
+        "gathered": 0, "unsharded_gradients": 0, "buckets": 0, "nccl": 0,
+    }  # fmt: skip
+    if gpus == 1:
+        return one
+    if cfg.dist.strategy == "ddp":
+        return {**one, "buckets": parts["gradient_bytes"], "nccl": NCCL_BYTES}
+    gathered_element = compute_element_bytes(cfg)  # FSDP's param_dtype
+    gradient_element = gathered_element + FSDP_REDUCE_ELEMENT_BYTES  # computed in param_dtype, copied to fp32 for the reduce-scatter
+    layer_params, root_params = parts["layer_trainable_params"], parts["root_trainable_params"]
+    gathered_layers = parts["gathered_layers_frozen_bytes"] + min(FSDP_UNSHARDED_LAYERS, parts["layers"]) * layer_params * gathered_element
+    accumulating = cfg.train.grad_accum_steps > 1
+    gradients = parts["trainable_params"] * FSDP_REDUCE_ELEMENT_BYTES if accumulating else math.ceil(parts["gradient_bytes"] / gpus)
+    return {
+        "nf4": math.ceil(parts["nf4"] / gpus), "constants": parts["constants"], "unquantized": math.ceil(parts["unquantized"] / gpus),
+        "trainable_bytes": math.ceil(parts["trainable_bytes"] / gpus), "gradient_bytes": gradients,
+        "optimizer_bytes": math.ceil(parts["adamw_optimizer_bytes"] / gpus),
+        "gathered": parts["root_frozen_bytes"] + root_params * gathered_element + gathered_layers,
+        "unsharded_gradients": (layer_params + root_params) * gradient_element, "buckets": 0, "nccl": NCCL_BYTES,
+    }  # fmt: skip
 
 
 def _with_max_seq_len(cfg: RecipeConfig, seq_len: int) -> RecipeConfig:
@@ -327,10 +469,13 @@ def read_device_memory_bytes(device: torch.device) -> int:
     return available
 
 
-def choose_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str | None = None) -> tuple[int, MemoryPlan]:
-    """train.micro_batch_size auto: the largest micro-batch the planner says fits this device (capped)."""
+def choose_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str | None = None, gpus: int = 1) -> tuple[int, MemoryPlan]:
+    """train.micro_batch_size auto: the largest micro-batch the planner says fits this device (capped).
+
+    gpus: the number of processes (the world size) the run is split over, each planned per GPU.
+    """
     vram = read_device_memory_bytes(device)
-    plan = plan_memory(cfg, read_model_config(base_path or cfg.model.name_or_path), vram)
+    plan = plan_memory(cfg, read_model_config(base_path or cfg.model.name_or_path), vram, gpus=gpus)
     if plan.largest_micro_batch == 0:
         raise PlanError(
             f"train.micro_batch_size auto: even one sequence of {cfg.train.max_seq_len} tokens needs an estimated "
@@ -358,24 +503,55 @@ def describe_loss(plan: MemoryPlan) -> str:
     return f"train.loss chunked: {plan.loss_chunk_tokens} labelled tokens x vocab at a time, fp32 + bf16; hidden gradients"
 
 
+def describe_sharding(plan: MemoryPlan) -> dict[str, str]:
+    """Per row, what a per-GPU plan holds of it: sharded 1/N (fsdp), whole on every GPU (ddp), or nothing to add (one GPU)."""
+    n = plan.gpus
+    if n == 1:
+        return {}
+    if plan.strategy == "ddp":
+        return {
+            "weights as loaded": "; the whole base on every GPU (DDP replicates)",
+            "trainable parameters": ", whole on every GPU",
+        }
+    return {
+        "weights as loaded": f"; 1/{n} per GPU (FSDP shards), constants whole",
+        "trainable parameters": f", 1/{n} per GPU",
+        "their gradients": (
+            "fp32, unsharded: accumulated by FSDP between micro-batches until the step's last reduce-scatters them"
+            if plan.grad_accum_steps > 1 else f"1/{n} per GPU (reduce-scattered)"
+        ),
+        "optimizer state": f" (torch AdamW, fp32), 1/{n} per GPU",
+    }
+
+
 def format_plan(plan: MemoryPlan, model_name: str) -> str:
     def gib(n: int) -> str:
         return f"{n / GIB:6.2f} GiB"
 
+    shard = describe_sharding(plan)
     rows = [
-        ("weights as loaded", plan.weights_bytes, f"NF4 {plan.nf4_bytes / GIB:.2f} + constants {plan.quant_constant_bytes / GIB:.2f} + unquantized {plan.unquantized_bytes / GIB:.2f} GiB"),
-        ("trainable parameters", plan.trainable_bytes, f"{plan.trainable_params:,} parameters"),
-        ("their gradients", plan.gradient_bytes, ""),
-        ("optimizer state", plan.optimizer_bytes, "two AdamW moments"),
-        ("activations", plan.activation_bytes, f"micro-batch {plan.micro_batch_size} x {plan.max_seq_len} tokens"),
+        ("weights as loaded", plan.weights_bytes, f"NF4 {plan.nf4_bytes / GIB:.2f} + constants {plan.quant_constant_bytes / GIB:.2f} + unquantized {plan.unquantized_bytes / GIB:.2f} GiB" + shard.get("weights as loaded", "")),
+        ("all-gathered weights", plan.gathered_bytes, "the root (lm_head, final norm) for the whole step + 2 decoder layers (running, prefetched)"),
+        ("trainable parameters", plan.trainable_bytes, f"{plan.trainable_params:,} parameters" + shard.get("trainable parameters", "")),
+        ("their gradients", plan.gradient_bytes, shard.get("their gradients", "")),
+        ("unsharded gradients", plan.unsharded_gradient_bytes, "one layer's, in the compute dtype and in fp32 for the reduce-scatter"),
+        ("gradient buckets", plan.bucket_bytes, "DDP's all-reduce buckets: a second copy of the gradients"),
+        ("optimizer state", plan.optimizer_bytes, "two AdamW moments" + shard.get("optimizer state", "")),
+        ("activations", plan.activation_bytes, f"micro-batch {plan.micro_batch_size} x {plan.max_seq_len} tokens" + (" on each GPU" if plan.gpus > 1 else "")),
         ("logits and loss", plan.logits_bytes, describe_loss(plan)),
         ("not at the same time", plan.overlap_bytes, "the loss's buffers are freed before the backward recomputes a layer"),
         ("CUDA context", plan.cuda_context_bytes, "fixed allowance"),
+        ("NCCL buffers", plan.nccl_bytes, "allowance for the communicator"),
     ]
-    lines = [f"memory plan for {model_name}:"]
-    lines += [f"  {name:<22}{gib(value)}  {detail}".rstrip() for name, value, detail in rows if value or name != "not at the same time"]
+    optional = {"not at the same time", "all-gathered weights", "unsharded gradients", "gradient buckets", "NCCL buffers"}
+    if plan.gpus == 1:
+        lines = [f"memory plan for {model_name}:"]
+    else:
+        lines = [f"memory plan for {model_name}, per GPU of {plan.gpus} (dist.strategy {plan.strategy}):"]
+    lines += [f"  {name:<22}{gib(value)}  {detail}".rstrip() for name, value, detail in rows if value or name not in optional]
     verdict = "fits" if plan.fits else "does NOT fit"
-    lines.append(f"  {'estimated peak':<22}{gib(plan.total_bytes)}  -> {verdict} in {plan.vram_bytes / GIB:.0f} GiB")
+    where = f"{plan.vram_bytes / GIB:.0f} GiB" + (f" per GPU ({plan.gpus} GPUs)" if plan.gpus > 1 else "")
+    lines.append(f"  {'estimated peak' + (' per GPU' if plan.gpus > 1 else ''):<22}{gib(plan.total_bytes)}  -> {verdict} in {where}")
     lines.append(
         f"  largest micro-batch at {plan.max_seq_len} tokens: {plan.largest_micro_batch or 'none'}; "
         f"longest sequence at micro-batch {plan.micro_batch_size}: {plan.largest_seq_len or 'none'}"
