@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +14,13 @@ from qlora_lite.config import LoRAConfig, load_config
 from qlora_lite.lora import apply_lora
 from qlora_lite.memory import bytes_by_dtype
 from qlora_lite.planner import (
-    format_plan,
     GIB,
     PlanError,
     assemble,
+    build_meta_model,
     estimate_activation_bytes,
     estimate_static,
-    build_meta_model,
+    format_plan,
     parse_bytes,
     plan_memory,
     read_model_config,
@@ -122,7 +123,10 @@ def test_plan_json_has_the_documented_keys(capsys):
     assert cli.main(["plan", "recipes/qwen2.5-7b-alpaca.yaml", "--vram", "80GiB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] is True and plan["vram_bytes"] == 80 * GIB
-    assert plan["total_bytes"] == sum(plan[k] for k in ("weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "overlap_bytes", "cuda_context_bytes"))
+    rows = ("weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "overlap_bytes", "cuda_context_bytes")
+    distributed_rows = ("gathered_bytes", "unsharded_gradient_bytes", "bucket_bytes", "nccl_bytes")
+    assert plan["total_bytes"] == sum(plan[k] for k in rows + distributed_rows)
+    assert plan["gpus"] == 1 and plan["strategy"] is None and all(plan[k] == 0 for k in distributed_rows)
     assert plan["loss"] == "chunked" and plan["overlap_bytes"] <= 0
 
 
@@ -274,3 +278,148 @@ def test_plan_within_10_percent_of_the_metered_step(metered_model_dirs, hidden, 
     # the loss row follows train.loss: the chunked one holds at most one chunk's logits, 6 bytes each, never the hf loss's 12
     assert (plan.logits_bytes < micro_batch * seq * vocab * 12) == (loss == "chunked")
     assert f"train.loss {loss}" in format_plan(plan, "m")
+
+
+# ---------------------------------------------------------------------------- several GPUs (dist.strategy)
+
+FSDP_RECIPE = "recipes/llama3.1-70b-fsdp-4x24gb.yaml"
+DDP_RECIPE = "recipes/llama3.1-8b-ddp.yaml"
+SINGLE_ROWS = ("nf4_bytes", "quant_constant_bytes", "unquantized_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "overlap_bytes")
+
+
+def llama_70b_numbers() -> dict[str, int]:
+    """Llama-3.1-70B by hand: hidden 8192, intermediate 28672, 80 layers, 8 KV heads of 128, vocab 128256, untied."""
+    h, i, layers, kv, vocab = 8192, 28672, 80, 1024, 128256
+    layer_nf4 = (2 * h * h + 2 * h * kv + 3 * h * i) // 2  # q, o; k, v; gate, up, down at 4 bits
+    layer_norms = 2 * h * 2  # input and post-attention RMSNorm, bf16
+    layer_lora = 16 * (h + h + 2 * (h + kv) + h + h + 3 * (h + i))  # r=16 on all 7
+    return {"layers": layers, "layer_nf4": layer_nf4, "layer_norms": layer_norms, "layer_lora": layer_lora, "head": vocab * h * 2, "embed": vocab * h * 2, "final_norm": h * 2}
+
+
+def test_one_gpu_plan_is_the_plan_without_gpus(capsys):
+    cfg = load_config("recipes/llama3.1-8b-alpaca.yaml")
+    config = read_model_config(cfg.model.name_or_path)
+    default, one = plan_memory(cfg, config), plan_memory(cfg, config, gpus=1)
+    assert default == one and one.gpus == 1 and one.strategy is None
+    assert one.gathered_bytes == one.unsharded_gradient_bytes == one.bucket_bytes == one.nccl_bytes == 0
+    assert one.total_bytes == sum(getattr(one, k) for k in ("weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "overlap_bytes", "cuda_context_bytes"))
+    # a one-GPU plan of the fsdp recipe is the one-GPU plan of the same model: dist.strategy needs processes to act
+    fsdp_cfg = load_config(FSDP_RECIPE)
+    as_single = plan_memory(load_config(FSDP_RECIPE, ["dist.strategy=ddp"]), vram_bytes=24 * GIB)
+    fsdp_one = plan_memory(fsdp_cfg, vram_bytes=24 * GIB)
+    assert fsdp_one.total_bytes == as_single.total_bytes and fsdp_one.strategy is None
+    assert any("this is one GPU's plan (add --gpus N" in note for note in fsdp_one.notes)
+    assert cli.main(["plan", "recipes/llama3.1-8b-alpaca.yaml"]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(["plan", "recipes/llama3.1-8b-alpaca.yaml", "--gpus", "1"]) == 0
+    assert capsys.readouterr().out == plain and "per GPU" not in plain and "NCCL" not in plain
+
+
+def test_ddp_per_gpu_is_one_gpu_plus_buckets_and_nccl():
+    from qlora_lite.planner import NCCL_BYTES
+
+    cfg = load_config(DDP_RECIPE)
+    config = read_model_config(cfg.model.name_or_path)
+    one, two, eight = (plan_memory(cfg, config, gpus=n) for n in (1, 2, 8))
+    for plan in (two, eight):
+        assert all(getattr(plan, k) == getattr(one, k) for k in SINGLE_ROWS)  # everything replicated, activations per process
+        assert plan.bucket_bytes == one.gradient_bytes == 41_943_040 * 4  # one more copy of the fp32 LoRA gradients
+        assert plan.nccl_bytes == NCCL_BYTES and plan.gathered_bytes == plan.unsharded_gradient_bytes == 0
+        assert plan.total_bytes == one.total_bytes + one.gradient_bytes + NCCL_BYTES
+    assert two.total_bytes == eight.total_bytes and two.strategy == "ddp"
+    assert "effective batch: 2 x 4 accumulation steps x 2 processes = 16 sequences per optimizer step" in two.notes
+
+
+@pytest.mark.parametrize("gpus, grad_accum", [(2, 4), (4, 4), (4, 1), (8, 1)])
+def test_fsdp_per_gpu_bytes_follow_the_formula(gpus, grad_accum):
+    from qlora_lite.planner import NCCL_BYTES
+
+    cfg = load_config(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}"])
+    config = read_model_config(cfg.model.name_or_path)
+    one, plan = plan_memory(cfg, config, gpus=1), plan_memory(cfg, config, gpus=gpus)
+    n = llama_70b_numbers()
+    layers, lora = n["layers"], n["layers"] * n["layer_lora"]
+    assert plan.trainable_params == lora == 207_093_760
+    # the base: every layer's 4-bit bytes and every bf16 tensor 1/N, the constants whole on every GPU
+    assert one.nf4_bytes == layers * n["layer_nf4"]
+    assert plan.nf4_bytes == -(-layers * n["layer_nf4"] // gpus)
+    assert plan.unquantized_bytes == -(-(n["embed"] + n["head"] + layers * n["layer_norms"] + n["final_norm"]) // gpus)
+    assert plan.quant_constant_bytes == one.quant_constant_bytes
+    # all-gathered for the step: the root (lm_head + final norm) and 2 layers with their LoRA in bf16 (FSDP's param_dtype)
+    assert plan.gathered_bytes == n["head"] + n["final_norm"] + 2 * (n["layer_nf4"] + n["layer_norms"] + n["layer_lora"] * 2)
+    # LoRA: fp32 weights and torch AdamW's two fp32 moments 1/N; gradients 1/N when every micro-batch reduce-scatters,
+    # the whole fp32 gradient when FSDP accumulates it unsharded between micro-batches
+    assert plan.trainable_bytes == -(-lora * 4 // gpus) and plan.optimizer_bytes == -(-lora * 8 // gpus)
+    assert plan.gradient_bytes == (lora * 4 if grad_accum > 1 else -(-lora * 4 // gpus))
+    assert plan.unsharded_gradient_bytes == n["layer_lora"] * (2 + 4)  # one layer's, bf16 + its fp32 reduce-scatter copy
+    # per process: the same activations and loss as one GPU at the same micro-batch
+    assert (plan.activation_bytes, plan.logits_bytes, plan.overlap_bytes) == (one.activation_bytes, one.logits_bytes, one.overlap_bytes)
+    assert plan.bucket_bytes == 0 and plan.nccl_bytes == NCCL_BYTES and plan.strategy == "fsdp"
+    assert plan.total_bytes == (
+        plan.weights_bytes + plan.gathered_bytes + plan.trainable_bytes + plan.gradient_bytes + plan.unsharded_gradient_bytes
+        + plan.optimizer_bytes + plan.activation_bytes + plan.logits_bytes + plan.overlap_bytes + plan.cuda_context_bytes + NCCL_BYTES
+    )  # fmt: skip
+
+
+def test_fsdp_units_follow_the_wrapping():
+    from qlora_lite.planner import find_fsdp_unit_of
+
+    llama = build_meta_model(read_model_config("meta-llama/Llama-3.1-8B"))
+    unit_of = find_fsdp_unit_of(llama)
+    assert unit_of("model.layers.31.mlp.down_proj.weight") == "layer.31" and unit_of("model.layers.3.input_layernorm.weight") == "layer.3"
+    assert unit_of("model.embed_tokens.weight") == "embed"
+    assert unit_of("lm_head.weight") == unit_of("model.norm.weight") == "root"
+    # tied embeddings (Gemma-2): the one tensor is both, and stays in the root
+    cfg = load_config(None, ["model.name_or_path=google/gemma-2-9b", "train.optimizer=adamw", "dist.strategy=fsdp"])
+    parts = estimate_static(cfg, build_meta_model(read_model_config("google/gemma-2-9b")))
+    assert parts["embed_frozen_bytes"] == 0 and parts["root_frozen_bytes"] == 256000 * 3584 * 2 + 3584 * 2
+    assert parts["layers"] == 42
+
+
+def test_70b_fits_four_24_gib_gpus_under_fsdp_not_two_nor_one(capsys):
+    cfg = load_config(FSDP_RECIPE)
+    assert cfg.dist.strategy == "fsdp" and cfg.train.optimizer == "adamw" and cfg.quant.compute_dtype == "bfloat16"
+    config = read_model_config(cfg.model.name_or_path)
+    one, two, four = (plan_memory(cfg, config, vram_bytes=24 * GIB, gpus=n) for n in (1, 2, 4))
+    assert not one.fits and one.largest_seq_len == 0
+    # Two GPUs: before any activation or loss, the per-GPU floor is already past 24 GiB, so no sequence fits.
+    floor = two.total_bytes - two.activation_bytes - two.logits_bytes - two.overlap_bytes
+    assert floor > 24 * GIB and not two.fits and two.largest_micro_batch == two.largest_seq_len == 0
+    assert four.fits and four.largest_micro_batch >= cfg.train.micro_batch_size and four.largest_seq_len >= cfg.train.max_seq_len
+    ddp = plan_memory(load_config(FSDP_RECIPE, ["dist.strategy=ddp"]), config, vram_bytes=24 * GIB, gpus=4)
+    assert not ddp.fits and ddp.weights_bytes == one.weights_bytes  # DDP replicates the 37 GiB base
+    assert cli.main(["plan", FSDP_RECIPE, "--gpus", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for meta-llama/Llama-3.1-70B, per GPU of 4 (dist.strategy fsdp):" in out
+    assert f"estimated peak per GPU {four.total_bytes / GIB:5.2f} GiB  -> fits in 24 GiB per GPU (4 GPUs)" in out
+    assert "1/4 per GPU (FSDP shards), constants whole" in out and "all-gathered weights" in out
+    assert cli.main(["plan", FSDP_RECIPE, "--gpus", "2"]) == 0
+    assert "does NOT fit in 24 GiB per GPU (2 GPUs)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe, gpus", [(FSDP_RECIPE, 4), (DDP_RECIPE, 2)])
+def test_multi_gpu_recipe_headers_state_the_planner_figure(recipe, gpus):
+    import re
+
+    text = Path(recipe).read_text()
+    cfg = load_config(recipe)
+    plan = plan_memory(cfg, vram_bytes=24 * GIB, gpus=gpus)
+    assert f"torchrun --standalone --nproc_per_node {gpus} -m qlora_lite train {recipe}" in text
+    assert f"accelerate launch --multi_gpu --num_processes {gpus} -m qlora_lite train {recipe}" in text
+    assert f"qlora-lite plan {recipe} --gpus {gpus}" in text and "ESTIMATE" in text
+    total = re.search(r"^#   total +([0-9.]+) GiB per GPU", text, re.MULTILINE)
+    assert total and total.group(1) == f"{plan.total_bytes / GIB:.2f}"
+    assert f"largest micro-batch at {cfg.train.max_seq_len} tokens: {plan.largest_micro_batch})" in text
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum_steps * gpus == 16  # the effective batch of the one-GPU recipes
+
+
+def test_fsdp_plans_torch_adamw_and_says_so():
+    cfg = load_config("recipes/llama3.1-8b-alpaca.yaml", ["dist.strategy=fsdp"])  # paged_adamw_8bit
+    plan = plan_memory(cfg, gpus=2)
+    assert plan.optimizer_bytes == 41_943_040 * 8 // 2
+    assert any("set train.optimizer=adamw (the recipe says paged_adamw_8bit)" in note for note in plan.notes)
+
+
+def test_plan_gpus_below_one_is_a_clear_error(capsys):
+    assert cli.main(["plan", DDP_RECIPE, "--gpus", "0"]) == 2
+    assert "--gpus 0: the number of GPUs (processes) must be at least 1" in capsys.readouterr().err
