@@ -159,10 +159,12 @@ def build_figure(curves: Curves, settings: dict):
 
     # --- loss: what the run learns
     loss_ax.set_title("loss (mean per target token)")
-    if curves.steps:
+    weight = choose_smoothing(len(curves.loss))
+    if curves.steps and weight > 0:
         loss_ax.plot(curves.steps, curves.loss, color="C0", alpha=0.35, linewidth=1, label=f"train ({every})")
-        weight = choose_smoothing(len(curves.loss))
         loss_ax.plot(curves.steps, smooth_loss(curves.loss, weight), color="C0", linewidth=2, label=f"train, smoothed (EMA {weight:g} of log loss)")
+    elif curves.steps:  # too few points to smooth: the raw curve is the clearest
+        loss_ax.plot(curves.steps, curves.loss, color="C0", linewidth=1.5, label=f"train ({every})")
     if curves.eval_steps:
         loss_ax.plot(curves.eval_steps, curves.eval_loss, color="C1", marker="o", markersize=4, linewidth=1.5, label="eval (held-out data)")
     if not curves.steps and not curves.eval_steps:
@@ -201,7 +203,7 @@ def build_figure(curves: Curves, settings: dict):
         ax.set_xlabel("optimizer step")
     for ax in (loss_ax, grad_ax):
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper right")
+            ax.legend(fontsize=8, loc="best")
     return figure
 
 

@@ -91,6 +91,8 @@ def test_a_running_run_with_a_half_written_line_and_no_eval_is_drawn(tmp_path):
     figure = build_figure(curves, read_run_settings(run))
     loss_ax = figure.axes[0]
     assert [line.get_label() for line in loss_ax.get_lines()] == ["train (every 5 steps)", "train, smoothed (EMA 0.17 of log loss)", "resumed here"]
+    short = build_figure(read_curves(read_records(run / "metrics.jsonl")[:12]), read_run_settings(run))
+    assert [line.get_label() for line in short.axes[0].get_lines()] == ["train (every 5 steps)"]  # 10 points: too few to smooth
     resume_marks = [line for ax in figure.axes for line in ax.get_lines() if line.get_linestyle() == ":"]
     assert [list(line.get_xdata()) for line in resume_marks] == [[60, 60]] * 4  # in every panel
     title = figure.get_suptitle()
