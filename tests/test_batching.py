@@ -232,3 +232,27 @@ def test_bad_arguments_say_what_to_change():
         select_micro_batch(examples, -1, 2, seed=0)
     with pytest.raises(ValueError, match="window=0"):
         plan_epoch([5, 6, 7], 2, 0, 0, "grouped", window=0)
+
+
+# ------------------------------------------------------------------------------ prepared (cached) data
+
+
+def test_prepared_examples_give_the_batches_of_a_list_and_plan_without_reading_them(tmp_path, tokenizer, monkeypatch):
+    from qlora_lite.config import DataConfig
+
+    rng = random.Random(3)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=n))}) + "\n" for n in sample_lengths(203, seed=3)))
+    prepared = data.prepare_datasets(DataConfig(path=str(path), format="text", cache_dir=str(tmp_path / "cache")), tokenizer, 4096, seed=0)
+    as_list = list(prepared.train)
+    assert len(set(prepared.train.lengths.tolist())) > 50  # a real length mix for grouped to sort
+
+    reads = []
+    real_read_row = data.TokenizedExamples._read_row
+    monkeypatch.setattr(data.TokenizedExamples, "_read_row", lambda self, row: reads.append(row) or real_read_row(self, row))
+    for batching in ("grouped", "random"):
+        reads.clear()
+        from_disk = take(prepared.train, range(150), 4, seed=9, batching=batching)  # three epochs of 50
+        assert len(reads) == 150 * 4  # the examples returned, and not one more: the plan read the lengths
+        assert from_disk == take(as_list, range(150), 4, seed=9, batching=batching)

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
+import os
+import shutil
+from pathlib import Path
 
 import datasets
 import huggingface_hub.constants
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from qlora_lite import data
 from qlora_lite.config import DataConfig
 from qlora_lite.data import (
+    DATA_CACHE_ENV,
     IGNORE_INDEX,
     DataError,
     build_datasets,
@@ -26,7 +34,9 @@ from qlora_lite.data import (
     find_end_of_turn_token,
     load_records,
     pack_examples,
+    prepare_datasets,
     render_example,
+    resolve_data_cache_dir,
     TruncationStats,
     build_datasets_with_stats,
     split_indices,
@@ -83,6 +93,14 @@ def write_csv(path, records: list[dict]):
 def learned_predictions(examples: list[dict]) -> int:
     """Labels the shifted causal-LM loss scores: every one but the first of each example."""
     return sum(sum(label != IGNORE_INDEX for label in ex["labels"][1:]) for ex in examples)
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path, monkeypatch):
+    """Each test prepares its data into a cache of its own, never into ~/.cache."""
+    folder = tmp_path / "data-cache"
+    monkeypatch.setenv(DATA_CACHE_ENV, str(folder))
+    return folder
 
 
 # ----------------------------------------------------------------------------- loading
@@ -552,9 +570,9 @@ def test_truncation_drop_drops_every_example_whose_response_and_eos_do_not_fit(t
 
     train, evaluation, stats = build_datasets_with_stats(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0)
 
-    assert train == [tokenize_example(r, "alpaca", tokenizer, max_seq_len=512) for r in FIT_RECORDS[:2]]
-    assert evaluation == [tokenize_example(FIT_RECORDS[0], "alpaca", tokenizer, max_seq_len=512)]
-    assert all(ex["labels"][-1] == EOS for ex in train + evaluation)
+    assert list(train) == [tokenize_example(r, "alpaca", tokenizer, max_seq_len=512) for r in FIT_RECORDS[:2]]
+    assert list(evaluation) == [tokenize_example(FIT_RECORDS[0], "alpaca", tokenizer, max_seq_len=512)]
+    assert all(ex["labels"][-1] == EOS for ex in [*train, *evaluation])
     assert stats["train"] == TruncationStats(
         split="train", examples=5, truncated=3, fully_cut=1, response_tokens_cut=10, dropped=3,
         longest_tokens=113, max_seq_len=39, policy="drop",
@@ -563,15 +581,20 @@ def test_truncation_drop_drops_every_example_whose_response_and_eos_do_not_fit(t
         split="eval", examples=2, truncated=1, fully_cut=0, response_tokens_cut=4, dropped=1,
         longest_tokens=43, max_seq_len=39, policy="drop",
     )
-    assert capsys.readouterr().out == (
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [
         "train: 3 of 5 examples did not fit in max_seq_len=39 (10 response tokens cut, longest example 113 tokens); "
-        "dropped them (data.truncation=drop)\n"
+        "dropped them (data.truncation=drop)",
         "eval: 1 of 2 examples did not fit in max_seq_len=39 (4 response tokens cut, longest example 43 tokens); "
-        "dropped them (data.truncation=drop)\n"
-    )
-    # build_datasets gives the same examples and prints the same lines.
-    assert build_datasets(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0) == (train, evaluation)
-    assert capsys.readouterr().out.count("did not fit") == 2
+        "dropped them (data.truncation=drop)",
+    ]
+    assert out[2].startswith("data: 7 records -> 3 examples (4 dropped), 113 tokens; tokenized with 1 process in ")
+    assert len(out) == 3
+    # build_datasets gives the same examples and prints the same lines, read from the cache this time.
+    again = build_datasets(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0)
+    assert [list(split) for split in again] == [list(train), list(evaluation)]
+    out = capsys.readouterr().out.splitlines()
+    assert sum("did not fit" in line for line in out) == 2 and "read from the cache" in out[2]
 
 
 def test_truncation_keep_keeps_cut_responses_but_drops_those_with_none_left(tmp_path, tokenizer, capsys):
@@ -581,7 +604,7 @@ def test_truncation_keep_keeps_cut_responses_but_drops_those_with_none_left(tmp_
     train, evaluation, stats = build_datasets_with_stats(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0)
 
     full = [tokenize_example(r, "alpaca", tokenizer, max_seq_len=512) for r in FIT_RECORDS]
-    assert len(train) == 4 and evaluation == []
+    assert len(train) == 4 and list(evaluation) == []
     assert train[:2] == full[:2]
     for cut, whole in zip(train[2:], full[2:4]):
         assert len(cut["input_ids"]) == len(cut["labels"]) == 39
@@ -598,10 +621,12 @@ def test_truncation_keep_keeps_cut_responses_but_drops_those_with_none_left(tmp_
             longest_tokens=0, max_seq_len=39, policy="keep",
         ),
     }
-    assert capsys.readouterr().out == (
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
         "train: 3 of 5 examples did not fit in max_seq_len=39 (10 response tokens cut, longest example 113 tokens); "
-        "kept 2 with a cut response and no EOS, dropped 1 with no response token left (data.truncation=keep)\n"
+        "kept 2 with a cut response and no EOS, dropped 1 with no response token left (data.truncation=keep)"
     )
+    assert out[1].startswith("data: 5 records -> 4 examples (1 dropped), 154 tokens; ") and len(out) == 2
 
 
 def test_truncation_report_when_everything_fits(tmp_path, tokenizer, capsys):
@@ -615,7 +640,8 @@ def test_truncation_report_when_everything_fits(tmp_path, tokenizer, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "train: all 3 examples fit in max_seq_len=43 (longest example 43 tokens)"
     assert out[1].startswith("eval: all 1 examples fit in max_seq_len=43 (longest example ")
-    assert len(out) == 2
+    assert out[2].startswith("data: 4 records -> 4 examples (0 dropped), ")
+    assert len(out) == 3
 
 
 @pytest.mark.parametrize("truncation, records, message", [
@@ -629,6 +655,268 @@ def test_no_example_fits_is_an_error_naming_the_fix(tmp_path, tokenizer, truncat
     with pytest.raises(DataError) as err:
         build_datasets(DataConfig(path=str(path), truncation=truncation), tokenizer, FIT_MAX_SEQ_LEN, seed=0)
     assert str(err.value) == message.format(path=path)
+
+
+# ----------------------------------------------------------------------------- prepared data and its cache
+
+
+def chat_records(n: int) -> list[dict]:
+    """n distinct conversations, every other one with two assistant turns."""
+    records = []
+    for i in range(n):
+        messages = [{"role": "user", "content": f"Name colour {i}."}, {"role": "assistant", "content": f"Blue {i} is a colour."}]
+        if i % 2:
+            messages += [{"role": "user", "content": "Another?"}, {"role": "assistant", "content": f"the lazy dog {i}"}]
+        records.append({"messages": messages})
+    return records
+
+
+def test_prepared_examples_are_a_sequence_of_the_examples_read_from_disk(tmp_path, tokenizer):
+    records = alpaca_records(30)
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+
+    prepared = prepare_datasets(DataConfig(path=str(path), eval_fraction=0.2), tokenizer, 512, seed=0)
+
+    train_indices, eval_indices = split_indices(30, 0.2, seed=0)
+    expected = [tokenize_example(records[i], "alpaca", tokenizer, 512, index=i) for i in train_indices]
+    train = prepared.train
+    assert len(train) == 24 and list(train) == expected
+    assert list(prepared.eval) == [tokenize_example(records[i], "alpaca", tokenizer, 512) for i in eval_indices]
+    assert train[3] == expected[3] and train[-1] == expected[-1] and train[np.int64(5)] == expected[5]
+    assert train[2:5] == expected[2:5] and train[::7] == expected[::7] and train[:100] == expected
+    assert isinstance(train[2:5], list) and prepared.eval[:0] == []
+    assert all(type(token) is int for token in train[0]["input_ids"] + train[0]["labels"])
+    assert train.lengths.tolist() == [len(ex["input_ids"]) for ex in expected]
+    with pytest.raises(IndexError):
+        train[24]
+    # Collated and padded as a list of the same examples would be.
+    batch = collate_batch(train[:4], pad_token_id=0)
+    assert torch.equal(batch["input_ids"], collate_batch(expected[:4], pad_token_id=0)["input_ids"])
+
+    # Packed: the packs pack_examples builds from the same examples, each built when read.
+    packed = prepare_datasets(DataConfig(path=str(path), eval_fraction=0.2, packing=True), tokenizer, 128, seed=0)
+    assert list(packed.train) == pack_examples([tokenize_example(r, "alpaca", tokenizer, 128) for r in (records[i] for i in train_indices)], 128)
+    assert packed.train.lengths.tolist() == [len(p["input_ids"]) for p in packed.train]
+    assert packed.stats["train"]["sequences"] == len(packed.train) < 24 == packed.stats["train"]["kept"]
+
+
+def test_chat_records_prepared_in_batches_equal_each_tokenized_alone(tmp_path, tokenizer):
+    # One tokenizer call per batch of records: the ids still fall in each piece as one call per record gives them.
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    records = chat_records(25)
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+
+    prepared = prepare_datasets(DataConfig(path=str(path), format="chat"), tokenizer, 512, seed=0)
+
+    assert list(prepared.train) == [tokenize_example(r, "chat", tokenizer, 512) for r in records]
+    assert prepared.train[1]["input_ids"][0] == BOS and prepared.train[1]["labels"].count(EOS) == 2
+
+
+def test_batched_encoding_gives_the_ids_of_the_tokenizers_own_call(tokenizer):
+    texts = ["Name a colour.", "the quick </s> fox", " leading space", "x" * 300, "tab\there"]
+    expected = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert data._encode_texts(tokenizer, texts) == expected
+    # A backend left truncating, or set to split special tokens: the tokenizer's own call runs.
+    truncating = copy.deepcopy(tokenizer)
+    truncating.backend_tokenizer.enable_truncation(3)
+    assert data._encode_texts(truncating, texts) == expected
+    splitting = copy.deepcopy(tokenizer)
+    splitting.split_special_tokens = True
+    split_ids = data._encode_texts(splitting, texts)
+    assert split_ids == [splitting(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert split_ids[1] != expected[1] and EOS in expected[1]
+
+
+def test_a_second_run_reads_the_cache_without_loading_or_tokenizing(tmp_path, tokenizer, monkeypatch, data_cache):
+    path = write_jsonl(tmp_path / "train.jsonl", FIT_RECORDS * 4)
+    cfg = DataConfig(path=str(path), eval_fraction=0.25)
+
+    first = prepare_datasets(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached run must not load or tokenize the records")
+
+    monkeypatch.setattr(data, "load_records", fail)
+    monkeypatch.setattr(data, "_tokenize_batch", fail)
+    second = prepare_datasets(cfg, tokenizer, FIT_MAX_SEQ_LEN, seed=0)
+
+    assert (first.stats["cache"], second.stats["cache"]) == ("miss", "hit")
+    assert list(second.train) == list(first.train) and list(second.eval) == list(first.eval)
+    same = lambda stats: {k: v for k, v in stats.items() if k not in ("seconds", "cache")}  # noqa: E731
+    assert same(second.stats) == same(first.stats)
+    assert json.loads(json.dumps(second.stats)) == second.stats
+    # 20 records: 15 train, 5 held out; 3 of each 5 FIT_RECORDS do not fit and are dropped.
+    stats = second.stats
+    assert (stats["records"], stats["kept"], stats["dropped"], stats["truncated"]) == (20, 8, 12, 12)
+    assert stats["train"]["examples"] + stats["eval"]["examples"] == 20
+    assert stats["tokens"] == sum(map(len, (ex["input_ids"] for ex in [*second.train, *second.eval])))
+    assert (stats["num_proc"], stats["max_seq_len"], stats["truncation"], stats["packing"]) == (1, 39, "drop", False)
+    assert stats["cache_path"].startswith(str(data_cache)) and stats["seconds"] < stats["tokenize_seconds"] + 1
+    # The finished folder only: no temporary folder left beside it.
+    assert [p.name for p in data_cache.iterdir()] == [Path(stats["cache_path"]).name]
+
+
+def _edit_a_record_keeping_size_and_mtime(path: Path) -> None:
+    before = path.stat()
+    text = path.read_text()
+    assert "Blue 5 is" in text
+    path.write_text(text.replace("Blue 5 is", "Bleu 5 is"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def _with_tokenizer(state: dict, change) -> None:
+    state["tokenizer"] = copy.deepcopy(state["tokenizer"])
+    change(state["tokenizer"])
+
+
+def _replace_cfg(**changes):
+    return lambda state: state.update(cfg=dataclasses.replace(state["cfg"], **changes))
+
+
+# Each part of the key: (format of the data, the change). Every change must make a miss.
+KEY_PARTS = {
+    "data content": ("alpaca", lambda state: _edit_a_record_keeping_size_and_mtime(state["path"])),
+    "eval data content": ("alpaca", lambda state: _edit_a_record_keeping_size_and_mtime(state["eval_path"])),
+    "tokenizer vocabulary": ("alpaca", lambda state: _with_tokenizer(state, lambda tok: tok.add_tokens(["colour"]))),
+    "tokenizer special tokens": ("alpaca", lambda state: _with_tokenizer(state, lambda tok: setattr(tok, "eos_token", "<s>"))),
+    "chat template": ("chat", lambda state: _with_tokenizer(state, lambda tok: setattr(tok, "chat_template", CHATML_TEMPLATE))),
+    "format": ("alpaca", _replace_cfg(format="text", text_field="output")),
+    "text field": ("text", _replace_cfg(text_field="instruction")),
+    "max_seq_len": ("alpaca", lambda state: state.update(max_seq_len=60)),
+    "truncation": ("alpaca", _replace_cfg(truncation="keep")),
+    "packing": ("alpaca", _replace_cfg(packing=True)),
+    "max_examples": ("alpaca", _replace_cfg(max_examples=7)),
+    "eval_fraction": ("alpaca", _replace_cfg(eval_path=None, eval_fraction=0.2)),
+}
+
+
+@pytest.mark.parametrize("part", KEY_PARTS)
+def test_each_part_of_the_key_invalidates_the_cache(tmp_path, tokenizer, part):
+    fmt, change = KEY_PARTS[part]
+    records = chat_records(12) if fmt == "chat" else alpaca_records(12)
+    if fmt == "text":
+        records = [{**r, "text": r["output"]} for r in records]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", records[:6])
+    base = {"cfg": DataConfig(path=str(path), eval_path=str(eval_path), format=fmt, text_field="text"), "tokenizer": tokenizer, "max_seq_len": 512}
+    state = {**base, "path": path, "eval_path": eval_path}
+    prepare = lambda s: prepare_datasets(s["cfg"], s["tokenizer"], s["max_seq_len"], seed=0)  # noqa: E731
+
+    before = prepare(base)
+    change(state)
+    after = prepare(state)
+
+    assert (before.stats["cache"], after.stats["cache"]) == ("miss", "miss")
+    assert after.stats["cache_path"] != before.stats["cache_path"]
+    if part in ("data content", "eval data content"):
+        edited = after.train if part == "data content" else after.eval
+        record = {**alpaca_records(12)[5], "output": "Bleu 5 is the quick fox."}
+        assert edited[5] == tokenize_example(record, "alpaca", tokenizer, 512) != before.train[5]
+    else:
+        # The entry for the other key stays valid: going back is a hit.
+        assert prepare(base).stats["cache"] == "hit"
+
+
+def test_what_changes_no_example_keeps_the_cache(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", alpaca_records(12))
+    first = prepare_datasets(DataConfig(path=str(path)), tokenizer, 512, seed=0)
+    os.utime(path, ns=(1, 1))  # touched: same bytes
+    for cfg, seed in [
+        (DataConfig(path=str(path)), 0),
+        (DataConfig(path=str(path), num_proc=2), 0),  # processes change how, not what
+        (DataConfig(path=str(path)), 5),  # the seed only matters when it picks held-out records
+        (DataConfig(path=str(path), split="test", text_field="body"), 0),  # a file has one split; alpaca reads no text field
+    ]:
+        again = prepare_datasets(cfg, tokenizer, 512, seed)
+        assert again.stats["cache"] == "hit" and again.stats["cache_path"] == first.stats["cache_path"]
+    with_eval = DataConfig(path=str(path), eval_fraction=0.25)
+    assert prepare_datasets(with_eval, tokenizer, 512, seed=0).stats["cache"] == "miss"
+    assert prepare_datasets(with_eval, tokenizer, 512, seed=1).stats["cache"] == "miss"  # another held-out set
+
+
+def test_two_processes_prepare_the_examples_of_one(tmp_path, tokenizer):
+    records = alpaca_records(40) + FIT_RECORDS
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    cfg = DataConfig(path=str(path), eval_fraction=0.1, packing=True)
+
+    one = prepare_datasets(dataclasses.replace(cfg, num_proc=1, cache_dir=str(tmp_path / "one")), tokenizer, 64, seed=0)
+    two = prepare_datasets(dataclasses.replace(cfg, num_proc=2, cache_dir=str(tmp_path / "two")), tokenizer, 64, seed=0)
+
+    assert (one.stats["num_proc"], two.stats["num_proc"]) == (1, 2)
+    assert list(two.train) == list(one.train) and list(two.eval) == list(one.eval)
+    assert {k: v for k, v in two.stats["train"].items()} == one.stats["train"]
+    assert len(list(Path(two.stats["cache_path"]).glob("train/*.arrow"))) == 2  # one file per process
+
+
+def test_bad_record_reports_its_row_from_any_process_and_caches_nothing(tmp_path, tokenizer, data_cache):
+    records = alpaca_records(20)
+    del records[17]["output"]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    for num_proc in (1, 2):  # 2: record 17 is row 7 of the second process's shard
+        with pytest.raises(DataError) as err:
+            prepare_datasets(DataConfig(path=str(path), num_proc=num_proc), tokenizer, 512, seed=0)
+        assert str(err.value) == "record 17 has no 'output' field (format alpaca needs instruction, output; input optional)"
+    assert list(data_cache.iterdir()) == []
+
+
+def test_a_cache_folder_appears_whole_or_not_at_all(tmp_path, tokenizer, monkeypatch, data_cache):
+    path = write_jsonl(tmp_path / "train.jsonl", alpaca_records(12))
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", alpaca_records(3))
+    cfg = DataConfig(path=str(path), eval_path=str(eval_path))
+
+    # A writer that stops half way (here after the training split) leaves nothing behind.
+    real_tokenize = data._tokenize_to_arrow
+    def stop_at_eval(records, tmp, name, *args):
+        if name == "eval":
+            raise KeyboardInterrupt
+        return real_tokenize(records, tmp, name, *args)
+    monkeypatch.setattr(data, "_tokenize_to_arrow", stop_at_eval)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_datasets(cfg, tokenizer, 512, seed=0)
+    assert list(data_cache.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setenv(DATA_CACHE_ENV, str(data_cache))
+
+    # Two writers at once (ranks without a barrier): the one that renames second finds the
+    # first one's complete folder in place, uses it, and removes its own.
+    real_rename = Path.rename
+    def lose_the_race(self, target):
+        shutil.copytree(self, target)  # the other writer's folder, complete, renamed first
+        return real_rename(self, target)
+    monkeypatch.setattr(Path, "rename", lose_the_race)
+    prepared = prepare_datasets(cfg, tokenizer, 512, seed=0)
+    assert prepared.stats["cache"] == "miss" and len(prepared.train) == 12 and len(prepared.eval) == 3
+    assert [p.name for p in data_cache.iterdir()] == [Path(prepared.stats["cache_path"]).name]
+
+
+def test_a_damaged_cache_says_to_delete_it(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", alpaca_records(5))
+    folder = Path(prepare_datasets(DataConfig(path=str(path)), tokenizer, 512, seed=0).stats["cache_path"])
+    next(folder.glob("train/*.arrow")).unlink()
+    with pytest.raises(DataError, match=r"^the data cache .* is damaged .*; delete that folder and run again to rebuild it$"):
+        prepare_datasets(DataConfig(path=str(path)), tokenizer, 512, seed=0)
+
+
+def test_opening_the_cache_copies_no_tokens_into_memory(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", alpaca_records(2000))
+    cfg = DataConfig(path=str(path))
+    first = prepare_datasets(cfg, tokenizer, 512, seed=0)
+    token_bytes = 2 * 4 * first.stats["tokens"]  # input_ids and labels, int32
+    before = pa.total_allocated_bytes()
+    cached = prepare_datasets(cfg, tokenizer, 512, seed=0)
+    assert cached.stats["cache"] == "hit" and token_bytes > 500_000
+    assert pa.total_allocated_bytes() - before < token_bytes / 100  # memory-mapped, not read
+
+
+def test_cache_folder_comes_from_the_recipe_then_the_environment_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_CACHE_ENV, str(tmp_path / "env"))
+    assert resolve_data_cache_dir(DataConfig(cache_dir=str(tmp_path / "recipe"))) == tmp_path / "recipe"
+    assert resolve_data_cache_dir(DataConfig()) == tmp_path / "env"
+    monkeypatch.delenv(DATA_CACHE_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_data_cache_dir(DataConfig()) == tmp_path / ".cache" / "qlora-lite" / "data"
 
 
 # ----------------------------------------------------------------------------- collate
