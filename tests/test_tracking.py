@@ -87,11 +87,15 @@ def test_hyper_parameters_are_the_recipe_flattened_to_dotted_keys(tmp_path):
     assert flat == {"train.lr": 2e-4, "train.run_name": None, "train.report_to": '["wandb"]', "output_dir": "runs/x"}
 
 
-def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
+def read_tensorboard(folder: Path, texts: bool = False) -> dict[str, list[tuple[int, float | str]]]:
+    """Scalars (or, with texts, the text summaries) of a TensorBoard run folder: tag -> [(step, value)]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
 
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
+    if texts:
+        return {tag: [(e.step, make_ndarray(e.tensor_proto).item().decode()) for e in events.Tensors(tag)] for tag in events.Tags()["tensors"]}
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
@@ -114,6 +118,9 @@ def test_tensorboard_event_files_hold_the_values_of_metrics_jsonl(tmp_path):
     for tag, points in expected.items():
         # TensorBoard stores scalars as float32: exactly the float32 nearest to metrics.jsonl's number.
         assert got[tag] == [(step, float(np.float32(value))) for step, value in points], tag
+    texts = read_tensorboard(folder, texts=True)
+    assert sorted(texts) == ["events/environment/text_summary", "samples/text_summary"]
+    assert texts["samples/text_summary"] == [(50, "| prompt | answer |\n| --- | --- |\n| rot13(ABCDE) = | NOPQR |")]
     hparams = yaml.safe_load(next(folder.glob("*/hparams.yml")).read_text())
     assert hparams["train.lr"] == 3e-3 and hparams["lora.target_modules"] == '["q_proj", "v_proj"]' and hparams["train.run_name"] == "lr-3e-3"
 
@@ -165,6 +172,7 @@ def wandb_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's capture of stdout alone
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
@@ -180,6 +188,9 @@ def test_wandb_offline_writes_its_run_folder_with_the_values_of_metrics_jsonl(tm
     log = open_run_log(out, cfg)
     write_run(log, range(10, 60, 10))
     log.close()
+    import wandb
+
+    wandb.teardown()  # run.finish() returns before wandb's service has written everything; its shutdown waits
 
     runs = list((out / "trackers" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
