@@ -83,9 +83,13 @@ def build_peft_config(cfg: LoRAConfig, targets: list[str], base_model_name_or_pa
 
 def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: str | Path, base_model_name_or_path: str) -> Path:
     """Write the model's LoRA weights and config to out_dir in PEFT's format."""
+    return save_adapter_state(lora_state_dict(model), cfg, out_dir, base_model_name_or_path)
+
+
+def save_adapter_state(state: dict[str, torch.Tensor], cfg: LoRAConfig, out_dir: str | Path, base_model_name_or_path: str) -> Path:
+    """save_adapter from the LoRA tensors by module path (`...q_proj.lora_A.weight`), e.g. gathered from FSDP shards."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = lora_state_dict(model)
     if not state:
         raise AdapterError("the model carries no LoRA layers to save; call apply_lora first")
     targets = sorted({ADAPTER_KEY.match(k).group("module") for k in state})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -13,6 +14,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .adapters import AdapterError
     from .config import ConfigError
     from .data import DataError
+    from .distributed import DistributedError
     from .export import ExportError
     from .generate import GenerationError
     from .lora import LoRAError
@@ -25,7 +27,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .train import TrainingError
 
     return (
-        AdapterError, ConfigError, DataError, ExportError, GenerationError, LoRAError, MethodError, ModelLoadError,
+        AdapterError, ConfigError, DataError, DistributedError, ExportError, GenerationError, LoRAError, MethodError, ModelLoadError,
         PlanError, PlotError, PromptTuningError, ShardError, TrainingError,
     )  # fmt: skip
 
@@ -56,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import read_world
     from .train import fit
 
+    if not read_world().is_main:
+        # Under torchrun every process runs this command: rank 0 alone reports (its errors, and
+        # any other process's, still go to stderr).
+        sys.stdout = open(os.devnull, "w")
     cfg = load_config(args.recipe, args.overrides)
     summary = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     print(format_summary(summary))
@@ -380,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         # A stopped run (SIGINT, SIGTERM) is not an error: it says where it stopped and exits 130 / 143.
         code = getattr(err, "exit_code", 2)
-        print(f"error: {err}" if code == 2 else str(err), file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        where = f"rank {rank}: " if rank != "0" else ""  # under torchrun each process reports its own error
+        print(f"{where}error: {err}" if code == 2 else f"{where}{err}", file=sys.stderr)
         return code
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, merging): nothing half-written is kept
         print("interrupted", file=sys.stderr)

@@ -56,11 +56,16 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_bnb_config(quant: QuantConfig, compute_dtype: torch.dtype, skip_modules: list[str] | None = None):
+def build_bnb_config(
+    quant: QuantConfig, compute_dtype: torch.dtype, skip_modules: list[str] | None = None, storage: torch.dtype = torch.uint8
+):
     """The BitsAndBytesConfig of QLoRA: NF4 storage, double quantization, matmuls in compute_dtype.
 
     skip_modules (module names or name suffixes) stay in compute_dtype instead of NF4, so that
     selective tuning can train them; lm_head is always kept, as transformers does by default.
+    storage: the dtype the packed 4-bit bytes are viewed as. uint8 by default; FSDP needs a
+    float dtype equal to its param_dtype, so that it can shard the packed weight like any other
+    parameter (the bytes are the same, only their view changes).
     """
     from transformers import BitsAndBytesConfig
 
@@ -69,7 +74,7 @@ def build_bnb_config(quant: QuantConfig, compute_dtype: torch.dtype, skip_module
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=storage,
         llm_int8_skip_modules=["lm_head", *(skip_modules or [])] if skip_modules else None,
     )
 
@@ -103,10 +108,13 @@ def load_base_model(
     device: torch.device | None = None,
     path: str | None = None,
     skip_modules: list[str] | None = None,
+    shardable: bool = False,
 ) -> nn.Module:
     """Load the base model frozen: NF4 + double quant through bitsandbytes, or plain weights.
 
     skip_modules: linear layers (names or suffixes) to keep unquantized in a 4-bit load.
+    shardable: store the packed 4-bit weights as the compute dtype instead of uint8, as FSDP
+    needs (see build_bnb_config); the weights and their values are the same.
 
     The non-quantized parts (embeddings, norms, lm_head), and the whole model when
     load_in_4bit is false, are kept in the compute dtype (bf16 on modern GPUs).
@@ -124,7 +132,8 @@ def load_base_model(
     if quant.load_in_4bit:
         # A pre-quantized checkpoint (e.g. a *-bnb-4bit repo) carries its own settings, which win.
         if not is_prequantized(path):
-            kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype, skip_modules)
+            storage = compute_dtype if shardable else torch.uint8
+            kwargs["quantization_config"] = build_bnb_config(quant, compute_dtype, skip_modules, storage)
         # Quantize each weight as it lands on the GPU instead of materialising the bf16 model first.
         kwargs["device_map"] = {"": device}
     try:
@@ -146,6 +155,16 @@ def load_base_model(
     base.requires_grad_(False)
     base.config.use_cache = False  # the KV cache is useless in training and costs memory
     return base
+
+
+def read_prequantized_storage(path: str) -> str | None:
+    """bnb_4bit_quant_storage of a pre-quantized local checkpoint (uint8 when unrecorded), or None when it is not one."""
+    config = Path(path).expanduser() / "config.json"
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return str(quantization.get("bnb_4bit_quant_storage", "uint8")) if isinstance(quantization, dict) else None
 
 
 def is_prequantized(path: str) -> bool:

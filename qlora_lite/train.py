@@ -26,18 +26,39 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import write_prompt_info
+from .adapters import save_adapter_state, write_prompt_info
 from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
 from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch, select_micro_batch
-from .loss import check_chunked_loss_supported, compute_causal_lm_loss
+from .loss import check_chunked_loss_supported
 from .names import resolve_model_path
 from .methods import attach_method, get_method, load_method, save_method, unwrap_base
 from .planner import choose_micro_batch, estimate_optimizer_bytes
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
+from .distributed import (
+    TrainingModule,
+    World,
+    barrier,
+    broadcast_parameters,
+    check_devices,
+    check_launch,
+    check_recipe,
+    describe_device,
+    gather_objects,
+    gather_optimizer_state,
+    gather_trainable_state,
+    gradient_sync,
+    is_sharded,
+    load_optimizer_state,
+    read_world,
+    select_device,
+    shard_with_fsdp,
+    sum_across,
+    unwrap_training_module,
+)
 from .doctor import collect_environment
-from .quant import enable_gradient_checkpointing, load_base_model, load_tokenizer, pick_device
+from .quant import enable_gradient_checkpointing, load_base_model, load_tokenizer, read_prequantized_storage, resolve_compute_dtype
 
 CHECKPOINT_PREFIX = "step-"
 STATE_NAME = "trainer_state.pt"
@@ -63,10 +84,15 @@ class TrainingStopped(TrainingError):
 
 
 def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train the recipe's adapter; returns the run summary (also the last line of metrics.jsonl)."""
+    """Train the recipe's adapter; returns the run summary (also the last line of metrics.jsonl).
+
+    Under torchrun or accelerate launch every process runs this same function (see
+    distributed.py): each takes its slice of every step's examples, rank 0 alone writes.
+    """
     out = Path(cfg.output_dir)
+    world = read_world()
     check_output_dir(out, resume, overwrite)  # writes nothing: every cheap check comes before the first write
-    device = pick_device()
+    device = select_device(world)
     if device.type == "cpu" and cfg.train.cpu_threads:
         # Tiny matrices gain nothing from a second thread, and spinning threads stall badly
         # when another process holds a core: 1 thread trains the demo ~10x faster on a busy box.
@@ -77,85 +103,118 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         print(f"note: fp16 mixed precision needs fp32 adapter weights; using lora.dtype=float32 instead of {cfg.lora.dtype}")
         cfg.lora.dtype = "float32"
 
-    # --- data, read and checked before the model: a bad record costs seconds, not a model load
-    base_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, base_path)
-    train_examples, eval_examples = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
+    # --- the processes: one, or N started by torchrun / accelerate launch, checked before anything loads
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+    check_launch(accelerator.num_processes, world)
+    check_devices(gather_objects(describe_device(device)))
+    sharded = is_sharded(cfg, world)
+    compute_dtype = resolve_compute_dtype(cfg.quant.compute_dtype, device)
+
+    # --- data, read and checked before the model: a bad record costs seconds, not a model load.
+    # Rank 0 first: it builds what is cached on disk (the demo base), the others then read it.
+    with accelerator.main_process_first():
+        base_path = resolve_model_path(cfg.model)
+        storage = read_prequantized_storage(base_path) if cfg.quant.load_in_4bit else None
+        check_recipe(cfg, world, mixed_precision, compute_dtype, storage)
+        tokenizer = load_tokenizer(cfg.model, base_path)
+        train_examples, eval_examples = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
     # Resolved before the resume check and config.yaml: a run records the sizes it really used.
     if cfg.train.micro_batch_size == "auto":
-        cfg.train.micro_batch_size = choose_auto_micro_batch(cfg, device, base_path, len(train_examples))
-    if len(train_examples) < cfg.train.micro_batch_size:
+        cfg.train.micro_batch_size = choose_auto_micro_batch(cfg, device, base_path, len(train_examples) // world.size)
+    per_micro_batch = cfg.train.micro_batch_size * world.size  # examples all processes take at one micro-batch index
+    if len(train_examples) < per_micro_batch:
+        processes = f" x {world.size} processes" if world.is_distributed else ""
         raise TrainingError(
-            f"only {len(train_examples)} training examples for train.micro_batch_size={cfg.train.micro_batch_size}; "
+            f"only {len(train_examples)} training examples for train.micro_batch_size={cfg.train.micro_batch_size}{processes}; "
             "lower the micro-batch size or add data"
         )
     if cfg.train.epochs is not None:
-        cfg.train.max_steps = steps_for_epochs(cfg, len(train_examples))
+        cfg.train.max_steps = steps_for_epochs(cfg, len(train_examples), world.size)
     # Read the checkpoint before anything is loaded or written: a resume that cannot work fails in seconds.
     checkpoint = find_latest_checkpoint(out) if resume else None
-    state = read_trainer_state(checkpoint, cfg) if checkpoint else None
+    state = read_trainer_state(checkpoint, cfg, world.size) if checkpoint else None
 
-    # --- the run really starts: from here on it writes into output_dir
-    prepare_output_dir(out, resume, overwrite)
+    # --- the run really starts: from here on rank 0 writes into output_dir (the others never do)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    save_config(cfg, out / "config.yaml")
-    metrics = MetricsLog(out / "metrics.jsonl")
-    if state:
-        metrics.drop_steps_after(state["step"])  # the killed run's steps past its checkpoint are redone
+    metrics = MetricsLog(out / "metrics.jsonl") if world.is_main else None
+
+    def log(record: dict) -> None:
+        if metrics is not None:
+            metrics.write(record)
+
+    if world.is_main:
+        prepare_output_dir(out, resume, overwrite)
+        save_config(cfg, out / "config.yaml")
+        if state:
+            metrics.drop_steps_after(state["step"])  # the killed run's steps past its checkpoint are redone
+    barrier()  # nobody reads output_dir before rank 0 has cleared and prepared it
     # What `qlora-lite doctor` reports (versions, tested set, GPU/CPU), so a run can be reproduced;
     # a resumed run adds its own line, since it may run on another machine.
-    metrics.write({"event": "environment", **collect_environment()})
+    log({"event": "environment", **collect_environment(), "processes": world.size, "strategy": cfg.dist.strategy if world.is_distributed else None})
 
     # --- model: frozen base (4-bit or not) + what the method trains, fresh or from the newest checkpoint
     unquantized = get_method(cfg.method).unquantized_modules(cfg)
-    model = load_base_model(cfg.model, cfg.quant, device, base_path, skip_modules=unquantized)
+    model = load_base_model(cfg.model, cfg.quant, device, base_path, skip_modules=unquantized, shardable=sharded)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)  # on the base, before prompt tuning wraps it
     model = load_method(model, cfg, checkpoint, trainable=True) if checkpoint else attach_method(model, cfg, tokenizer)
     if cfg.train.loss == "chunked":
         check_chunked_loss_supported(unwrap_base(model))  # refuse now, not at the first eval
-    report = build_memory_report(model, device)
-    print(format_memory_report(report, "start"))
-    metrics.write({"event": "memory", "when": "start", **report})
+    if world.is_distributed:
+        broadcast_parameters([p for p in model.parameters() if p.requires_grad])  # one starting adapter, whatever each seed gave
+        torch.manual_seed(cfg.train.seed + world.rank)  # but each process its own dropout masks
+    if world.is_main:
+        report = build_memory_report(model, device)
+        print(format_memory_report(report, "start"))
+        log({"event": "memory", "when": "start", **report})
 
-    # --- optimizer, schedule, accelerate
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # --- the engine (DDP, FSDP2, or none for one process), optimizer, schedule
+    module = TrainingModule(model, cfg.train)  # every call into the model goes through its forward
+    if sharded:
+        shard_with_fsdp(module, compute_dtype)
+    trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)  # the model is already FSDP2's; accelerate would wrap it in DDP
+        runner = module
+    else:
+        runner, optimizer = accelerator.prepare(module, optimizer)  # DDP with several processes
+    # Evaluation and generation call FSDP2's root (its forward gathers the shards: every process
+    # takes part), but DDP's inner module: DDP's forward syncs buffers, a collective per call,
+    # and generation makes as many calls as each process's answers need.
+    evaluator = runner if sharded else unwrap_training_module(runner)
     checkpoint_bytes = estimate_checkpoint_bytes(trainable, cfg.train.optimizer)
-    warn_if_disk_is_short(out, cfg, checkpoint_bytes)
+    if world.is_main:
+        warn_if_disk_is_short(out, cfg, checkpoint_bytes)
     step, micro_batches_seen, first_eval = 0, 0, None
     if state:
-        step, micro_batches_seen, first_eval = restore_trainer_state(state, cfg, optimizer, scheduler, accelerator)
+        step, micro_batches_seen, first_eval = restore_trainer_state(state, cfg, module, optimizer, scheduler, accelerator, world)
         print(f"resumed from {checkpoint} at step {step}")
-        metrics.write({"event": "resume", "step": step, "checkpoint": str(checkpoint)})
-        if state["config"]["train"]["max_steps"] != cfg.train.max_steps and cfg.train.lr_scheduler != "constant":
-            note = (
-                f"train.max_steps changed from {state['config']['train']['max_steps']} to {cfg.train.max_steps}: the "
-                f"{cfg.train.lr_scheduler} schedule is rebuilt over the new length, so the LR at step {step} is now "
-                f"{scheduler.get_last_lr()[0]:.3g} (it was {state['scheduler']['_last_lr'][0]:.3g})"
-            )
+        log({"event": "resume", "step": step, "checkpoint": str(checkpoint), "processes": world.size})
+        for note in resume_notes(state, cfg, step, micro_batches_seen, scheduler, world):
             print(f"note: {note}")
-            metrics.write({"event": "note", "step": step, "note": note})
+            log({"event": "note", "step": step, "note": note})
 
     def next_micro_batch() -> dict[str, torch.Tensor]:
         nonlocal micro_batches_seen
-        batch = select_micro_batch(train_examples, micro_batches_seen, cfg.train.micro_batch_size, cfg.train.seed, cfg.train.batching)
+        # The micro-batch one process would take with N x micro_batch_size; this process's slice of it.
+        together = select_micro_batch(train_examples, micro_batches_seen, per_micro_batch, cfg.train.seed, cfg.train.batching)
         micro_batches_seen += 1
-        return {k: v.to(device) for k, v in collate_batch(batch, tokenizer.pad_token_id).items()}
+        mine = together[world.rank * cfg.train.micro_batch_size : (world.rank + 1) * cfg.train.micro_batch_size]
+        return {k: v.to(device) for k, v in collate_batch(mine, tokenizer.pad_token_id).items()}
 
     def evaluate_now(with_task_metric: bool = False) -> dict:
-        result = {"step": step, "eval_loss": evaluate_loss(model, eval_examples, cfg, tokenizer.pad_token_id, device)}
+        result = {"step": step, "eval_loss": evaluate_loss(evaluator, eval_examples, cfg, tokenizer.pad_token_id, device, world)}
         if with_task_metric and cfg.train.exact_match_examples:
-            result["exact_match"] = exact_match(model, tokenizer, eval_examples[: cfg.train.exact_match_examples], device)
+            examples = eval_examples[: cfg.train.exact_match_examples]
+            result["exact_match"] = exact_match(evaluator, tokenizer, examples, device, world, lockstep=sharded)
         print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
-        metrics.write({"event": "eval", **result})
-        model.train()
+        log({"event": "eval", **result})
+        runner.train()
         return result
 
     # --- before training: eval loss and task metric of the untouched adapter
@@ -163,32 +222,42 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         first_eval = evaluate_now(with_task_metric=True)
 
     # --- the loop: accumulate grad_accum_steps micro-batches, clip, step
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not world.is_main)
     window_tokens, window_start, last_checkpoint = 0, time.perf_counter(), checkpoint
 
     def checkpoint_now() -> Path:
-        trainer_state = build_trainer_state(cfg, step, micro_batches_seen, first_eval, optimizer, scheduler, accelerator)
-        return save_checkpoint(out, model, cfg, base_path, trainer_state, checkpoint_bytes)
+        # Every process takes part (FSDP gathers the shards, RNG states are collected); rank 0 writes.
+        adapter = gather_trainable_state(module) if sharded else None
+        optimizer_state = gather_optimizer_state(module, optimizer.optimizer) if sharded else optimizer.state_dict()
+        rng_by_rank = gather_objects(capture_rng())
+        path = out / "checkpoints" / checkpoint_name(step)
+        if world.is_main:
+            trainer_state = build_trainer_state(cfg, step, micro_batches_seen, first_eval, optimizer_state, scheduler, accelerator, rng_by_rank, sharded)
+            path = save_checkpoint(out, lambda folder: save_trained(module, cfg, folder, base_path, adapter), cfg, trainer_state, checkpoint_bytes)
+        barrier()  # a checkpoint is complete for every process before any goes on (or is killed)
+        return path
 
     stop = StopRequest(out)
-    model.train()
+    runner.train()
     with stop.listening():
         while step < cfg.train.max_steps:
             micro_batches = [next_micro_batch() for _ in range(cfg.train.grad_accum_steps)]
-            # Weight each micro-batch by its share of the step's target tokens, so the step's loss is
-            # the mean over all its tokens, as one big batch would give.
+            # Weight each micro-batch by its share of the step's target tokens over every process, so
+            # the step's loss is the mean over all its tokens, as one big batch on one process would give.
             targets = [count_targets(b["labels"]) for b in micro_batches]
-            total_targets = max(sum(targets), 1)
+            total_targets = max(sum_across([sum(targets)], device)[0], 1)
             step_loss = 0.0
             lr = scheduler.get_last_lr()[0]  # the LR this step uses
             try:
-                for batch, n_targets in zip(micro_batches, targets):
-                    with accelerator.autocast():
+                for i, (batch, n_targets) in enumerate(zip(micro_batches, targets)):
+                    # Gradients are averaged across processes once, in the step's last backward.
+                    with gradient_sync(runner, enabled=i == len(micro_batches) - 1), accelerator.autocast():
                         # The mean over the micro-batch's target tokens: transformers' loss, or with
                         # train.loss chunked (default) the same number without the batch's logits.
-                        loss = compute_causal_lm_loss(model, batch, cfg.train)
-                    check_finite(loss, step + 1, last_checkpoint)
-                    accelerator.backward(loss * n_targets / total_targets)
+                        loss = runner(batch)
+                        check_finite(loss, step + 1, last_checkpoint)
+                        # x world.size: DDP and FSDP average the processes' gradients, this wants their sum.
+                        accelerator.backward(loss * (n_targets * world.size / total_targets))
                     step_loss += loss.item() * n_targets / total_targets
                     window_tokens += count_tokens(batch)
                 grad_norm = clip_gradients(accelerator, trainable, cfg.train.max_grad_norm)
@@ -199,12 +268,16 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
             except torch.OutOfMemoryError as err:
                 raise TrainingError(out_of_memory_message(step + 1, device, last_checkpoint)) from err
             step += 1
+            # One collective: the step's loss over all processes, and whether any was asked to stop
+            # (a signal may reach them at different steps; they must stop at the same one).
+            step_loss, stop_votes = sum_across([step_loss, float(stop.signum is not None)], device)
 
             # --- log, evaluate, checkpoint
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-                metrics.write(record)
+                tokens = sum_across([window_tokens], device)[0]
+                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                log(record)
                 bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=format_memory_short(device))
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
@@ -213,12 +286,13 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
             if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == cfg.train.max_steps):
                 last_checkpoint = checkpoint_now()
             maybe_kill_for_test(step)
-            if stop.signum is not None:  # SIGINT / SIGTERM arrived: this step is done, keep it and go
+            if stop_votes:  # SIGINT / SIGTERM arrived: this step is done, keep it and go
                 if last_checkpoint is None or last_checkpoint.name != checkpoint_name(step):
                     last_checkpoint = checkpoint_now()
                 bar.close()
-                metrics.write({"event": "stopped", "step": step, "signal": signal.Signals(stop.signum).name, "checkpoint": str(last_checkpoint)})
-                raise TrainingStopped(f"stopped at step {step}; checkpoint {last_checkpoint}; continue with --resume", stop.signum)
+                signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops with its peers
+                log({"event": "stopped", "step": step, "signal": signal.Signals(signum).name, "checkpoint": str(last_checkpoint)})
+                raise TrainingStopped(f"stopped at step {step}; checkpoint {last_checkpoint}; continue with --resume", signum)
     bar.close()
 
     # --- after training: final eval, adapter, memory report, summary
@@ -227,13 +301,21 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         last_eval = evaluate_now(with_task_metric=True)
         summary.update({f"final_{k}": v for k, v in last_eval.items() if k != "step"})
         summary.update({f"initial_{k}": v for k, v in (first_eval or {}).items() if k != "step"})
-    write_or_explain(out / "adapter", lambda tmp: save_final_adapter(model, cfg, base_path, tokenizer, tmp), checkpoint_bytes, out)
-    report = build_memory_report(model, device)
-    print(format_memory_report(report, "end"))
-    metrics.write({"event": "memory", "when": "end", **report})
-    metrics.write({"event": "plan_check", **check_plan(cfg, base_path, device)})
+    adapter = gather_trainable_state(module) if sharded else None
+    if world.is_main:
+
+        def write_adapter(tmp: Path) -> None:
+            save_trained(module, cfg, tmp, base_path, adapter)
+            save_adapter_extras(cfg, tokenizer, tmp)
+
+        write_or_explain(out / "adapter", write_adapter, checkpoint_bytes, out)
+        report = build_memory_report(model, device)
+        print(format_memory_report(report, "end"))
+        log({"event": "memory", "when": "end", **report})
+        log({"event": "plan_check", **check_plan(cfg, base_path, device)})
     summary["adapter_dir"] = str(out / "adapter")
-    metrics.write(summary)
+    log(summary)
+    barrier()  # the adapter is on disk before any process returns
     return summary
 
 
@@ -273,12 +355,13 @@ def check_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) ->
 
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm (when max_norm > 0) and return the norm before clipping."""
-    if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    accelerator.unscale_gradients()  # with fp16 loss scaling the raw gradients are scaled up
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    """Clip the global gradient norm (when max_norm > 0) and return the norm before clipping.
+
+    With max_norm 0 the limit is infinite: the gradients are scaled by exactly 1. Under FSDP2 the
+    norm comes back as a DTensor over the shards; full_tensor() is the global value.
+    """
+    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def out_of_memory_message(step: int, device: torch.device, last_checkpoint: Path | None) -> str:
@@ -290,59 +373,98 @@ def out_of_memory_message(step: int, device: torch.device, last_checkpoint: Path
     )
 
 
+def as_training_module(model: torch.nn.Module, cfg: RecipeConfig | None) -> torch.nn.Module:
+    """fit()'s runner as it is; a plain model (tests, benchmarks) wrapped so it is called the same way."""
+    if isinstance(unwrap_training_module(model), TrainingModule):
+        return model
+    return TrainingModule(model, cfg.train if cfg is not None else None)
+
+
+def share_of(items: list, world: World) -> tuple[list, int]:
+    """This process's items (every world.size-th) and the rounds every process runs: the most any has.
+
+    Under FSDP each forward gathers shards from all processes, so all must make the same number
+    of calls; a process with fewer items repeats the first item in the rounds it lacks, and drops its result.
+    """
+    return items[world.rank :: world.size], math.ceil(len(items) / world.size)
+
+
 @torch.no_grad()
-def evaluate_loss(model, examples: list[dict], cfg: RecipeConfig, pad_id: int, device: torch.device) -> float:
-    """Mean loss per target token over the eval examples (or the first eval_max_batches batches)."""
-    model.eval()
-    total_loss, total_targets = 0.0, 0
+def evaluate_loss(model, examples: list[dict], cfg: RecipeConfig, pad_id: int, device: torch.device, world: World = World()) -> float:
+    """Mean loss per target token over the eval examples (or the first eval_max_batches batches), over every process."""
+    runner = as_training_module(model, cfg)
+    runner.eval()
     size = cfg.train.micro_batch_size
-    batches = range(0, len(examples), size)
+    starts = list(range(0, len(examples), size))
     if cfg.train.eval_max_batches is not None:
-        batches = batches[: cfg.train.eval_max_batches]
+        starts = starts[: cfg.train.eval_max_batches]
+    mine, rounds = share_of(starts, world)
     # accelerate autocasts the model's forward; the chunked loss runs the model's body and head
     # itself, so evaluation sets the autocast that training's loop sets.
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_mixed_precision(cfg.train.mixed_precision, device))
-    for start in batches:
+    total_loss, total_targets = 0.0, 0
+    for round_ in range(rounds):
+        start = mine[round_] if round_ < len(mine) else starts[0]
         batch = {k: v.to(device) for k, v in collate_batch(examples[start : start + size], pad_id).items()}
-        n = count_targets(batch["labels"])
+        n = count_targets(batch["labels"]) if round_ < len(mine) else 0
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = runner(batch).float().item()
         if n:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                total_loss += compute_causal_lm_loss(model, batch, cfg.train).float().item() * n
+            total_loss += loss * n
             total_targets += n
+    total_loss, total_targets = sum_across([total_loss, total_targets], device)
     return total_loss / max(total_targets, 1)
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, examples: list[dict], device: torch.device) -> float:
-    """Share of examples whose greedy answer equals the reference answer exactly (after strip).
+def exact_match(model, tokenizer, examples: list[dict], device: torch.device, world: World = World(), lockstep: bool = False) -> float:
+    """Share of examples whose greedy answer equals the reference answer exactly (after strip), over every process.
 
     The prompt is the tokens before the first target token; the reference is the first run of
-    target tokens, up to EOS. Works for every format, from tokenized examples alone.
+    target tokens, up to EOS. Works for every format, from tokenized examples alone. lockstep
+    (FSDP): every process generates the same number of tokens for every example (the longest
+    any needs, without stopping at EOS; the answer is cut at EOS after), since each forward is
+    a collective call.
     """
-    model.eval()
+    runner = as_training_module(model, None)
+    runner.eval()
+    prompts = [split_prompt_and_reference(example, tokenizer) for example in examples]
+    longest = max((len(reference) for _, reference in prompts), default=0) + 8
+    mine, rounds = share_of(prompts, world)
     hits = 0
-    for example in examples:
-        ids, labels = example["input_ids"], example["labels"]
-        start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)  # examples with no target are dropped by data
-        if start == 0:
-            raise TrainingError("exact match needs a prompt before the answer; use it with data.format alpaca or chat, not text")
-        end = start
-        while end < len(labels) and labels[end] != IGNORE_INDEX and labels[end] != tokenizer.eos_token_id:
-            end += 1
-        reference = tokenizer.decode(ids[start:end], skip_special_tokens=True).strip()
-        prompt = torch.tensor([ids[:start]], device=device)
-        generated = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=end - start + 8,
-            do_sample=False,
-            use_cache=True,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+    for round_ in range(rounds):
+        prompt_ids, reference_ids = mine[round_] if round_ < len(mine) else prompts[0]
+        prompt = torch.tensor([prompt_ids], device=device)
+        generated = runner(
+            generate=dict(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=longest if lockstep else len(reference_ids) + 8,
+                do_sample=False,
+                use_cache=True,
+                eos_token_id=None if lockstep else tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         )
-        answer = tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True).strip()
-        hits += answer == reference
-    return hits / max(len(examples), 1)
+        answer_ids = generated[0, prompt.shape[1] :].tolist()
+        if tokenizer.eos_token_id in answer_ids:
+            answer_ids = answer_ids[: answer_ids.index(tokenizer.eos_token_id)]
+        answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        reference = tokenizer.decode(reference_ids, skip_special_tokens=True).strip()
+        hits += round_ < len(mine) and answer == reference
+    return sum_across([hits], device)[0] / max(len(examples), 1)
+
+
+def split_prompt_and_reference(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """An eval example's prompt (the tokens before the first target) and reference answer (the first run of targets, up to EOS)."""
+    ids, labels = list(example["input_ids"]), list(example["labels"])
+    start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)  # examples with no target are dropped by data
+    if start == 0:
+        raise TrainingError("exact match needs a prompt before the answer; use it with data.format alpaca or chat, not text")
+    end = start
+    while end < len(labels) and labels[end] != IGNORE_INDEX and labels[end] != tokenizer.eos_token_id:
+        end += 1
+    return ids[:start], ids[start:end]
 
 
 # ---------------------------------------------------------------------------- output folder and checkpoints
@@ -414,13 +536,14 @@ def choose_auto_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: 
     return size
 
 
-def steps_for_epochs(cfg: RecipeConfig, n_examples: int) -> int:
-    """train.epochs -> optimizer steps: each step takes micro_batch_size x grad_accum_steps examples."""
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+def steps_for_epochs(cfg: RecipeConfig, n_examples: int, processes: int = 1) -> int:
+    """train.epochs -> optimizer steps: each step takes micro_batch_size x grad_accum_steps x processes examples."""
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * processes
     steps = max(1, math.ceil(cfg.train.epochs * n_examples / per_step))
+    on = f" x {processes} processes" if processes > 1 else ""
     print(
         f"train.epochs {cfg.train.epochs:g} -> train.max_steps {steps} ({n_examples} training examples / "
-        f"(micro-batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accumulated) = {n_examples / per_step:.1f} steps per epoch)"
+        f"(micro-batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accumulated{on}) = {n_examples / per_step:.1f} steps per epoch)"
     )
     return steps
 
@@ -521,32 +644,54 @@ def check_plan(cfg: RecipeConfig, base_path: str, device: torch.device) -> dict:
     return record
 
 
-def save_final_adapter(model, cfg: RecipeConfig, base_path: str, tokenizer, folder: Path) -> None:
-    save_method(unwrap(model), cfg, folder, base_path)
+def save_trained(module: TrainingModule, cfg: RecipeConfig, folder: Path, base_path: str, gathered: dict | None) -> None:
+    """What the method trained, into folder; gathered: the LoRA tensors FSDP collected on rank 0 (its shards hold only slices)."""
+    if gathered is not None:
+        save_adapter_state(gathered, cfg.lora, folder, base_path)  # dist.strategy fsdp trains lora only
+    else:
+        save_method(module.model, cfg, folder, base_path)
     write_prompt_info(folder, cfg.data.format)  # `generate` formats prompts the way training did
+
+
+def save_adapter_extras(cfg: RecipeConfig, tokenizer, folder: Path) -> None:
+    """Beside the final adapter: the tokenizer it was trained with (generation and merge need it)."""
     if cfg.data.format == "chat" and not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so generation prompts the way training did
-    tokenizer.save_pretrained(str(folder))  # generation and merge need the tokenizer the adapter was trained with
+    tokenizer.save_pretrained(str(folder))
 
 
-def unwrap(model):
-    return getattr(model, "module", model)
+def capture_rng() -> dict:
+    """This process's random number generators, for an exact resume."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
 
 
-def build_trainer_state(cfg: RecipeConfig, step: int, micro_batches_seen: int, first_eval: dict | None, optimizer, scheduler, accelerator) -> dict:
-    """Everything besides the adapter that a resumed run needs to continue exactly."""
+def build_trainer_state(
+    cfg: RecipeConfig, step: int, micro_batches_seen: int, first_eval: dict | None, optimizer_state: dict, scheduler, accelerator,
+    rng_by_rank: list[dict] | None = None, gathered_optimizer: bool = False,
+) -> dict:  # fmt: skip
+    """Everything besides the adapter that a resumed run needs to continue exactly.
+
+    micro_batches_seen counts micro-batch indices, each taken by all `processes` together.
+    rng: rank 0's generators (what one process restores); rng_by_rank: every process's.
+    optimizer_state: the optimizer's own state dict, or (gathered_optimizer, FSDP) the whole
+    state keyed by parameter name, which any number of processes can load.
+    """
+    rng_by_rank = rng_by_rank or [capture_rng()]
     return {
         "step": step,
         "micro_batches_seen": micro_batches_seen,
+        "processes": len(rng_by_rank),
         "first_eval": first_eval or {},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
+        "optimizer_gathered": gathered_optimizer,
         "scheduler": scheduler.state_dict(),
         "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-        },
+        "rng": rng_by_rank[0],
+        "rng_by_rank": rng_by_rank,
         "config": config_to_dict(cfg),
     }
 
@@ -555,12 +700,11 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
-def save_checkpoint(out: Path, model, cfg: RecipeConfig, base_path: str, trainer_state: dict, need_bytes: int = 0) -> Path:
-    """Adapter + trainer state, written atomically; checkpoints beyond keep_checkpoints are pruned."""
+def save_checkpoint(out: Path, write_adapter: Callable[[Path], None], cfg: RecipeConfig, trainer_state: dict, need_bytes: int = 0) -> Path:
+    """Adapter (a folder `generate` and `merge` take) + trainer state, written atomically; checkpoints beyond keep_checkpoints are pruned."""
 
     def write(folder: Path) -> None:
-        save_method(unwrap(model), cfg, folder, base_path)
-        write_prompt_info(folder, cfg.data.format)  # a checkpoint can be tried with `generate` too
+        write_adapter(folder)
         torch.save(trainer_state, folder / STATE_NAME)
 
     path = write_or_explain(out / "checkpoints" / checkpoint_name(trainer_state["step"]), write, need_bytes, out)
@@ -589,17 +733,25 @@ RESUMABLE_CHANGES = {
     "train.max_steps", "train.epochs", "train.cpu_threads", "train.loss", "train.loss_chunk_tokens", "train.lr", "train.weight_decay", "train.lr_scheduler", "train.warmup_steps",
     "train.max_grad_norm", "train.eval_every", "train.eval_max_batches", "train.exact_match_examples",
     "train.save_every", "train.keep_checkpoints", "train.log_every", "output_dir",
+    "train.report_to", "train.run_name", "train.sample_prompts", "data.num_proc", "data.cache_dir",
 }
 
 
-def read_trainer_state(checkpoint: Path, cfg: RecipeConfig) -> dict:
-    """Load a checkpoint's trainer state and refuse to resume it under settings it was not trained with."""
+def read_trainer_state(checkpoint: Path, cfg: RecipeConfig, processes: int = 1) -> dict:
+    """Load a checkpoint's trainer state and refuse to resume it under settings it was not trained with.
+
+    On another number of processes, train.grad_accum_steps may change so that a step takes as
+    many examples as before (micro_batch_size x grad_accum_steps x processes).
+    """
     try:
         state = torch.load(checkpoint / STATE_NAME, weights_only=True, map_location="cpu")
     except Exception as err:  # a torn or foreign file: say which and what to do
         raise TrainingError(f"{checkpoint / STATE_NAME} cannot be read ({err}); delete that checkpoint folder to resume from an earlier one") from err
     saved = fill_legacy_settings(state["config"])
-    changed = [key for key in diff_configs(saved, config_to_dict(cfg)) if key not in RESUMABLE_CHANGES]
+    allowed = set(RESUMABLE_CHANGES)
+    if saved["train"]["grad_accum_steps"] * state.get("processes", 1) == cfg.train.grad_accum_steps * processes:
+        allowed.add("train.grad_accum_steps")
+    changed = [key for key in diff_configs(saved, config_to_dict(cfg)) if key not in allowed]
     if changed:
         raise TrainingError(
             f"cannot resume {checkpoint}: it was trained with different {', '.join(changed)}. "
@@ -611,7 +763,11 @@ def read_trainer_state(checkpoint: Path, cfg: RecipeConfig) -> dict:
 # Settings added after checkpoints were already being written, with the value that reproduces
 # what those older runs did (random batches, cut answers kept): a checkpoint without the key was
 # trained that way, so resuming it asks for that value, not the new default.
-LEGACY_SETTINGS = {"train": {"batching": "random", "loss": "hf"}, "data": {"truncation": "keep"}}
+LEGACY_SETTINGS = {
+    "train": {"batching": "random", "loss": "hf", "report_to": [], "run_name": None, "sample_prompts": 3},
+    "data": {"truncation": "keep", "num_proc": None, "cache_dir": None},
+    "dist": {"strategy": "ddp"},
+}
 
 
 def fill_legacy_settings(saved: dict) -> dict:
@@ -634,13 +790,20 @@ def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def restore_trainer_state(state: dict, cfg: RecipeConfig, optimizer, scheduler, accelerator) -> tuple[int, int, dict]:
+def restore_trainer_state(
+    state: dict, cfg: RecipeConfig, module: TrainingModule, optimizer, scheduler, accelerator, world: World = World()
+) -> tuple[int, int, dict]:
     """Load optimizer, scheduler, loss-scaler and RNG state; returns (step, micro_batches_seen, first_eval).
 
     A changed train.lr or weight_decay is applied on top of the restored state (the schedule
     itself is rebuilt from the recipe), so lowering the LR after a NaN stop really lowers it.
+    With another number of processes, the data position maps to the same number of examples
+    seen, and each process starts fresh random streams (seed + rank + step).
     """
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("optimizer_gathered"):
+        load_optimizer_state(module, optimizer.optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     for group in optimizer.param_groups:
         group["initial_lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
@@ -650,11 +813,44 @@ def restore_trainer_state(state: dict, cfg: RecipeConfig, optimizer, scheduler, 
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if state["grad_scaler"] and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    random.setstate(state["rng"]["python"])
-    return state["step"], state["micro_batches_seen"], state["first_eval"] or None
+    saved_processes = state.get("processes", 1)
+    micro_batches_seen = state["micro_batches_seen"]
+    if saved_processes == world.size:
+        rng = state.get("rng_by_rank", [state["rng"]])[world.rank]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+    else:
+        examples_seen = micro_batches_seen * cfg.train.micro_batch_size * saved_processes
+        micro_batches_seen = examples_seen // (cfg.train.micro_batch_size * world.size)
+        torch.manual_seed(cfg.train.seed + world.rank + state["step"])
+        random.seed(cfg.train.seed + world.rank + state["step"])
+    return state["step"], micro_batches_seen, state["first_eval"] or None
+
+
+def resume_notes(state: dict, cfg: RecipeConfig, step: int, micro_batches_seen: int, scheduler, world: World) -> list[str]:
+    """What a resume changed that the user should know: a rebuilt schedule, another number of processes."""
+    notes = []
+    if state["config"]["train"]["max_steps"] != cfg.train.max_steps and cfg.train.lr_scheduler != "constant":
+        notes.append(
+            f"train.max_steps changed from {state['config']['train']['max_steps']} to {cfg.train.max_steps}: the "
+            f"{cfg.train.lr_scheduler} schedule is rebuilt over the new length, so the LR at step {step} is now "
+            f"{scheduler.get_last_lr()[0]:.3g} (it was {state['scheduler']['_last_lr'][0]:.3g})"
+        )
+    saved = state.get("processes", 1)
+    if saved != world.size:
+        m, g, saved_g = cfg.train.micro_batch_size, cfg.train.grad_accum_steps, state["config"]["train"]["grad_accum_steps"]
+        batch = f"each step takes {m * g * world.size} examples as before" if g * world.size == saved_g * saved else (
+            f"each step now takes {m * g * world.size} examples (it took {m * saved_g * saved}; resume with "
+            f"train.grad_accum_steps={saved_g * saved / world.size:g} to keep it)"
+        )  # fmt: skip
+        notes.append(
+            f"the checkpoint was written by {saved} processes and {world.size} continue it: its "
+            f"{state['micro_batches_seen'] * m * saved} training examples seen map to micro-batch {micro_batches_seen} of "
+            f"{m} x {world.size}; {batch}; random streams (dropout) start afresh"
+        )
+    return notes
 
 
 def maybe_kill_for_test(step: int) -> None:
