@@ -81,6 +81,8 @@ def is_sharded(cfg: RecipeConfig, world: World) -> bool:
 
 def check_recipe(cfg: RecipeConfig, world: World, mixed_precision: str, compute_dtype: torch.dtype, prequantized_storage: str | None) -> None:
     """Refuse, before the model loads, the settings FSDP2 cannot train with; nothing to check for ddp or one process."""
+    if cfg.dist.cpu_offload and cfg.dist.strategy != "fsdp":
+        raise DistributedError("dist.cpu_offload moves FSDP's shards to the CPU; it needs dist.strategy=fsdp (DDP keeps the whole model on every GPU)")
     if not is_sharded(cfg, world):
         return
     if cfg.method != "lora":
@@ -178,22 +180,26 @@ class TrainingModule(nn.Module):
         return compute_causal_lm_loss(self.model, batch, self.train_cfg)
 
 
-def shard_with_fsdp(module: TrainingModule, dtype: torch.dtype) -> None:
+def shard_with_fsdp(module: TrainingModule, dtype: torch.dtype, cpu_offload: bool = False) -> None:
     """FSDP2 over each decoder layer, the input embeddings (unless tied to the head) and the root.
 
     param_dtype equals the dtype the 4-bit bytes are stored as, so gathering a packed weight
-    never converts it; gradients are reduced in fp32.
+    never converts it; gradients are reduced in fp32. cpu_offload: the shards (and so the
+    optimizer's step) live in CPU RAM; each unit is copied to the GPU for its all-gather.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    options = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+        "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy(),
+    }
     base = unwrap_base(module.model)
     for layer in base.get_decoder().layers:
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, **options)
     embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
     if head is None or embeddings.weight is not head.weight:  # a tied head shares the weight: both stay in the root
-        fully_shard(embeddings, mp_policy=policy)
-    fully_shard(module, mp_policy=policy)
+        fully_shard(embeddings, **options)
+    fully_shard(module, **options)
 
 
 @contextmanager

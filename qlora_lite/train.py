@@ -174,7 +174,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     # --- the engine (DDP, FSDP2, or none for one process), optimizer, schedule
     module = TrainingModule(model, cfg.train)  # every call into the model goes through its forward
     if sharded:
-        shard_with_fsdp(module, compute_dtype)
+        shard_with_fsdp(module, compute_dtype, cfg.dist.cpu_offload)
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, device)
     scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps)
