@@ -17,10 +17,10 @@ Why this task:
 - ROT13 is a letter-for-letter map plus a copy, which a 2-layer, 0.36M-parameter model
   learns in a few hundred steps, while exact match stays meaningful: there are 26^5
   words, and one wrong letter is a miss;
-- upper-case letters are never merged by the demo tokenizer (its merges come from the
-  prompt template only, minus `▁` + letter), so every word is five tokens and every
-  answer `▁` + five tokens in every context: the skill is about letters, not byte-pair
-  artefacts;
+- upper-case letters are never merged by the demo tokenizer (a SentencePiece model whose
+  pieces come from the prompt template only, with A-Z as user-defined symbols, which
+  SentencePiece never merges), so every word is five tokens and every answer `▁` + five
+  tokens in every context: the skill is about letters, not byte-pair artefacts;
 - a fixed word length keeps the copy at one offset within each format, which tiny models
   learn several times faster than variable-length copies (measured: 0.9 vs 0.2 letter
   accuracy after the same 600 steps).
@@ -41,10 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from qlora_lite.data import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
-from qlora_lite.tiny import build_tiny_model, build_tokenizer
+from qlora_lite.tiny import build_sentencepiece_tokenizer, build_tiny_model
 
 # Paraphrases, so the adapter learns what the instruction asks for rather than one string.
 DEMO_INSTRUCTIONS = (
@@ -70,8 +69,9 @@ NUM_TRAIN_EXAMPLES = 1200
 NUM_EVAL_EXAMPLES = 200
 
 # Bump when anything that changes the built base changes outside DemoBaseSpec (the task,
-# the corpus format, the tokenizer texts), so old caches are not reused.
-DEMO_BASE_VERSION = 2
+# the corpus format, the tokenizer texts or kind), so old caches are not reused.
+# 3: the tokenizer became a SentencePiece model (tokenizer.model), so llama.cpp can convert the demo.
+DEMO_BASE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ class DemoBaseSpec:
     """Sizes and pretraining settings of the demo base; their hash names the cache folder."""
 
     vocab_size: int = 256
-    """Special tokens, the 96 printable characters and ~150 merges of the template's words:
-    a prompt is ~45 tokens instead of ~200 characters."""
+    """Special tokens, the 96 printable characters and ~150 pieces of the template (pieces may
+    span words, so the fixed template text costs few tokens): a prompt is ~35 tokens instead
+    of ~200 characters."""
     hidden_size: int = 128
     num_layers: int = 2
     """Two layers are the fewest that can learn a copy (previous-token head + copy head)."""
@@ -184,8 +185,8 @@ def make_pretraining_text(rng: random.Random, num_lines: int, excluded: set[str]
 def make_tokenizer_texts() -> list[str]:
     """Texts the demo tokenizer is trained on: the prompt template and instructions only.
 
-    Task words are left out on purpose, so no pair of upper-case letters is ever merged and
-    each letter stays one token in every context.
+    Task words are left out, and the upper-case letters are user-defined symbols of the
+    SentencePiece model (build_demo_tokenizer), so each letter stays one token in every context.
     """
     # The placeholder input is lower case so that no merge learned around it involves a task letter.
     texts = [format_demo_prompt({"instruction": text, "input": "word"}) for text in DEMO_INSTRUCTIONS]
@@ -277,8 +278,7 @@ def build_demo_base(out_dir: Path, spec: DemoBaseSpec = DEMO_BASE_SPEC) -> dict[
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, min(spec.num_threads, os.cpu_count() or 1)))
     try:
-        build_tokenizer(make_tokenizer_texts(), out_dir, vocab_size=spec.vocab_size)
-        tokenizer = drop_letter_merges(out_dir)
+        tokenizer = build_demo_tokenizer(out_dir, spec)
         model = build_tiny_model(
             out_dir,
             architecture="llama",
@@ -311,35 +311,26 @@ def build_demo_base(out_dir: Path, spec: DemoBaseSpec = DEMO_BASE_SPEC) -> dict[
     }
 
 
-def drop_letter_merges(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
-    """Remove every merge that joins the word-start mark to a task letter, and reload.
+def build_demo_tokenizer(out_dir: Path, spec: DemoBaseSpec = DEMO_BASE_SPEC):
+    """The demo's SentencePiece tokenizer (tokenizer.model and its Hugging Face files) in out_dir.
 
-    The template teaches BPE `▁I` (from ` Instruction`, ` Input`). A response is tokenized
-    on its own, so it starts at a word start: an answer starting with I would then be
-    `▁I` + 4 letters while every other answer is `▁` + 5 letters. The base copes, but the
-    adapter, which sees ~1 such answer in 26, learns the common layout only and fails on
-    these words. Without the merge every answer has the same six tokens. Merges that build
-    on a dropped token (`▁I` + `nput`) go too; a prompt costs two tokens more per header.
+    The upper-case letters are user-defined symbols, which SentencePiece never merges with
+    anything, so no piece holds a task letter: every word is five tokens and every answer `▁`
+    + five tokens, whatever surrounds it. (Without that, the template teaches `▁I` from
+    ` Instruction` and ` Input`; a response is tokenized on its own, so it starts at a word
+    start, and an answer starting with I would be `▁I` + 4 letters while every other is `▁` +
+    5 letters. The base copes, but the adapter, which sees ~1 such answer in 26, learns the
+    common layout only and fails on those words.) Pieces may span words, since the template
+    is fixed text: that keeps a prompt as short as whole-word pieces would, although each
+    capitalised template word now costs `▁` + capital + rest. No piece ends with `▁`, so the
+    space before an answer is always its own token.
+
+    Special ids agree everywhere (pad 0, unk 1, bos 2, eos 3): in tokenizer.model, the Hugging
+    Face files and the model's config and generation config (build_tiny_model).
     """
-    path = tokenizer_dir / "tokenizer.json"
-    spec = json.loads(path.read_text())
-    banned = {"\u2581" + letter for letter in LETTERS}
-    reachable = set(spec["model"]["vocab"]) - {a + b for a, b in map(_split_merge, spec["model"]["merges"])}
-    kept = []
-    for merge in spec["model"]["merges"]:  # in rank order, so a merge's inputs are decided before it
-        a, b = _split_merge(merge)
-        if a in reachable and b in reachable and a + b not in banned:
-            kept.append(merge)
-            reachable.add(a + b)
-    spec["model"]["merges"] = kept  # the orphaned tokens stay in the vocab so ids do not move
-    path.write_text(json.dumps(spec, ensure_ascii=False))
-    return PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-
-
-def _split_merge(merge: list[str] | str) -> tuple[str, str]:
-    # tokenizers writes merges as pairs; older versions wrote "a b" strings.
-    a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
-    return a, b
+    return build_sentencepiece_tokenizer(
+        make_tokenizer_texts(), out_dir, vocab_size=spec.vocab_size, user_defined_symbols=LETTERS, split_by_whitespace=False
+    )
 
 
 def make_pretraining_batches(tokenizer, spec: DemoBaseSpec) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Tiny models and tokenizers built offline, for the demo and the tests.
 
-Nothing here touches the network: the tokenizer is a byte-pair model trained in code on
-the texts you pass (a second or less), and the models are random-weight configs of real
-architectures, small enough that a CPU trains them in seconds.
+Nothing here touches the network: the tokenizers are byte-pair models trained in code on
+the texts you pass (a second or less), either with `tokenizers` (build_tokenizer) or as a
+real SentencePiece model (build_sentencepiece_tokenizer, the kind llama.cpp's converter
+accepts), and the models are random-weight configs of real architectures, small enough
+that a CPU trains them in seconds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0..3, as in Llama's sentencepiece models
 # Every printable ASCII character is in the alphabet so that no test text maps to <unk>.
@@ -38,6 +40,104 @@ def build_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     hf_tok.save_pretrained(str(out_dir))
     return hf_tok
+
+
+def build_sentencepiece_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | Path,
+    vocab_size: int = 256,
+    user_defined_symbols: Iterable[str] = (),
+    control_symbols: Iterable[str] = (),
+    split_by_whitespace: bool = True,
+    chat_template: str | None = None,
+) -> LlamaTokenizer:
+    """Train a SentencePiece BPE model on ``texts`` and save it with its Hugging Face files.
+
+    Writes ``tokenizer.model`` (what llama.cpp's converter reads) beside ``tokenizer.json`` and
+    ``tokenizer_config.json`` (what transformers reads), which encode every text to the same ids.
+    Special ids are those of SPECIAL_TOKENS and build_tiny_model's config: pad 0, unk 1, bos 2
+    (added in front of every text), eos 3; ``control_symbols`` (chat markers such as
+    ``<|im_end|>``) follow as special tokens, then ``user_defined_symbols``.
+
+    The settings are Llama's, for the reasons llama.cpp needs them: BPE (llama.cpp's
+    SentencePiece tokenizer merges by piece score, which is BPE; a unigram model would
+    tokenize differently there), no normalization, a word-start mark in front of the text,
+    whitespace kept as it is. Every character of ALPHABET is in the vocabulary, so no test text
+    maps to <unk>.
+
+    Args:
+        user_defined_symbols: Pieces SentencePiece never merges with anything (each stays one token).
+        split_by_whitespace: False lets pieces span words, so a fixed template costs few tokens.
+        chat_template: Saved with the tokenizer when given.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    user_defined = list(user_defined_symbols)
+    controls = list(control_symbols)
+    pad, unk, bos, eos = SPECIAL_TOKENS
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus may hold fewer merges than asked for
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=pad, unk_piece=unk, bos_piece=bos, eos_piece=eos,
+        control_symbols=controls,
+        user_defined_symbols=user_defined,
+        # The space is SentencePiece's word-start mark, not a character it takes here.
+        required_chars="".join(c for c in ALPHABET if c != " " and c not in user_defined),
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=split_by_whitespace,
+        max_sentencepiece_length=64,
+        num_threads=1,
+        minloglevel=2,
+    )  # fmt: skip
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = convert_sentencepiece_bpe(out_dir / "tokenizer.model", controls)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def convert_sentencepiece_bpe(model_file: Path, control_symbols: list[str]) -> LlamaTokenizer:
+    """The Hugging Face tokenizer of a SentencePiece BPE model: its pieces as the vocabulary, merges by piece score.
+
+    SentencePiece BPE merges, among adjacent pieces, the pair whose concatenation scores
+    highest; a Hugging Face BPE merges the pair of lowest rank. Ranking every split of every
+    piece by that piece's score makes the two agree. Built here from the sentencepiece
+    library alone because transformers 5.24 reads a ``tokenizer.model`` through protobuf,
+    which qlora-lite does not depend on; and user-defined pieces stay plain vocabulary (no
+    merge contains them), where transformers' converter would make them added tokens, split
+    out of the text before the word-start mark is placed.
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    ranked = []
+    for piece, index in vocab.items():
+        if sp.is_control(index) or sp.is_unknown(index):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-sp.get_score(index), vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    pad, unk, bos, eos = SPECIAL_TOKENS
+    return LlamaTokenizer(
+        vocab=vocab, merges=merges, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=pad,
+        add_bos_token=True, add_eos_token=False, extra_special_tokens=control_symbols,
+    )  # fmt: skip
 
 
 def build_tiny_model(

@@ -5,8 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import random
+
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
 from qlora_lite.config import load_config
-from qlora_lite.demo import MARKER_FILE, DemoBaseSpec, apply_rot13, ensure_demo_base, make_demo_records, write_demo_data
+from qlora_lite.demo import (
+    LETTERS,
+    MARKER_FILE,
+    PRETRAIN_FORMATS,
+    DemoBaseSpec,
+    apply_rot13,
+    build_demo_tokenizer,
+    ensure_demo_base,
+    format_demo_prompt,
+    make_demo_records,
+    make_pretraining_text,
+    write_demo_data,
+)
 
 REPO = Path(__file__).parent.parent
 # A base small enough to build in a second: the cache logic is what is tested here.
@@ -40,7 +57,13 @@ def test_base_is_built_once_and_an_unfinished_build_is_ignored(tmp_path, capsys)
     first = ensure_demo_base(tmp_path, SMALL)
     marker = json.loads((first / MARKER_FILE).read_text())
     assert (first / "model.safetensors").is_file() and (first / "tokenizer.json").is_file()
+    assert (first / "tokenizer.model").is_file()  # what llama.cpp's converter reads
     assert marker["num_params"] > 0
+    config = json.loads((first / "config.json").read_text())
+    generation = json.loads((first / "generation_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(first))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert config[key] == generation[key] == getattr(tok, key), key
     assert "building the demo base" in capsys.readouterr().out
 
     assert ensure_demo_base(tmp_path, SMALL) == first
@@ -50,3 +73,33 @@ def test_base_is_built_once_and_an_unfinished_build_is_ignored(tmp_path, capsys)
     assert ensure_demo_base(tmp_path, SMALL) == first
     assert "building the demo base" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary folder left behind
+
+
+def test_demo_tokenizer_is_sentencepiece_and_transformers_agrees_with_it(tmp_path):
+    build_demo_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(tok) == sp.get_piece_size() == 256
+    # One set of special ids everywhere (llama.cpp reads tokenizer.model, transformers the json files).
+    assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
+    assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
+    train, evaluation = make_demo_records()
+    texts = [format_demo_prompt(r) + r["output"] for r in train + evaluation] + [r["output"] for r in evaluation]
+    texts += [make_pretraining_text(random.Random(seed), 10, set()) for seed in range(50)]
+    mismatched = [t for t in texts if tok(t)["input_ids"] != [sp.bos_id(), *sp.encode(t)]]
+    assert not mismatched, f"{len(mismatched)} of {len(texts)} texts, first: {mismatched[0]!r}"
+
+
+def test_demo_tokenizer_never_merges_a_task_letter(tmp_path):
+    tok = build_demo_tokenizer(tmp_path)
+    pieces = tok.get_vocab()
+    assert not [p for p in pieces if len(p) > 1 and any(c in LETTERS for c in p)]
+    assert not [p for p in pieces if len(p) > 1 and p.endswith("\u2581")]  # the space before an answer is its own token
+    # So an answer is the word-start mark and five letters in every format, and alone (as the data module tokenizes it).
+    for layout in PRETRAIN_FORMATS:
+        tokens = tok.convert_ids_to_tokens(tok(layout.format(word="QWERT", answer="DJREG"), add_special_tokens=False)["input_ids"])
+        answer = tokens.index("D")
+        assert tokens[answer - 1 : answer + 5] == ["\u2581", *"DJREG"], layout
+    assert tok.convert_ids_to_tokens(tok("DJREG", add_special_tokens=False)["input_ids"]) == ["\u2581", *"DJREG"]
+    prompt = format_demo_prompt({"instruction": "Apply rot13 to this word.", "input": "QWERT"})
+    assert len(tok(prompt)["input_ids"]) <= 40  # pieces span the template's words: the longest example stays well under max_seq_len 64
