@@ -33,6 +33,12 @@ With several GPUs (`gpus` > 1, `dist.strategy`) the plan is per GPU (see plan_me
   the root stays all-gathered (the bf16 lm_head) and two decoder layers are (the one running and
   the one prefetched), and one layer's gradients exist unsharded before their reduce-scatter.
   Activations are those of one GPU at the same micro-batch.
+- `fsdp` with `dist.cpu_offload` (FSDP2's CPUOffloadPolicy on every unit): the shards (4-bit and
+  bf16 weights, the trainable part), their sharded gradients and AdamW's moments live in each
+  process's CPU RAM, pinned, and AdamW steps there; the GPU keeps the quantization constants
+  (whole: not parameters, never offloaded), the units all-gathered for the step (copied from the
+  CPU first), the unsharded gradients and what does not depend on the weights' place. The plan
+  adds the CPU RAM each process needs (`cpu_ram_bytes`).
 """
 
 from __future__ import annotations
@@ -126,6 +132,13 @@ class MemoryPlan:
     unsharded_gradient_bytes: int = 0  # fsdp: one layer's (and the root's) gradients before their reduce-scatter
     bucket_bytes: int = 0  # ddp: the gradient buckets the all-reduce runs on
     nccl_bytes: int = 0
+    # fsdp with dist.cpu_offload: what each process keeps in CPU RAM (pinned) instead of on its GPU. Zero otherwise.
+    cpu_offload: bool = False
+    cpu_weights_bytes: int = 0  # 1/N of the 4-bit (stored as the compute dtype) and unquantized weights
+    cpu_trainable_bytes: int = 0  # 1/N of the trainable part
+    cpu_gradient_bytes: int = 0  # 1/N of its gradients (reduce-scattered, copied to the CPU)
+    cpu_optimizer_bytes: int = 0  # 1/N of torch AdamW's two fp32 moments (the step runs on the CPU)
+    cpu_ram_bytes: int = 0  # the sum of the four: CPU RAM per process
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,6 +185,11 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
     """
     if gpus < 1:
         raise PlanError(f"--gpus {gpus}: the number of GPUs (processes) must be at least 1")
+    if cfg.dist.cpu_offload and cfg.dist.strategy != "fsdp":
+        raise PlanError(
+            f"dist.cpu_offload moves FSDP's shards to the CPU; it needs dist.strategy=fsdp (the recipe says {cfg.dist.strategy}, "
+            "which keeps the whole model on every GPU, and training refuses it)"
+        )
     model_config = model_config if model_config is not None else read_model_config(cfg.model.name_or_path)
     model = build_meta_model(model_config)
     parts = estimate_static(cfg, model)
@@ -204,7 +222,8 @@ def describe_distributed_notes(cfg: RecipeConfig, plan: MemoryPlan) -> list[str]
     """What a per-GPU plan assumes, and a one-GPU plan of an fsdp recipe leaves out."""
     if plan.gpus == 1:
         if cfg.dist.strategy == "fsdp":
-            return ["dist.strategy fsdp shards only with several processes: this is one GPU's plan (add --gpus N for the per-GPU one)"]
+            offload = " (and dist.cpu_offload offloads only shards)" if cfg.dist.cpu_offload else ""
+            return [f"dist.strategy fsdp shards only with several processes{offload}: this is one GPU's plan (add --gpus N for the per-GPU one)"]
         return []
     batch = "micro-batch" if cfg.train.micro_batch_size == "auto" else f"{cfg.train.micro_batch_size}"
     notes = [
@@ -369,6 +388,7 @@ def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch
     recomputed = micro_batch * tokens_seq * count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element)
     overlap = -min(recomputed, logits) if checkpointing else 0
     static = shard_static(cfg, parts, gpus)
+    cpu = static["cpu"]
     weights = static["nf4"] + static["constants"] + static["unquantized"]
     total = (
         weights + static["trainable_bytes"] + static["gradient_bytes"] + static["optimizer_bytes"] + activations + logits + overlap + CUDA_CONTEXT_BYTES
@@ -382,6 +402,8 @@ def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch
         micro_batch_size=micro_batch, max_seq_len=seq_len, loss=cfg.train.loss, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
         gpus=gpus, strategy=cfg.dist.strategy if gpus > 1 else None, grad_accum_steps=cfg.train.grad_accum_steps, gathered_bytes=static["gathered"],
         unsharded_gradient_bytes=static["unsharded_gradients"], bucket_bytes=static["buckets"], nccl_bytes=static["nccl"],
+        cpu_offload=bool(cpu), cpu_weights_bytes=cpu.get("weights", 0), cpu_trainable_bytes=cpu.get("trainable", 0),
+        cpu_gradient_bytes=cpu.get("gradients", 0), cpu_optimizer_bytes=cpu.get("optimizer", 0), cpu_ram_bytes=sum(cpu.values()),
     )  # fmt: skip
 
 
@@ -399,13 +421,18 @@ def shard_static(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> dict[st
         (frozen bytes, and their trainable part cast to the compute dtype), one running and one prefetched;
       unsharded gradients: one layer's, in the compute dtype and their fp32 copy for the reduce-scatter,
         and the root's (reduce-scattered only at the end of the backward).
+    fsdp with dist.cpu_offload: the rows above that FSDP shards (NF4 / N, unquantized / N, trainable / N,
+      the reduce-scattered gradients / N, optimizer / N) move to CPU RAM (`cpu`, per process, pinned) and are 0
+      on the GPU; the constants, gathered, unsharded gradients and, with grad_accum_steps > 1, the unsharded
+      fp32 accumulation (T x 4, still on the GPU) stay as they are.
     ddp: as one GPU, + buckets (one more copy of the gradients, in their dtype).
     Both: + NCCL's buffers (NCCL_BYTES).
+    `cpu` is empty except under fsdp with dist.cpu_offload.
     """
     one = {
         "nf4": parts["nf4"], "constants": parts["constants"], "unquantized": parts["unquantized"],
         "trainable_bytes": parts["trainable_bytes"], "gradient_bytes": parts["gradient_bytes"], "optimizer_bytes": parts["optimizer_bytes"],
-        "gathered": 0, "unsharded_gradients": 0, "buckets": 0, "nccl": 0,
+        "gathered": 0, "unsharded_gradients": 0, "buckets": 0, "nccl": 0, "cpu": {},
     }  # fmt: skip
     if gpus == 1:
         return one
@@ -415,14 +442,24 @@ def shard_static(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> dict[st
     gradient_element = gathered_element + FSDP_REDUCE_ELEMENT_BYTES  # computed in param_dtype, copied to fp32 for the reduce-scatter
     layer_params, root_params = parts["layer_trainable_params"], parts["root_trainable_params"]
     gathered_layers = parts["gathered_layers_frozen_bytes"] + min(FSDP_UNSHARDED_LAYERS, parts["layers"]) * layer_params * gathered_element
-    accumulating = cfg.train.grad_accum_steps > 1
-    gradients = parts["trainable_params"] * FSDP_REDUCE_ELEMENT_BYTES if accumulating else math.ceil(parts["gradient_bytes"] / gpus)
-    return {
-        "nf4": math.ceil(parts["nf4"] / gpus), "constants": parts["constants"], "unquantized": math.ceil(parts["unquantized"] / gpus),
-        "trainable_bytes": math.ceil(parts["trainable_bytes"] / gpus), "gradient_bytes": gradients,
+    accumulated = parts["trainable_params"] * FSDP_REDUCE_ELEMENT_BYTES if cfg.train.grad_accum_steps > 1 else 0
+    sharded = {
+        "nf4": math.ceil(parts["nf4"] / gpus), "unquantized": math.ceil(parts["unquantized"] / gpus),
+        "trainable_bytes": math.ceil(parts["trainable_bytes"] / gpus), "gradient_bytes": math.ceil(parts["gradient_bytes"] / gpus),
         "optimizer_bytes": math.ceil(parts["adamw_optimizer_bytes"] / gpus),
+    }  # fmt: skip
+    if cfg.dist.cpu_offload:
+        on_gpu = {key: 0 for key in sharded} | {"gradient_bytes": accumulated}
+        cpu = {
+            "weights": sharded["nf4"] + sharded["unquantized"], "trainable": sharded["trainable_bytes"],
+            "gradients": sharded["gradient_bytes"], "optimizer": sharded["optimizer_bytes"],
+        }  # fmt: skip
+    else:
+        on_gpu, cpu = {**sharded, "gradient_bytes": accumulated or sharded["gradient_bytes"]}, {}
+    return {
+        **on_gpu, "constants": parts["constants"],
         "gathered": parts["root_frozen_bytes"] + root_params * gathered_element + gathered_layers,
-        "unsharded_gradients": (layer_params + root_params) * gradient_element, "buckets": 0, "nccl": NCCL_BYTES,
+        "unsharded_gradients": (layer_params + root_params) * gradient_element, "buckets": 0, "nccl": NCCL_BYTES, "cpu": cpu,
     }  # fmt: skip
 
 
@@ -513,13 +550,22 @@ def describe_sharding(plan: MemoryPlan) -> dict[str, str]:
             "weights as loaded": "; the whole base on every GPU (DDP replicates)",
             "trainable parameters": ", whole on every GPU",
         }
+    accumulated = "fp32, unsharded: accumulated by FSDP between micro-batches until the step's last reduce-scatters them"
+    if plan.cpu_offload:
+        offloaded = f"1/{n} per process in CPU RAM (dist.cpu_offload)"
+        return {
+            "weights as loaded": (
+                f"quantization constants, whole on every GPU; the NF4 and bf16 weights ({plan.cpu_weights_bytes / GIB:.2f} GiB) offloaded: {offloaded}"
+            ),
+            "all-gathered weights": ", copied from CPU RAM for their all-gather",
+            "trainable parameters": f", offloaded: {offloaded}",
+            "their gradients": (f"{accumulated}; the reduce-scattered ones offloaded" if plan.grad_accum_steps > 1 else f"reduce-scattered and offloaded: {offloaded}"),
+            "optimizer state": f" (torch AdamW, fp32; it steps on the CPU), offloaded: {offloaded}",
+        }
     return {
         "weights as loaded": f"; 1/{n} per GPU (FSDP shards), constants whole",
         "trainable parameters": f", 1/{n} per GPU",
-        "their gradients": (
-            "fp32, unsharded: accumulated by FSDP between micro-batches until the step's last reduce-scatters them"
-            if plan.grad_accum_steps > 1 else f"1/{n} per GPU (reduce-scattered)"
-        ),
+        "their gradients": accumulated if plan.grad_accum_steps > 1 else f"1/{n} per GPU (reduce-scattered)",
         "optimizer state": f" (torch AdamW, fp32), 1/{n} per GPU",
     }
 
@@ -529,9 +575,10 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         return f"{n / GIB:6.2f} GiB"
 
     shard = describe_sharding(plan)
+    weights = f"NF4 {plan.nf4_bytes / GIB:.2f} + constants {plan.quant_constant_bytes / GIB:.2f} + unquantized {plan.unquantized_bytes / GIB:.2f} GiB"
     rows = [
-        ("weights as loaded", plan.weights_bytes, f"NF4 {plan.nf4_bytes / GIB:.2f} + constants {plan.quant_constant_bytes / GIB:.2f} + unquantized {plan.unquantized_bytes / GIB:.2f} GiB" + shard.get("weights as loaded", "")),
-        ("all-gathered weights", plan.gathered_bytes, "the root (lm_head, final norm) for the whole step + 2 decoder layers (running, prefetched)"),
+        ("weights as loaded", plan.weights_bytes, shard["weights as loaded"] if plan.cpu_offload else weights + shard.get("weights as loaded", "")),
+        ("all-gathered weights", plan.gathered_bytes, "the root (lm_head, final norm) for the whole step + 2 decoder layers (running, prefetched)" + shard.get("all-gathered weights", "")),
         ("trainable parameters", plan.trainable_bytes, f"{plan.trainable_params:,} parameters" + shard.get("trainable parameters", "")),
         ("their gradients", plan.gradient_bytes, shard.get("their gradients", "")),
         ("unsharded gradients", plan.unsharded_gradient_bytes, "one layer's, in the compute dtype and in fp32 for the reduce-scatter"),
@@ -552,6 +599,12 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
     verdict = "fits" if plan.fits else "does NOT fit"
     where = f"{plan.vram_bytes / GIB:.0f} GiB" + (f" per GPU ({plan.gpus} GPUs)" if plan.gpus > 1 else "")
     lines.append(f"  {'estimated peak' + (' per GPU' if plan.gpus > 1 else ''):<22}{gib(plan.total_bytes)}  -> {verdict} in {where}")
+    if plan.cpu_offload:
+        lines.append(
+            f"  {'CPU RAM per process':<22}{gib(plan.cpu_ram_bytes)}  pinned, needed by each of the {plan.gpus} processes (dist.cpu_offload): "
+            f"weights {plan.cpu_weights_bytes / GIB:.2f} + LoRA {plan.cpu_trainable_bytes / GIB:.2f} + gradients {plan.cpu_gradient_bytes / GIB:.2f} "
+            f"+ AdamW moments {plan.cpu_optimizer_bytes / GIB:.2f} GiB; {plan.gpus} on one machine: {plan.gpus * plan.cpu_ram_bytes / GIB:.2f} GiB"
+        )
     lines.append(
         f"  largest micro-batch at {plan.max_seq_len} tokens: {plan.largest_micro_batch or 'none'}; "
         f"longest sequence at micro-batch {plan.micro_batch_size}: {plan.largest_seq_len or 'none'}"

@@ -283,6 +283,7 @@ def test_plan_within_10_percent_of_the_metered_step(metered_model_dirs, hidden, 
 # ---------------------------------------------------------------------------- several GPUs (dist.strategy)
 
 FSDP_RECIPE = "recipes/llama3.1-70b-fsdp-4x24gb.yaml"
+OFFLOAD_RECIPE = "recipes/llama3.1-70b-fsdp-2x24gb.yaml"
 DDP_RECIPE = "recipes/llama3.1-8b-ddp.yaml"
 SINGLE_ROWS = ("nf4_bytes", "quant_constant_bytes", "unquantized_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "overlap_bytes")
 
@@ -397,7 +398,71 @@ def test_70b_fits_four_24_gib_gpus_under_fsdp_not_two_nor_one(capsys):
     assert "does NOT fit in 24 GiB per GPU (2 GPUs)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("recipe, gpus", [(FSDP_RECIPE, 4), (DDP_RECIPE, 2)])
+@pytest.mark.parametrize("gpus, grad_accum", [(2, 4), (2, 1), (4, 4)])
+def test_fsdp_cpu_offload_moves_the_shards_to_cpu_ram(gpus, grad_accum):
+    """dist.cpu_offload: every row FSDP shards leaves the GPU for CPU RAM; the rest of the per-GPU plan is unchanged."""
+    config = read_model_config("meta-llama/Llama-3.1-70B")
+    plain = plan_memory(load_config(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}"]), config, gpus=gpus)
+    plan = plan_memory(load_config(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}", "dist.cpu_offload=true"]), config, gpus=gpus)
+    n = llama_70b_numbers()
+    lora = n["layers"] * n["layer_lora"]
+    # on the GPU: the quantization constants whole (not parameters: never offloaded), no 4-bit or bf16 shard, no LoRA, no moments
+    assert plan.cpu_offload and not plain.cpu_offload and plain.cpu_ram_bytes == 0
+    assert plan.weights_bytes == plan.quant_constant_bytes == plain.quant_constant_bytes and plan.nf4_bytes == plan.unquantized_bytes == 0
+    assert plan.trainable_bytes == plan.optimizer_bytes == 0
+    # gradients: FSDP2 still accumulates the unsharded fp32 ones on the GPU between micro-batches; none otherwise
+    assert plan.gradient_bytes == (lora * 4 if grad_accum > 1 else 0)
+    for row in ("gathered_bytes", "unsharded_gradient_bytes", "activation_bytes", "logits_bytes", "overlap_bytes", "cuda_context_bytes", "nccl_bytes"):
+        assert getattr(plan, row) == getattr(plain, row), row
+    # in CPU RAM, per process: 1/N of the 4-bit and bf16 weights, of the fp32 LoRA, of its fp32 gradients, of AdamW's fp32 moments
+    assert plan.cpu_weights_bytes == plain.nf4_bytes + plain.unquantized_bytes
+    assert plan.cpu_weights_bytes == -(-n["layers"] * n["layer_nf4"] // gpus) + -(-(n["embed"] + n["head"] + n["layers"] * n["layer_norms"] + n["final_norm"]) // gpus)
+    assert plan.cpu_trainable_bytes == plan.cpu_gradient_bytes == -(-lora * 4 // gpus) and plan.cpu_optimizer_bytes == -(-lora * 8 // gpus)
+    assert plan.cpu_ram_bytes == plan.cpu_weights_bytes + plan.cpu_trainable_bytes + plan.cpu_gradient_bytes + plan.cpu_optimizer_bytes
+    offloaded = plain.nf4_bytes + plain.unquantized_bytes + plain.trainable_bytes + plain.optimizer_bytes + (0 if grad_accum > 1 else plain.gradient_bytes)
+    assert plan.total_bytes == plain.total_bytes - offloaded
+    text = format_plan(plan, "m")
+    assert f"offloaded: 1/{gpus} per process in CPU RAM (dist.cpu_offload)" in text and "copied from CPU RAM for their all-gather" in text
+    assert f"CPU RAM per process    {plan.cpu_ram_bytes / GIB:5.2f} GiB  pinned, needed by each of the {gpus} processes" in text
+    assert "CPU RAM" not in format_plan(plain, "m")
+
+
+def test_cpu_offload_without_fsdp_is_a_clear_error_and_one_gpu_ignores_it(capsys):
+    assert cli.main(["plan", DDP_RECIPE, "dist.cpu_offload=true", "--gpus", "2"]) == 2
+    assert "dist.cpu_offload moves FSDP's shards to the CPU; it needs dist.strategy=fsdp (the recipe says ddp" in capsys.readouterr().err
+    config = read_model_config("meta-llama/Llama-3.1-70B")
+    one = plan_memory(load_config(OFFLOAD_RECIPE), config, gpus=1)  # one process does not shard, so has nothing to offload
+    assert one.total_bytes == plan_memory(load_config(OFFLOAD_RECIPE, ["dist.cpu_offload=false"]), config, gpus=1).total_bytes
+    assert not one.cpu_offload and one.cpu_ram_bytes == 0 and one.nf4_bytes > 0
+    assert any("dist.strategy fsdp shards only with several processes (and dist.cpu_offload offloads only shards)" in note for note in one.notes)
+
+
+def test_70b_fits_two_24_gib_gpus_with_cpu_offload_not_without_nor_one(capsys):
+    cfg = load_config(OFFLOAD_RECIPE)
+    assert cfg.dist.strategy == "fsdp" and cfg.dist.cpu_offload and cfg.train.optimizer == "adamw" and cfg.quant.compute_dtype == "bfloat16"
+    assert cfg.method == "lora" and cfg.model.name_or_path == "meta-llama/Llama-3.1-70B"
+    config = read_model_config(cfg.model.name_or_path)
+    one = plan_memory(cfg, config, vram_bytes=24 * GIB, gpus=1)
+    without = plan_memory(load_config(OFFLOAD_RECIPE, ["dist.cpu_offload=false"]), config, vram_bytes=24 * GIB, gpus=2)
+    two = plan_memory(cfg, config, vram_bytes=24 * GIB, gpus=2)
+    assert not one.fits and one.largest_seq_len == 0 and round(one.total_bytes / GIB, 2) == 47.66  # at 2 x 2048 (44.15 at 1 x 2048)
+    # without offload the per-GPU floor (before activations) is past 24 GiB: no sequence fits
+    assert not without.fits and without.largest_micro_batch == without.largest_seq_len == 0
+    assert round((without.total_bytes - without.activation_bytes - without.logits_bytes - without.overlap_bytes) / GIB, 2) == 24.61
+    # with it: 12.58 GiB per GPU at the recipe's 2 x 2048, room for 5 sequences; 19.44 GiB of pinned CPU RAM per process
+    assert two.fits and round(two.total_bytes / GIB, 2) == 12.58 and two.largest_micro_batch == 5
+    assert two.largest_micro_batch >= cfg.train.micro_batch_size and two.largest_seq_len >= cfg.train.max_seq_len
+    assert round(two.cpu_ram_bytes / GIB, 2) == 19.44 and round(two.cpu_weights_bytes / GIB, 2) == 17.90
+    assert cli.main(["plan", OFFLOAD_RECIPE, "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated peak per GPU 12.58 GiB  -> fits in 24 GiB per GPU (2 GPUs)" in out
+    assert "CPU RAM per process    19.44 GiB  pinned, needed by each of the 2 processes (dist.cpu_offload)" in out
+    assert "2 on one machine: 38.88 GiB" in out
+    assert cli.main(["plan", OFFLOAD_RECIPE, "dist.cpu_offload=false", "--gpus", "2"]) == 0
+    assert "does NOT fit in 24 GiB per GPU (2 GPUs)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe, gpus", [(FSDP_RECIPE, 4), (DDP_RECIPE, 2), (OFFLOAD_RECIPE, 2)])
 def test_multi_gpu_recipe_headers_state_the_planner_figure(recipe, gpus):
     import re
 
@@ -410,6 +475,10 @@ def test_multi_gpu_recipe_headers_state_the_planner_figure(recipe, gpus):
     total = re.search(r"^#   total +([0-9.]+) GiB per GPU", text, re.MULTILINE)
     assert total and total.group(1) == f"{plan.total_bytes / GIB:.2f}"
     assert f"largest micro-batch at {cfg.train.max_seq_len} tokens: {plan.largest_micro_batch})" in text
+    if cfg.dist.cpu_offload:
+        assert f"# CPU RAM per process: {plan.cpu_ram_bytes / GIB:.2f} GiB, pinned" in text
+        assert f"{gpus * plan.cpu_ram_bytes / GIB:.2f} GiB for the {gpus} processes on one machine" in text
+        assert "Offload trades speed for" in text
     assert cfg.train.micro_batch_size * cfg.train.grad_accum_steps * gpus == 16  # the effective batch of the one-GPU recipes
 
 
