@@ -781,6 +781,7 @@ KEY_PARTS = {
     "eval data content": ("alpaca", lambda state: _edit_a_record_keeping_size_and_mtime(state["eval_path"])),
     "tokenizer vocabulary": ("alpaca", lambda state: _with_tokenizer(state, lambda tok: tok.add_tokens(["colour"]))),
     "tokenizer special tokens": ("alpaca", lambda state: _with_tokenizer(state, lambda tok: setattr(tok, "eos_token", "<s>"))),
+    "split special tokens": ("alpaca", lambda state: _with_tokenizer(state, lambda tok: setattr(tok, "split_special_tokens", True))),
     "chat template": ("chat", lambda state: _with_tokenizer(state, lambda tok: setattr(tok, "chat_template", CHATML_TEMPLATE))),
     "format": ("alpaca", _replace_cfg(format="text", text_field="output")),
     "text field": ("text", _replace_cfg(text_field="instruction")),
