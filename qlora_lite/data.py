@@ -1205,7 +1205,7 @@ def pack_examples(examples: list[dict], max_seq_len: int) -> list[dict]:
         Packed examples with ``input_ids``, ``labels`` and ``position_ids``.
     """
     bounds = _plan_packs([len(ex["input_ids"]) for ex in examples], max_seq_len)
-    return [_merge_pack(examples[start:end]) for start, end in zip(bounds, bounds[1:])]
+    return [_merge_pack(examples[start:end]) for start, end in itertools.pairwise(bounds)]
 
 
 def _plan_packs(lengths: list[int], max_seq_len: int) -> list[int]:
