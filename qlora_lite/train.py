@@ -10,7 +10,6 @@ A run's output folder:
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import random
@@ -29,13 +28,15 @@ from tqdm.auto import tqdm
 from .adapters import save_adapter_state, write_prompt_info
 from .config import RecipeConfig, config_to_dict, save_config
 from .folders import write_atomically
-from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, build_datasets, collate_batch, select_micro_batch
+from .data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, collate_batch, prepare_datasets, select_micro_batch
 from .loss import check_chunked_loss_supported
 from .names import resolve_model_path
 from .methods import attach_method, get_method, load_method, save_method, unwrap_base
 from .planner import choose_micro_batch, estimate_optimizer_bytes
 from .memory import build_memory_report, format_memory_report, format_memory_short
 from .optim import build_optimizer, build_scheduler
+from .plot import plot_run
+from .tracking import MetricsLog, check_trackers_installed, open_run_log
 from .distributed import (
     TrainingModule,
     World,
@@ -64,6 +65,7 @@ CHECKPOINT_PREFIX = "step-"
 STATE_NAME = "trainer_state.pt"
 # Fault injection for the resume test: SIGKILL this process right after the given optimizer step.
 KILL_AT_STEP_ENV = "QLORA_LITE_KILL_AT_STEP"
+EVAL_BAR_BATCHES = 20  # evaluations of at least this many batches (per process) show their own progress bar
 
 
 class TrainingError(RuntimeError):
@@ -118,11 +120,14 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         base_path = resolve_model_path(cfg.model)
         storage = read_prequantized_storage(base_path) if cfg.quant.load_in_4bit else None
         check_recipe(cfg, world, mixed_precision, compute_dtype, storage)
+        check_trackers_installed(cfg.train.report_to)
         tokenizer = load_tokenizer(cfg.model, base_path)
-        train_examples, eval_examples = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
+        # Tokenized once into a memory-mapped cache on disk; a later run or a resume only opens it.
+        data = prepare_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
+    train_examples, eval_examples = data.train, data.eval
     # Resolved before the resume check and config.yaml: a run records the sizes it really used.
     if cfg.train.micro_batch_size == "auto":
-        cfg.train.micro_batch_size = choose_auto_micro_batch(cfg, device, base_path, len(train_examples) // world.size)
+        cfg.train.micro_batch_size = choose_auto_micro_batch(cfg, device, base_path, len(train_examples) // world.size, world.size)
     per_micro_batch = cfg.train.micro_batch_size * world.size  # examples all processes take at one micro-batch index
     if len(train_examples) < per_micro_batch:
         processes = f" x {world.size} processes" if world.is_distributed else ""
@@ -139,7 +144,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     # --- the run really starts: from here on rank 0 writes into output_dir (the others never do)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    metrics = MetricsLog(out / "metrics.jsonl") if world.is_main else None
+    metrics: MetricsLog | None = None  # rank 0's: metrics.jsonl and the trackers of train.report_to
 
     def log(record: dict) -> None:
         if metrics is not None:
@@ -148,175 +153,195 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
     if world.is_main:
         prepare_output_dir(out, resume, overwrite)
         save_config(cfg, out / "config.yaml")
-        if state:
-            metrics.drop_steps_after(state["step"])  # the killed run's steps past its checkpoint are redone
+        # On resume it forgets the killed run's steps past the checkpoint: the resumed run redoes them.
+        metrics = open_run_log(out, cfg, resume_step=state["step"] if state else None)
     barrier()  # nobody reads output_dir before rank 0 has cleared and prepared it
+    log({"event": "data", **data.stats})  # how the data was prepared: records, kept, dropped, tokens, cache hit
     # What `qlora-lite doctor` reports (versions, tested set, GPU/CPU), so a run can be reproduced;
     # a resumed run adds its own line, since it may run on another machine.
     log({"event": "environment", **collect_environment(), "processes": world.size, "strategy": cfg.dist.strategy if world.is_distributed else None})
 
-    # --- model: frozen base (4-bit or not) + what the method trains, fresh or from the newest checkpoint
-    unquantized = get_method(cfg.method).unquantized_modules(cfg)
-    model = load_base_model(cfg.model, cfg.quant, device, base_path, skip_modules=unquantized, shardable=sharded)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)  # on the base, before prompt tuning wraps it
-    model = load_method(model, cfg, checkpoint, trainable=True) if checkpoint else attach_method(model, cfg, tokenizer)
-    if cfg.train.loss == "chunked":
-        check_chunked_loss_supported(unwrap_base(model))  # refuse now, not at the first eval
-    if world.is_distributed:
-        broadcast_parameters([p for p in model.parameters() if p.requires_grad])  # one starting adapter, whatever each seed gave
-        torch.manual_seed(cfg.train.seed + world.rank)  # but each process its own dropout masks
-    if world.is_main:
-        report = build_memory_report(model, device)
-        print(format_memory_report(report, "start"))
-        log({"event": "memory", "when": "start", **report})
-
-    # --- the engine (DDP, FSDP2, or none for one process), optimizer, schedule
-    module = TrainingModule(model, cfg.train)  # every call into the model goes through its forward
-    if sharded:
-        shard_with_fsdp(module, compute_dtype, cfg.dist.cpu_offload)
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, device)
-    scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps)
-    if sharded:
-        optimizer = accelerator.prepare(optimizer)  # the model is already FSDP2's; accelerate would wrap it in DDP
-        runner = module
-    else:
-        runner, optimizer = accelerator.prepare(module, optimizer)  # DDP with several processes
-    # Evaluation and generation call FSDP2's root (its forward gathers the shards: every process
-    # takes part), but DDP's inner module: DDP's forward syncs buffers, a collective per call,
-    # and generation makes as many calls as each process's answers need.
-    evaluator = runner if sharded else unwrap_training_module(runner)
-    checkpoint_bytes = estimate_checkpoint_bytes(trainable, cfg.train.optimizer)
-    if world.is_main:
-        warn_if_disk_is_short(out, cfg, checkpoint_bytes)
-    step, micro_batches_seen, first_eval = 0, 0, None
-    if state:
-        step, micro_batches_seen, first_eval = restore_trainer_state(state, cfg, module, optimizer, scheduler, accelerator, world)
-        print(f"resumed from {checkpoint} at step {step}")
-        log({"event": "resume", "step": step, "checkpoint": str(checkpoint), "processes": world.size})
-        for note in resume_notes(state, cfg, step, micro_batches_seen, scheduler, world):
-            print(f"note: {note}")
-            log({"event": "note", "step": step, "note": note})
-
-    def next_micro_batch() -> dict[str, torch.Tensor]:
-        nonlocal micro_batches_seen
-        # The micro-batch one process would take with N x micro_batch_size; this process's slice of it.
-        together = select_micro_batch(train_examples, micro_batches_seen, per_micro_batch, cfg.train.seed, cfg.train.batching)
-        micro_batches_seen += 1
-        mine = together[world.rank * cfg.train.micro_batch_size : (world.rank + 1) * cfg.train.micro_batch_size]
-        return {k: v.to(device) for k, v in collate_batch(mine, tokenizer.pad_token_id).items()}
-
-    def evaluate_now(with_task_metric: bool = False) -> dict:
-        result = {"step": step, "eval_loss": evaluate_loss(evaluator, eval_examples, cfg, tokenizer.pad_token_id, device, world)}
-        if with_task_metric and cfg.train.exact_match_examples:
-            examples = eval_examples[: cfg.train.exact_match_examples]
-            result["exact_match"] = exact_match(evaluator, tokenizer, examples, device, world, lockstep=sharded)
-        print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
-        log({"event": "eval", **result})
-        runner.train()
-        return result
-
-    # --- before training: eval loss and task metric of the untouched adapter
-    if eval_examples and not state:
-        first_eval = evaluate_now(with_task_metric=True)
-
-    # --- the loop: accumulate grad_accum_steps micro-batches, clip, step
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not world.is_main)
-    window_tokens, window_start, last_checkpoint = 0, time.perf_counter(), checkpoint
-
-    def checkpoint_now() -> Path:
-        # Every process takes part (FSDP gathers the shards, RNG states are collected); rank 0 writes.
-        adapter = gather_trainable_state(module) if sharded else None
-        optimizer_state = gather_optimizer_state(module, optimizer.optimizer) if sharded else optimizer.state_dict()
-        rng_by_rank = gather_objects(capture_rng())
-        path = out / "checkpoints" / checkpoint_name(step)
+    try:  # the trackers are closed however the run ends (a stop, a NaN, out of memory)
+        # --- model: frozen base (4-bit or not) + what the method trains, fresh or from the newest checkpoint
+        unquantized = get_method(cfg.method).unquantized_modules(cfg)
+        model = load_base_model(cfg.model, cfg.quant, device, base_path, skip_modules=unquantized, shardable=sharded)
+        if cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(model)  # on the base, before prompt tuning wraps it
+        model = load_method(model, cfg, checkpoint, trainable=True) if checkpoint else attach_method(model, cfg, tokenizer)
+        if cfg.train.loss == "chunked":
+            check_chunked_loss_supported(unwrap_base(model))  # refuse now, not at the first eval
+        if world.is_distributed:
+            broadcast_parameters([p for p in model.parameters() if p.requires_grad])  # one starting adapter, whatever each seed gave
+            torch.manual_seed(cfg.train.seed + world.rank)  # but each process its own dropout masks
         if world.is_main:
-            trainer_state = build_trainer_state(cfg, step, micro_batches_seen, first_eval, optimizer_state, scheduler, accelerator, rng_by_rank, sharded)
-            path = save_checkpoint(out, lambda folder: save_trained(module, cfg, folder, base_path, adapter), cfg, trainer_state, checkpoint_bytes)
-        barrier()  # a checkpoint is complete for every process before any goes on (or is killed)
-        return path
+            report = build_memory_report(model, device)
+            print(format_memory_report(report, "start"))
+            log({"event": "memory", "when": "start", **report})
 
-    stop = StopRequest(out)
-    runner.train()
-    with stop.listening():
-        while step < cfg.train.max_steps:
-            micro_batches = [next_micro_batch() for _ in range(cfg.train.grad_accum_steps)]
-            # Weight each micro-batch by its share of the step's target tokens over every process, so
-            # the step's loss is the mean over all its tokens, as one big batch on one process would give.
-            targets = [count_targets(b["labels"]) for b in micro_batches]
-            total_targets = max(sum_across([sum(targets)], device)[0], 1)
-            step_loss = 0.0
-            lr = scheduler.get_last_lr()[0]  # the LR this step uses
-            try:
-                for i, (batch, n_targets) in enumerate(zip(micro_batches, targets)):
-                    # Gradients are averaged across processes once, in the step's last backward.
-                    with gradient_sync(runner, enabled=i == len(micro_batches) - 1), accelerator.autocast():
-                        # The mean over the micro-batch's target tokens: transformers' loss, or with
-                        # train.loss chunked (default) the same number without the batch's logits.
-                        loss = runner(batch)
-                        check_finite(loss, step + 1, last_checkpoint)
-                        # x world.size: DDP and FSDP average the processes' gradients, this wants their sum.
-                        accelerator.backward(loss * (n_targets * world.size / total_targets))
-                    step_loss += loss.item() * n_targets / total_targets
-                    window_tokens += count_tokens(batch)
-                grad_norm = clip_gradients(accelerator, trainable, cfg.train.max_grad_norm)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            except torch.OutOfMemoryError as err:
-                raise TrainingError(out_of_memory_message(step + 1, device, last_checkpoint)) from err
-            step += 1
-            # One collective: the step's loss over all processes, and whether any was asked to stop
-            # (a signal may reach them at different steps; they must stop at the same one).
-            step_loss, stop_votes = sum_across([step_loss, float(stop.signum is not None)], device)
+        # --- the engine (DDP, FSDP2, or none for one process), optimizer, schedule
+        module = TrainingModule(model, cfg.train)  # every call into the model goes through its forward
+        if sharded:
+            shard_with_fsdp(module, compute_dtype, cfg.dist.cpu_offload)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, device)
+        scheduler = build_scheduler(optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, cfg.train.max_steps)
+        if sharded:
+            optimizer = accelerator.prepare(optimizer)  # the model is already FSDP2's; accelerate would wrap it in DDP
+            runner = module
+        else:
+            runner, optimizer = accelerator.prepare(module, optimizer)  # DDP with several processes
+        # Evaluation and generation call FSDP2's root (its forward gathers the shards: every process
+        # takes part), but DDP's inner module: DDP's forward syncs buffers, a collective per call,
+        # and generation makes as many calls as each process's answers need.
+        evaluator = runner if sharded else unwrap_training_module(runner)
+        checkpoint_bytes = estimate_checkpoint_bytes(trainable, cfg.train.optimizer)
+        if world.is_main:
+            warn_if_disk_is_short(out, cfg, checkpoint_bytes)
+        step, micro_batches_seen, first_eval = 0, 0, None
+        if state:
+            step, micro_batches_seen, first_eval = restore_trainer_state(state, cfg, module, optimizer, scheduler, accelerator, world)
+            print(f"resumed from {checkpoint} at step {step}")
+            log({"event": "resume", "step": step, "checkpoint": str(checkpoint), "processes": world.size})
+            for note in resume_notes(state, cfg, step, micro_batches_seen, scheduler, world):
+                print(f"note: {note}")
+                log({"event": "note", "step": step, "note": note})
 
-            # --- log, evaluate, checkpoint
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                elapsed = time.perf_counter() - window_start
-                tokens = sum_across([window_tokens], device)[0]
-                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
-                log(record)
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=format_memory_short(device))
-                window_tokens, window_start = 0, time.perf_counter()
-            bar.update(1)
-            if eval_examples and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-                evaluate_now()
-            if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == cfg.train.max_steps):
-                last_checkpoint = checkpoint_now()
-            maybe_kill_for_test(step)
-            if stop_votes:  # SIGINT / SIGTERM arrived: this step is done, keep it and go
-                if last_checkpoint is None or last_checkpoint.name != checkpoint_name(step):
+        def next_micro_batch() -> dict[str, torch.Tensor]:
+            nonlocal micro_batches_seen
+            # The micro-batch one process would take with N x micro_batch_size; this process's slice of it.
+            together = select_micro_batch(train_examples, micro_batches_seen, per_micro_batch, cfg.train.seed, cfg.train.batching)
+            micro_batches_seen += 1
+            mine = together[world.rank * cfg.train.micro_batch_size : (world.rank + 1) * cfg.train.micro_batch_size]
+            return {k: v.to(device) for k, v in collate_batch(mine, tokenizer.pad_token_id).items()}
+
+        def evaluate_now(with_task_metric: bool = False) -> dict:
+            nonlocal window_start
+            started = time.perf_counter()
+            result = {"step": step, "eval_loss": evaluate_loss(evaluator, eval_examples, cfg, tokenizer.pad_token_id, device, world)}
+            if with_task_metric and cfg.train.exact_match_examples:
+                examples = eval_examples[: cfg.train.exact_match_examples]
+                result["exact_match"] = exact_match(evaluator, tokenizer, examples, device, world, lockstep=sharded)
+            print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
+            log({"event": "eval", **result})
+            if cfg.train.sample_prompts and cfg.data.format != "text":  # a plain text has no prompt to answer
+                # The same first eval prompts at every eval: how the answers change as the model learns.
+                samples = generate_answers(evaluator, tokenizer, eval_examples[: cfg.train.sample_prompts], device, world, lockstep=sharded)
+                log({"event": "samples", "step": step, "samples": samples})
+            runner.train()
+            window_start += time.perf_counter() - started  # tokens/s counts training time only
+            return result
+
+        # --- before training: eval loss and task metric of the untouched adapter
+        window_tokens, window_start, last_checkpoint = 0, time.perf_counter(), checkpoint
+        if eval_examples and not state:
+            first_eval = evaluate_now(with_task_metric=True)
+
+        # --- the loop: accumulate grad_accum_steps micro-batches, clip, step
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not world.is_main)
+
+        def checkpoint_now() -> Path:
+            # Every process takes part (FSDP gathers the shards, RNG states are collected); rank 0 writes.
+            adapter = gather_trainable_state(module) if sharded else None
+            optimizer_state = gather_optimizer_state(module, optimizer.optimizer) if sharded else optimizer.state_dict()
+            rng_by_rank = gather_objects(capture_rng())
+            path = out / "checkpoints" / checkpoint_name(step)
+            if world.is_main:
+                trainer_state = build_trainer_state(cfg, step, micro_batches_seen, first_eval, optimizer_state, scheduler, accelerator, rng_by_rank, sharded)
+                path = save_checkpoint(out, lambda folder: save_trained(module, cfg, folder, base_path, adapter), cfg, trainer_state, checkpoint_bytes)
+            barrier()  # a checkpoint is complete for every process before any goes on (or is killed)
+            return path
+
+        stop = StopRequest(out)
+        runner.train()
+        with stop.listening():
+            while step < cfg.train.max_steps:
+                micro_batches = [next_micro_batch() for _ in range(cfg.train.grad_accum_steps)]
+                # Weight each micro-batch by its share of the step's target tokens over every process, so
+                # the step's loss is the mean over all its tokens, as one big batch on one process would give.
+                targets = [count_targets(b["labels"]) for b in micro_batches]
+                total_targets = max(sum_across([sum(targets)], device)[0], 1)
+                step_loss = 0.0
+                lr = scheduler.get_last_lr()[0]  # the LR this step uses
+                try:
+                    for i, (batch, n_targets) in enumerate(zip(micro_batches, targets)):
+                        # Gradients are averaged across processes once, in the step's last backward.
+                        with gradient_sync(runner, enabled=i == len(micro_batches) - 1), accelerator.autocast():
+                            # The mean over the micro-batch's target tokens: transformers' loss, or with
+                            # train.loss chunked (default) the same number without the batch's logits.
+                            loss = runner(batch)
+                            check_finite(loss, step + 1, last_checkpoint)
+                            # x world.size: DDP and FSDP average the processes' gradients, this wants their sum.
+                            accelerator.backward(loss * (n_targets * world.size / total_targets))
+                        step_loss += loss.item() * n_targets / total_targets
+                        window_tokens += count_tokens(batch)
+                    grad_norm = clip_gradients(accelerator, trainable, cfg.train.max_grad_norm)
+                    optimizer.step()
+                    if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                except torch.OutOfMemoryError as err:
+                    raise TrainingError(out_of_memory_message(step + 1, device, last_checkpoint)) from err
+                step += 1
+                # One collective: the step's loss over all processes, and whether any was asked to stop
+                # (a signal may reach them at different steps; they must stop at the same one).
+                step_loss, stop_votes = sum_across([step_loss, float(stop.signum is not None)], device)
+
+                # --- log, evaluate, checkpoint
+                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens = sum_across([window_tokens], device)[0]
+                    record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                    log(record)
+                    epoch = micro_batches_seen * per_micro_batch / len(train_examples)  # passes over the data so far
+                    bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=format_memory_short(device))
+                    window_tokens, window_start = 0, time.perf_counter()
+                bar.update(1)
+                if eval_examples and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                    evaluate_now()
+                if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == cfg.train.max_steps):
+                    started = time.perf_counter()
                     last_checkpoint = checkpoint_now()
-                bar.close()
-                signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops with its peers
-                log({"event": "stopped", "step": step, "signal": signal.Signals(signum).name, "checkpoint": str(last_checkpoint)})
-                raise TrainingStopped(f"stopped at step {step}; checkpoint {last_checkpoint}; continue with --resume", signum)
-    bar.close()
+                    window_start += time.perf_counter() - started
+                maybe_kill_for_test(step)
+                if stop_votes:  # SIGINT / SIGTERM arrived: this step is done, keep it and go
+                    if last_checkpoint is None or last_checkpoint.name != checkpoint_name(step):
+                        last_checkpoint = checkpoint_now()
+                    bar.close()
+                    signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops with its peers
+                    log({"event": "stopped", "step": step, "signal": signal.Signals(signum).name, "checkpoint": str(last_checkpoint)})
+                    raise TrainingStopped(f"stopped at step {step}; checkpoint {last_checkpoint}; continue with --resume", signum)
+        bar.close()
 
-    # --- after training: final eval, adapter, memory report, summary
-    summary: dict = {"event": "summary", "steps": step}
-    if eval_examples:
-        last_eval = evaluate_now(with_task_metric=True)
-        summary.update({f"final_{k}": v for k, v in last_eval.items() if k != "step"})
-        summary.update({f"initial_{k}": v for k, v in (first_eval or {}).items() if k != "step"})
-    adapter = gather_trainable_state(module) if sharded else None
-    if world.is_main:
+        # --- after training: final eval, adapter, memory report, summary
+        summary: dict = {"event": "summary", "steps": step}
+        if eval_examples:
+            last_eval = evaluate_now(with_task_metric=True)
+            summary.update({f"final_{k}": v for k, v in last_eval.items() if k != "step"})
+            summary.update({f"initial_{k}": v for k, v in (first_eval or {}).items() if k != "step"})
+        adapter = gather_trainable_state(module) if sharded else None
+        if world.is_main:
 
-        def write_adapter(tmp: Path) -> None:
-            save_trained(module, cfg, tmp, base_path, adapter)
-            save_adapter_extras(cfg, tokenizer, tmp)
+            def write_adapter(tmp: Path) -> None:
+                save_trained(module, cfg, tmp, base_path, adapter)
+                save_adapter_extras(cfg, tokenizer, tmp)
 
-        write_or_explain(out / "adapter", write_adapter, checkpoint_bytes, out)
-        report = build_memory_report(model, device)
-        print(format_memory_report(report, "end"))
-        log({"event": "memory", "when": "end", **report})
-        log({"event": "plan_check", **check_plan(cfg, base_path, device)})
-    summary["adapter_dir"] = str(out / "adapter")
-    log(summary)
-    barrier()  # the adapter is on disk before any process returns
-    return summary
+            write_or_explain(out / "adapter", write_adapter, checkpoint_bytes, out)
+            report = build_memory_report(model, device)
+            print(format_memory_report(report, "end"))
+            log({"event": "memory", "when": "end", **report})
+            log({"event": "plan_check", **check_plan(cfg, base_path, device, world.size)})
+        summary["adapter_dir"] = str(out / "adapter")
+        log(summary)
+        if metrics is not None:
+            metrics.close()
+            metrics = None
+            if plot_run(out):  # curves.png; without matplotlib a one-line note
+                print(f"curves: {out / 'curves.png'}")
+        barrier()  # the adapter is on disk before any process returns
+        return summary
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 # ---------------------------------------------------------------------------- pieces of the loop
@@ -399,11 +424,13 @@ def evaluate_loss(model, examples: list[dict], cfg: RecipeConfig, pad_id: int, d
     if cfg.train.eval_max_batches is not None:
         starts = starts[: cfg.train.eval_max_batches]
     mine, rounds = share_of(starts, world)
+    # A long evaluation gets its own bar (rank 0's), under the training bar.
+    rounds_bar = tqdm(range(rounds), desc="eval", leave=False, dynamic_ncols=True, disable=not world.is_main or rounds < EVAL_BAR_BATCHES)
     # accelerate autocasts the model's forward; the chunked loss runs the model's body and head
     # itself, so evaluation sets the autocast that training's loop sets.
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_mixed_precision(cfg.train.mixed_precision, device))
     total_loss, total_targets = 0.0, 0
-    for round_ in range(rounds):
+    for round_ in rounds_bar:
         start = mine[round_] if round_ < len(mine) else starts[0]
         batch = {k: v.to(device) for k, v in collate_batch(examples[start : start + size], pad_id).items()}
         n = count_targets(batch["labels"]) if round_ < len(mine) else 0
@@ -416,24 +443,31 @@ def evaluate_loss(model, examples: list[dict], cfg: RecipeConfig, pad_id: int, d
     return total_loss / max(total_targets, 1)
 
 
-@torch.no_grad()
 def exact_match(model, tokenizer, examples: list[dict], device: torch.device, world: World = World(), lockstep: bool = False) -> float:
-    """Share of examples whose greedy answer equals the reference answer exactly (after strip), over every process.
+    """Share of examples whose greedy answer equals the reference answer exactly (after strip), over every process."""
+    answers = generate_answers(model, tokenizer, examples, device, world, lockstep)
+    return sum(a["answer"] == a["reference"] for a in answers) / max(len(answers), 1)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples: list[dict], device: torch.device, world: World = World(), lockstep: bool = False) -> list[dict]:
+    """Greedy answers to the examples' prompts: [{"prompt", "answer", "reference"}] in the examples' order, on every process.
 
     The prompt is the tokens before the first target token; the reference is the first run of
-    target tokens, up to EOS. Works for every format, from tokenized examples alone. lockstep
-    (FSDP): every process generates the same number of tokens for every example (the longest
-    any needs, without stopping at EOS; the answer is cut at EOS after), since each forward is
-    a collective call.
+    target tokens, up to EOS. Works for every format with a prompt, from tokenized examples
+    alone. The processes answer every world.size-th example each. lockstep (FSDP): every process
+    generates the same number of tokens for every example (the longest any needs, without
+    stopping at EOS; the answer is cut at EOS after), since each forward is a collective call.
     """
     runner = as_training_module(model, None)
     runner.eval()
     prompts = [split_prompt_and_reference(example, tokenizer) for example in examples]
     longest = max((len(reference) for _, reference in prompts), default=0) + 8
-    mine, rounds = share_of(prompts, world)
-    hits = 0
+    indices, rounds = share_of(list(range(len(prompts))), world)
+    mine: list[tuple[int, dict]] = []
     for round_ in range(rounds):
-        prompt_ids, reference_ids = mine[round_] if round_ < len(mine) else prompts[0]
+        index = indices[round_] if round_ < len(indices) else 0
+        prompt_ids, reference_ids = prompts[index]
         prompt = torch.tensor([prompt_ids], device=device)
         generated = runner(
             generate=dict(
@@ -449,10 +483,14 @@ def exact_match(model, tokenizer, examples: list[dict], device: torch.device, wo
         answer_ids = generated[0, prompt.shape[1] :].tolist()
         if tokenizer.eos_token_id in answer_ids:
             answer_ids = answer_ids[: answer_ids.index(tokenizer.eos_token_id)]
-        answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-        reference = tokenizer.decode(reference_ids, skip_special_tokens=True).strip()
-        hits += round_ < len(mine) and answer == reference
-    return sum_across([hits], device)[0] / max(len(examples), 1)
+        if round_ < len(indices):
+            mine.append((index, {
+                "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True),
+                "answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(),
+                "reference": tokenizer.decode(reference_ids, skip_special_tokens=True).strip(),
+            }))  # fmt: skip
+    gathered = sorted((pair for part in gather_objects(mine) for pair in part), key=lambda pair: pair[0])
+    return [answer for _, answer in gathered]
 
 
 def split_prompt_and_reference(example: dict, tokenizer) -> tuple[list[int], list[int]]:
@@ -468,27 +506,6 @@ def split_prompt_and_reference(example: dict, tokenizer) -> tuple[list[int], lis
 
 
 # ---------------------------------------------------------------------------- output folder and checkpoints
-
-
-class MetricsLog:
-    """Appends one JSON object per line; each line is flushed so a killed run keeps its history."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}, default=float) + "\n")
-
-    def drop_steps_after(self, step: int) -> None:
-        """Forget lines of steps past `step` (a killed run's work that the resumed run redoes)."""
-        if not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -525,9 +542,9 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(stale, ignore_errors=True)  # half-written by a killed run: never used
 
 
-def choose_auto_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str, n_examples: int) -> int:
-    """train.micro_batch_size auto: the planner's largest for this device, but never more than the data holds."""
-    size, plan = choose_micro_batch(cfg, device, base_path)
+def choose_auto_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str, n_examples: int, processes: int = 1) -> int:
+    """train.micro_batch_size auto: the planner's largest for this device, but never more than the data holds (per process)."""
+    size, plan = choose_micro_batch(cfg, device, base_path, gpus=processes)
     memory = f"the planner fits {plan.largest_micro_batch} in {plan.vram_bytes / 2**30:.1f} GiB"
     if size > n_examples:
         print(f"train.micro_batch_size auto -> {n_examples} ({memory}, but there are only {n_examples} training examples)")
@@ -625,12 +642,12 @@ def write_or_explain(final: Path, write: Callable[[Path], None], need_bytes: int
         ) from err
 
 
-def check_plan(cfg: RecipeConfig, base_path: str, device: torch.device) -> dict:
-    """The planner's estimate next to the measured peak, so that every GPU run checks the planner."""
+def check_plan(cfg: RecipeConfig, base_path: str, device: torch.device, processes: int = 1) -> dict:
+    """The planner's estimate (per GPU of `processes`) next to the measured peak, so that every GPU run checks the planner."""
     from .planner import GIB, PlanError, plan_memory, read_model_config
 
     try:
-        plan = plan_memory(cfg, read_model_config(base_path))
+        plan = plan_memory(cfg, read_model_config(base_path), gpus=processes)
     except (PlanError, ValueError, OSError) as err:  # an architecture the meta build cannot make: report, never fail the run
         return {"estimated_peak_gib": None, "note": f"planner unavailable: {err}"}
     record = {"estimated_peak_gib": plan.total_bytes / GIB, "estimated_weights_gib": plan.weights_bytes / GIB}

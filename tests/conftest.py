@@ -70,3 +70,11 @@ def tiny_model_dir(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Tokenized data is cached on disk; the tests' cache lives in a temporary folder, never in ~/.cache."""
+    import os
+
+    os.environ["QLORA_LITE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))

@@ -197,9 +197,13 @@ def test_resumed_run_forgets_steps_past_its_checkpoint_and_keeps_initial_eval(ti
     summary = metrics[-1]
     first_eval = next(m for m in metrics if m.get("event") == "eval")
     assert summary["initial_eval_loss"] == first_eval["eval_loss"]  # carried in the checkpoint
-    # each run (the killed one, then the resumed one) recorded its environment
-    assert [i for i, m in enumerate(metrics) if m.get("event") == "environment"] == [0, 5]
-    assert metrics[0]["packages"]["torch"] == torch.__version__ and metrics[0]["bitsandbytes"]["error"] is None
+    # each run (the killed one, then the resumed one) recorded how its data was prepared (the
+    # resumed one from the cache), then its environment
+    data_lines = [i for i, m in enumerate(metrics) if m.get("event") == "data"]
+    assert data_lines == [0, 7] and metrics[7]["cache"] == "hit" and metrics[7]["kept"] == metrics[0]["kept"] == 48
+    assert [i for i, m in enumerate(metrics) if m.get("event") == "environment"] == [1, 8]
+    assert [m.get("event") for m in metrics[2:5]] == ["memory", "eval", "samples"]
+    assert metrics[1]["packages"]["torch"] == torch.__version__ and metrics[1]["bitsandbytes"]["error"] is None
     assert "eval_loss: " in resumed.stdout and " -> " in resumed.stdout
     # the last step is always checkpointed, so resuming a finished run has nothing left to redo
     assert find_latest_checkpoint(tmp_path / "run").name == "step-0000005"
@@ -405,3 +409,26 @@ def test_checkpoint_from_before_the_new_settings_resumes_as_it_was_trained(tiny_
         fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.save_every": 2, "train.max_steps": 4})), resume=True)
     resumed = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{**common, "train.loss": "chunked"}, **{"train.max_steps": 4}))
     assert fit(resumed, resume=True)["steps"] == 4  # the loss path may change: both compute the same loss
+
+
+def test_a_run_reports_to_tensorboard_draws_its_curves_and_records_sample_answers(tiny_llama_dir, tmp_path):
+    from test_tracking import read_tensorboard
+
+    extra = {"train.report_to": ["tensorboard"], "train.sample_prompts": 2, "train.eval_every": 3, "train.max_steps": 6, "train.exact_match_examples": 2}
+    fit(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **extra)))
+    run = tmp_path / "run"
+    metrics = read_metrics(run)
+    # TensorBoard holds the losses of metrics.jsonl at their steps (float32 in the event file).
+    scalars = read_tensorboard(run / "trackers" / "tensorboard" / "run")
+    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    assert [step for step, _ in scalars["train/loss"]] == [step for step, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx([value for _, value in losses], rel=1e-6)
+    assert [step for step, _ in scalars["eval/eval_loss"]] == [0, 3, 6]
+    # The same 2 eval prompts answered at each eval (start, step 3, end).
+    samples = [m for m in metrics if m.get("event") == "samples"]
+    assert [m["step"] for m in samples] == [0, 3, 6]
+    assert all(len(m["samples"]) == 2 for m in samples)
+    assert len({tuple(s["prompt"] for s in m["samples"]) for m in samples}) == 1
+    assert all(set(s) == {"prompt", "answer", "reference"} and "### Response:" in s["prompt"] for m in samples for s in m["samples"])
+    # The curves are drawn at the end.
+    assert (run / "curves.png").stat().st_size > 10_000
