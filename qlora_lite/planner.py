@@ -39,6 +39,13 @@ With several GPUs (`gpus` > 1, `dist.strategy`) the plan is per GPU (see plan_me
   (whole: not parameters, never offloaded), the units all-gathered for the step (copied from the
   CPU first), the unsharded gradients and what does not depend on the weights' place. The plan
   adds the CPU RAM each process needs (`cpu_ram_bytes`).
+- `fsdp`, loading (`load_peak_bytes`): train.fit loads the base with device_map {"": device} on every
+  process, so each GPU first holds the WHOLE 4-bit base as one GPU loads it (weights as loaded of the
+  gpus=1 plan), then the whole trainable part attached to it, with the CUDA context and NCCL's buffers
+  (the starting adapter is broadcast before sharding); only then does shard_with_fsdp shard (and
+  offload) it. That peak does not shrink with N, so `fits` needs both it and the step's peak to fit.
+  Layer-by-layer loading (quantize a layer, shard it, free it) would remove it; it is not built yet.
+  With one GPU or ddp the step holds the whole base anyway: load_peak_bytes is 0 there.
 """
 
 from __future__ import annotations
@@ -139,6 +146,11 @@ class MemoryPlan:
     cpu_gradient_bytes: int = 0  # 1/N of its gradients (reduce-scattered, copied to the CPU)
     cpu_optimizer_bytes: int = 0  # 1/N of torch AdamW's two fp32 moments (the step runs on the CPU)
     cpu_ram_bytes: int = 0  # the sum of the four: CPU RAM per process
+    # fsdp with several GPUs: the per-GPU peak while loading, before FSDP shards anything (see estimate_load_peak_bytes).
+    # Zero with one GPU and under ddp, whose step already holds the whole base.
+    load_peak_bytes: int = 0
+    load_base_bytes: int = 0  # of which the whole base as one GPU loads it (the weights as loaded of the gpus=1 plan)
+    step_fits: bool = True  # total_bytes <= vram_bytes (the training step); `fits` also needs load_peak_bytes <= vram_bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,13 +211,14 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
 
     batch = 1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
     plan = plan_at(batch, cfg.train.max_seq_len)
-    plan.largest_micro_batch = search_largest(lambda b: plan_at(b, cfg.train.max_seq_len).fits)
+    # The largest micro-batch and the longest sequence are the step's: loading does not depend on them.
+    plan.largest_micro_batch = search_largest(lambda b: plan_at(b, cfg.train.max_seq_len).step_fits)
     # A model cannot attend past its context length, whatever memory would allow.
     plan.context_len = getattr(model_config, "max_position_embeddings", None)
     seq_limit = plan.context_len or 1 << 20
 
     def fits_seq(seq_len: int) -> bool:
-        return plan_at(batch, seq_len).fits
+        return plan_at(batch, seq_len).step_fits
 
     plan.largest_seq_len = search_largest(fits_seq, step=64, limit=seq_limit)
     if plan.context_len and plan.largest_seq_len and fits_seq(plan.context_len):
@@ -388,6 +401,7 @@ def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch
     recomputed = micro_batch * tokens_seq * count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element)
     overlap = -min(recomputed, logits) if checkpointing else 0
     static = shard_static(cfg, parts, gpus)
+    load_peak = estimate_load_peak_bytes(cfg, parts, gpus)
     cpu = static["cpu"]
     weights = static["nf4"] + static["constants"] + static["unquantized"]
     total = (
@@ -398,13 +412,33 @@ def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch
         weights_bytes=weights, nf4_bytes=static["nf4"], quant_constant_bytes=static["constants"], unquantized_bytes=static["unquantized"],
         trainable_params=parts["trainable_params"], trainable_bytes=static["trainable_bytes"], gradient_bytes=static["gradient_bytes"],
         optimizer_bytes=static["optimizer_bytes"], activation_bytes=activations, logits_bytes=logits, overlap_bytes=overlap,
-        cuda_context_bytes=CUDA_CONTEXT_BYTES, total_bytes=total, vram_bytes=vram_bytes, fits=total <= vram_bytes,
+        cuda_context_bytes=CUDA_CONTEXT_BYTES, total_bytes=total, vram_bytes=vram_bytes, fits=total <= vram_bytes and load_peak <= vram_bytes,
         micro_batch_size=micro_batch, max_seq_len=seq_len, loss=cfg.train.loss, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
         gpus=gpus, strategy=cfg.dist.strategy if gpus > 1 else None, grad_accum_steps=cfg.train.grad_accum_steps, gathered_bytes=static["gathered"],
         unsharded_gradient_bytes=static["unsharded_gradients"], bucket_bytes=static["buckets"], nccl_bytes=static["nccl"],
         cpu_offload=bool(cpu), cpu_weights_bytes=cpu.get("weights", 0), cpu_trainable_bytes=cpu.get("trainable", 0),
         cpu_gradient_bytes=cpu.get("gradients", 0), cpu_optimizer_bytes=cpu.get("optimizer", 0), cpu_ram_bytes=sum(cpu.values()),
+        load_peak_bytes=load_peak, load_base_bytes=parts["nf4"] + parts["constants"] + parts["unquantized"] if load_peak else 0, step_fits=total <= vram_bytes,
     )  # fmt: skip
+
+
+def estimate_load_peak_bytes(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> int:
+    """Per-GPU peak while an fsdp run of several processes loads its model, before FSDP shards it; 0 otherwise.
+
+    train.fit, on every process: load_base_model(..., device_map={"": device}) quantizes the whole base
+    onto the process's own GPU (the weights as one GPU loads them: NF4 + constants + unquantized), attaches
+    the whole trainable part, broadcasts it from rank 0 (NCCL's communicator exists from the first barrier),
+    and only then calls shard_with_fsdp. So each GPU holds
+      NF4 + constants + unquantized + trainable (all of them, as for one GPU) + CUDA context + NCCL,
+    whatever the number of GPUs and with or without dist.cpu_offload (which moves the shards after that).
+    Not counted: the bf16 copy of the one weight being quantized, transient, before the trainable part
+    exists (Llama-3.1-70B: 0.44 GiB at most, less than the trainable part and NCCL that come later), and
+    the caching allocator's fragmentation. One GPU and ddp: 0, their step's peak already holds all of this.
+    """
+    if gpus == 1 or cfg.dist.strategy != "fsdp":
+        return 0
+    whole = parts["nf4"] + parts["constants"] + parts["unquantized"] + parts["trainable_bytes"]
+    return whole + CUDA_CONTEXT_BYTES + NCCL_BYTES
 
 
 def shard_static(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> dict[str, int]:
@@ -513,6 +547,8 @@ def choose_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str |
     """
     vram = read_device_memory_bytes(device)
     plan = plan_memory(cfg, read_model_config(base_path or cfg.model.name_or_path), vram, gpus=gpus)
+    if plan.load_peak_bytes > vram:
+        raise PlanError(f"train.micro_batch_size auto: {describe_load_limit(plan)}; this device has {vram / GIB:.1f} GiB (run qlora-lite plan for the breakdown)")
     if plan.largest_micro_batch == 0:
         raise PlanError(
             f"train.micro_batch_size auto: even one sequence of {cfg.train.max_seq_len} tokens needs an estimated "
@@ -570,6 +606,15 @@ def describe_sharding(plan: MemoryPlan) -> dict[str, str]:
     }
 
 
+def describe_load_limit(plan: MemoryPlan) -> str:
+    """Why loading an fsdp run needs more than its step, and what it takes, in one clause."""
+    trainable = plan.load_peak_bytes - plan.load_base_bytes - plan.cuda_context_bytes - plan.nccl_bytes
+    return (
+        f"loading puts the whole 4-bit base ({plan.load_base_bytes / GIB:.2f} GiB) and trainable part ({trainable / GIB:.2f} GiB) on each GPU before FSDP shards them; "
+        f"needs GPUs of at least {max(plan.load_peak_bytes, plan.total_bytes) / GIB:.2f} GiB (layer-by-layer loading is not supported yet)"
+    )
+
+
 def format_plan(plan: MemoryPlan, model_name: str) -> str:
     def gib(n: int) -> str:
         return f"{n / GIB:6.2f} GiB"
@@ -596,9 +641,15 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
     else:
         lines = [f"memory plan for {model_name}, per GPU of {plan.gpus} (dist.strategy {plan.strategy}):"]
     lines += [f"  {name:<22}{gib(value)}  {detail}".rstrip() for name, value, detail in rows if value or name not in optional]
-    verdict = "fits" if plan.fits else "does NOT fit"
+    verdict = "fits" if plan.step_fits else "does NOT fit"
     where = f"{plan.vram_bytes / GIB:.0f} GiB" + (f" per GPU ({plan.gpus} GPUs)" if plan.gpus > 1 else "")
-    lines.append(f"  {'estimated peak' + (' per GPU' if plan.gpus > 1 else ''):<22}{gib(plan.total_bytes)}  -> {verdict} in {where}")
+    the_step = "the training step " if plan.step_fits and not plan.fits else ""
+    lines.append(f"  {'estimated peak' + (' per GPU' if plan.gpus > 1 else ''):<22}{gib(plan.total_bytes)}  -> {the_step}{verdict} in {where}")
+    if plan.load_peak_bytes:
+        loading = "the whole 4-bit base and the trainable part on each GPU before FSDP shards them, + CUDA context and NCCL"
+        if plan.load_peak_bytes > plan.vram_bytes:
+            loading = f"-> does NOT fit{'' if plan.step_fits else ' either'}: {describe_load_limit(plan)}"
+        lines.append(f"  {'loading peak per GPU':<22}{gib(plan.load_peak_bytes)}  {loading}")
     if plan.cpu_offload:
         lines.append(
             f"  {'CPU RAM per process':<22}{gib(plan.cpu_ram_bytes)}  pinned, needed by each of the {plan.gpus} processes (dist.cpu_offload): "
@@ -609,6 +660,7 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         f"  largest micro-batch at {plan.max_seq_len} tokens: {plan.largest_micro_batch or 'none'}; "
         f"longest sequence at micro-batch {plan.micro_batch_size}: {plan.largest_seq_len or 'none'}"
         + (" (the model's context length binds, not memory)" if plan.seq_len_capped_by_context else "")
+        + (" (the training step's, once loaded)" if plan.step_fits and not plan.fits else "")
     )
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)

@@ -127,6 +127,7 @@ def test_plan_json_has_the_documented_keys(capsys):
     distributed_rows = ("gathered_bytes", "unsharded_gradient_bytes", "bucket_bytes", "nccl_bytes")
     assert plan["total_bytes"] == sum(plan[k] for k in rows + distributed_rows)
     assert plan["gpus"] == 1 and plan["strategy"] is None and all(plan[k] == 0 for k in distributed_rows)
+    assert plan["load_peak_bytes"] == plan["load_base_bytes"] == 0 and plan["step_fits"] is True  # fsdp with several GPUs only
     assert plan["loss"] == "chunked" and plan["overlap_bytes"] <= 0
 
 
@@ -377,7 +378,7 @@ def test_fsdp_units_follow_the_wrapping():
     assert parts["layers"] == 42
 
 
-def test_70b_fits_four_24_gib_gpus_under_fsdp_not_two_nor_one(capsys):
+def test_70b_step_fits_four_24_gib_gpus_under_fsdp_but_loading_does_not(capsys):
     cfg = load_config(FSDP_RECIPE)
     assert cfg.dist.strategy == "fsdp" and cfg.train.optimizer == "adamw" and cfg.quant.compute_dtype == "bfloat16"
     config = read_model_config(cfg.model.name_or_path)
@@ -385,17 +386,29 @@ def test_70b_fits_four_24_gib_gpus_under_fsdp_not_two_nor_one(capsys):
     assert not one.fits and one.largest_seq_len == 0
     # Two GPUs: before any activation or loss, the per-GPU floor is already past 24 GiB, so no sequence fits.
     floor = two.total_bytes - two.activation_bytes - two.logits_bytes - two.overlap_bytes
-    assert floor > 24 * GIB and not two.fits and two.largest_micro_batch == two.largest_seq_len == 0
-    assert four.fits and four.largest_micro_batch >= cfg.train.micro_batch_size and four.largest_seq_len >= cfg.train.max_seq_len
+    assert floor > 24 * GIB and not two.step_fits and not two.fits and two.largest_micro_batch == two.largest_seq_len == 0
+    # Four GPUs: the training step fits (18.60 GiB per GPU, room for 2 sequences of 2048)...
+    assert four.step_fits and round(four.total_bytes / GIB, 2) == 18.60
+    assert four.largest_micro_batch == 2 and four.largest_micro_batch >= cfg.train.micro_batch_size and four.largest_seq_len >= cfg.train.max_seq_len
+    # ...but loading puts the whole 4-bit base on every GPU first: 38.58 GiB each, so the run does not fit 24 GiB cards
+    assert round(four.load_peak_bytes / GIB, 2) == 38.58 and four.load_peak_bytes == two.load_peak_bytes
+    assert not four.fits
     ddp = plan_memory(load_config(FSDP_RECIPE, ["dist.strategy=ddp"]), config, vram_bytes=24 * GIB, gpus=4)
     assert not ddp.fits and ddp.weights_bytes == one.weights_bytes  # DDP replicates the 37 GiB base
     assert cli.main(["plan", FSDP_RECIPE, "--gpus", "4"]) == 0
     out = capsys.readouterr().out
     assert "memory plan for meta-llama/Llama-3.1-70B, per GPU of 4 (dist.strategy fsdp):" in out
-    assert f"estimated peak per GPU {four.total_bytes / GIB:5.2f} GiB  -> fits in 24 GiB per GPU (4 GPUs)" in out
+    assert "estimated peak per GPU 18.60 GiB  -> the training step fits in 24 GiB per GPU (4 GPUs)" in out
+    assert (
+        "loading peak per GPU   38.58 GiB  -> does NOT fit: loading puts the whole 4-bit base (36.80 GiB) and trainable part (0.77 GiB) "
+        "on each GPU before FSDP shards them; needs GPUs of at least 38.58 GiB (layer-by-layer loading is not supported yet)"
+    ) in out
+    assert "largest micro-batch at 2048 tokens: 2; longest sequence at micro-batch 1: 5184 (the training step's, once loaded)" in out
     assert "1/4 per GPU (FSDP shards), constants whole" in out and "all-gathered weights" in out
     assert cli.main(["plan", FSDP_RECIPE, "--gpus", "2"]) == 0
-    assert "does NOT fit in 24 GiB per GPU (2 GPUs)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "estimated peak per GPU 28.12 GiB  -> does NOT fit in 24 GiB per GPU (2 GPUs)" in out
+    assert "loading peak per GPU   38.58 GiB  -> does NOT fit either: loading puts the whole 4-bit base" in out
 
 
 @pytest.mark.parametrize("gpus, grad_accum", [(2, 4), (2, 1), (4, 4)])
@@ -437,7 +450,7 @@ def test_cpu_offload_without_fsdp_is_a_clear_error_and_one_gpu_ignores_it(capsys
     assert any("dist.strategy fsdp shards only with several processes (and dist.cpu_offload offloads only shards)" in note for note in one.notes)
 
 
-def test_70b_fits_two_24_gib_gpus_with_cpu_offload_not_without_nor_one(capsys):
+def test_70b_step_fits_two_24_gib_gpus_with_cpu_offload_but_loading_does_not(capsys):
     cfg = load_config(OFFLOAD_RECIPE)
     assert cfg.dist.strategy == "fsdp" and cfg.dist.cpu_offload and cfg.train.optimizer == "adamw" and cfg.quant.compute_dtype == "bfloat16"
     assert cfg.method == "lora" and cfg.model.name_or_path == "meta-llama/Llama-3.1-70B"
@@ -447,19 +460,76 @@ def test_70b_fits_two_24_gib_gpus_with_cpu_offload_not_without_nor_one(capsys):
     two = plan_memory(cfg, config, vram_bytes=24 * GIB, gpus=2)
     assert not one.fits and one.largest_seq_len == 0 and round(one.total_bytes / GIB, 2) == 47.66  # at 2 x 2048 (44.15 at 1 x 2048)
     # without offload the per-GPU floor (before activations) is past 24 GiB: no sequence fits
-    assert not without.fits and without.largest_micro_batch == without.largest_seq_len == 0
+    assert not without.step_fits and not without.fits and without.largest_micro_batch == without.largest_seq_len == 0
     assert round((without.total_bytes - without.activation_bytes - without.logits_bytes - without.overlap_bytes) / GIB, 2) == 24.61
-    # with it: 12.58 GiB per GPU at the recipe's 2 x 2048, room for 5 sequences; 19.44 GiB of pinned CPU RAM per process
-    assert two.fits and round(two.total_bytes / GIB, 2) == 12.58 and two.largest_micro_batch == 5
+    # with it the training step fits: 12.58 GiB per GPU at the recipe's 2 x 2048, room for 5 sequences; 19.44 GiB of pinned CPU RAM per process
+    assert two.step_fits and round(two.total_bytes / GIB, 2) == 12.58 and two.largest_micro_batch == 5
     assert two.largest_micro_batch >= cfg.train.micro_batch_size and two.largest_seq_len >= cfg.train.max_seq_len
     assert round(two.cpu_ram_bytes / GIB, 2) == 19.44 and round(two.cpu_weights_bytes / GIB, 2) == 17.90
+    # but offload moves the shards only once FSDP has made them: loading holds the whole base on each GPU first
+    assert round(two.load_peak_bytes / GIB, 2) == 38.58 and two.load_peak_bytes == without.load_peak_bytes and not two.fits
     assert cli.main(["plan", OFFLOAD_RECIPE, "--gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert "estimated peak per GPU 12.58 GiB  -> fits in 24 GiB per GPU (2 GPUs)" in out
+    assert "estimated peak per GPU 12.58 GiB  -> the training step fits in 24 GiB per GPU (2 GPUs)" in out
+    assert "loading peak per GPU   38.58 GiB  -> does NOT fit: loading puts the whole 4-bit base (36.80 GiB)" in out
     assert "CPU RAM per process    19.44 GiB  pinned, needed by each of the 2 processes (dist.cpu_offload)" in out
     assert "2 on one machine: 38.88 GiB" in out
     assert cli.main(["plan", OFFLOAD_RECIPE, "dist.cpu_offload=false", "--gpus", "2"]) == 0
     assert "does NOT fit in 24 GiB per GPU (2 GPUs)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe, gpus", [(FSDP_RECIPE, 2), (FSDP_RECIPE, 4), (FSDP_RECIPE, 8), (OFFLOAD_RECIPE, 2), (OFFLOAD_RECIPE, 4)])
+def test_fsdp_loading_peak_is_the_whole_one_gpu_base_and_trainable_part(recipe, gpus):
+    """train.fit loads the whole 4-bit base on every GPU, attaches the LoRA and broadcasts it before FSDP shards (or offloads) anything."""
+    from qlora_lite.planner import CUDA_CONTEXT_BYTES, NCCL_BYTES
+
+    cfg = load_config(recipe)
+    config = read_model_config(cfg.model.name_or_path)
+    one, plan = plan_memory(cfg, config, gpus=1), plan_memory(cfg, config, gpus=gpus)
+    n = llama_70b_numbers()
+    base = n["layers"] * n["layer_nf4"] + one.quant_constant_bytes + n["embed"] + n["head"] + n["layers"] * n["layer_norms"] + n["final_norm"]
+    assert plan.load_base_bytes == one.weights_bytes == base  # the weights as loaded of the one-GPU plan
+    assert plan.load_peak_bytes == one.weights_bytes + one.trainable_bytes + CUDA_CONTEXT_BYTES + NCCL_BYTES
+    assert one.trainable_bytes == 207_093_760 * 4  # the whole fp32 LoRA, not 1/N
+    assert round(plan.load_base_bytes / GIB, 2) == 36.80 and round(plan.load_peak_bytes / GIB, 2) == 38.58  # whatever N, with or without offload
+    # the verdict needs both: the smallest memory that fits is the larger of the step's and the loading peak
+    smallest = max(plan.total_bytes, plan.load_peak_bytes)
+    assert smallest == plan.load_peak_bytes
+    assert plan_memory(cfg, config, vram_bytes=smallest, gpus=gpus).fits
+    assert not plan_memory(cfg, config, vram_bytes=smallest - 1, gpus=gpus).fits
+    # one GPU and ddp: the step holds the whole base anyway, no separate loading figure, the verdict is the step's
+    ddp = plan_memory(load_config(DDP_RECIPE), gpus=gpus)
+    for other in (one, ddp):
+        assert other.load_peak_bytes == other.load_base_bytes == 0 and other.fits == other.step_fits == (other.total_bytes <= other.vram_bytes)
+        assert "loading peak" not in format_plan(other, "m")
+
+
+@pytest.mark.parametrize("recipe", [FSDP_RECIPE, OFFLOAD_RECIPE])
+def test_70b_fsdp_recipes_fit_two_80_gib_gpus(recipe, capsys):
+    cfg = load_config(recipe)
+    plan = plan_memory(cfg, vram_bytes=80 * GIB, gpus=2)
+    assert plan.fits and plan.step_fits and plan.load_peak_bytes < 80 * GIB
+    assert round(plan.total_bytes / GIB, 2) == (12.58 if cfg.dist.cpu_offload else 28.12)  # 28.12: the 4-card recipe's micro-batch 1 on 2 cards
+    assert cli.main(["plan", recipe, "--gpus", "2", "--vram", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert f"estimated peak per GPU {plan.total_bytes / GIB:5.2f} GiB  -> fits in 80 GiB per GPU (2 GPUs)" in out
+    assert "loading peak per GPU   38.58 GiB  the whole 4-bit base and the trainable part on each GPU before FSDP shards them" in out
+    assert "once loaded" not in out and "does NOT fit" not in out
+    assert cli.main(["plan", recipe, "--gpus", "2", "--vram", "80GiB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["load_peak_bytes"] == plan.load_peak_bytes and data["fits"] is True and data["step_fits"] is True
+
+
+def test_auto_micro_batch_refuses_an_fsdp_run_whose_loading_does_not_fit(monkeypatch):
+    from qlora_lite import planner
+
+    monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 24 * GIB)
+    cfg = load_config(FSDP_RECIPE, ["train.micro_batch_size=auto"])
+    assert plan_memory(cfg, vram_bytes=24 * GIB, gpus=4).largest_micro_batch == 2  # the step alone would take 2
+    with pytest.raises(PlanError, match=r"auto: loading puts the whole 4-bit base \(36.80 GiB\) .* needs GPUs of at least 38.58 GiB .* this device has 24.0 GiB"):
+        planner.choose_micro_batch(cfg, torch.device("cpu"), gpus=4)
+    monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 80 * GIB)
+    assert planner.choose_micro_batch(cfg, torch.device("cpu"), gpus=4)[0] == plan_memory(cfg, vram_bytes=80 * GIB, gpus=4).largest_micro_batch
 
 
 @pytest.mark.parametrize("recipe, gpus", [(FSDP_RECIPE, 4), (DDP_RECIPE, 2), (OFFLOAD_RECIPE, 2)])
@@ -475,6 +545,14 @@ def test_multi_gpu_recipe_headers_state_the_planner_figure(recipe, gpus):
     total = re.search(r"^#   total +([0-9.]+) GiB per GPU", text, re.MULTILINE)
     assert total and total.group(1) == f"{plan.total_bytes / GIB:.2f}"
     assert f"largest micro-batch at {cfg.train.max_seq_len} tokens: {plan.largest_micro_batch})" in text
+    if plan.load_peak_bytes:  # fsdp: the step fits 24 GiB, loading does not yet, and the header says so with the figures
+        assert plan.step_fits and not plan.fits
+        loading = re.search(r"^#   loading +([0-9.]+) GiB per GPU: the whole 4-bit base \(([0-9.]+) GiB\)", text, re.MULTILINE)
+        assert loading and loading.groups() == (f"{plan.load_peak_bytes / GIB:.2f}", f"{plan.load_base_bytes / GIB:.2f}")
+        assert f"GPUs of at least {plan.load_peak_bytes / GIB:.2f} GiB" in text and "layer-by-layer loading" in text
+        assert "DOES NOT YET LOAD on 24 GB cards" in text
+    else:
+        assert plan.fits
     if cfg.dist.cpu_offload:
         assert f"# CPU RAM per process: {plan.cpu_ram_bytes / GIB:.2f} GiB, pinned" in text
         assert f"{gpus * plan.cpu_ram_bytes / GIB:.2f} GiB for the {gpus} processes on one machine" in text
