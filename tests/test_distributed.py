@@ -80,11 +80,23 @@ def overrides(data: str, model_dir, out: Path, **extra) -> list[str]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
 
 
-def torchrun(args: list[str], probes: str = "", probe_dir: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """2 gloo processes: `qlora_lite train ARGS`, or the probing worker when probes are given."""
-    target = [str(WORKER), "train"] if probes else ["-m", "qlora_lite", "train"]
+# accelerate launch on CPUs: --multi_gpu starts the processes (--cpu would start one), and fit()
+# builds Accelerator(cpu=True), which makes them gloo ranks of one job.
+ACCELERATE = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def torchrun(
+    args: list[str], probes: str = "", probe_dir: Path | None = None, env_extra: dict | None = None, launcher: str = "torchrun"
+) -> subprocess.CompletedProcess:
+    """2 gloo processes: `qlora_lite train ARGS`, or the probing worker when probes are given; by torchrun or accelerate launch."""
+    if launcher == "torchrun":
+        start = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        target = [str(WORKER), "train"] if probes else ["-m", "qlora_lite", "train"]
+    else:
+        start = ACCELERATE
+        target = [str(WORKER), "train"] if probes else ["--module", "qlora_lite", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QLORA_LITE_PROBE": probes, "QLORA_LITE_PROBE_DIR": str(probe_dir or ""), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target, "recipes/tiny-demo.yaml", *args]
+    cmd = [sys.executable, *start, *target, "recipes/tiny-demo.yaml", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parent.parent)
 
 
@@ -103,7 +115,7 @@ def metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_llama_dir):
-    """One process with micro-batch 4, and 2 processes with 2 each under DDP and under FSDP2 (probed)."""
+    """One process with micro-batch 4, and 2 processes with 2 each under DDP (accelerate launch) and under FSDP2 (torchrun), probed."""
     root = tmp_path_factory.mktemp("dist")
     data = write_data(root)
     fit(load_config("recipes/tiny-demo.yaml", overrides(data, tiny_llama_dir, root / "one", **{"train.micro_batch_size": 4})))
@@ -112,7 +124,8 @@ def runs(tmp_path_factory, tiny_llama_dir):
         probe_dir = root / f"probe-{strategy}"
         probe_dir.mkdir()
         args = overrides(data, tiny_llama_dir, root / strategy, **{"dist.strategy": strategy})
-        launches[strategy] = (torchrun(args, probes="seed,writes,dump", probe_dir=probe_dir), probe_dir)
+        launcher = "accelerate" if strategy == "ddp" else "torchrun"
+        launches[strategy] = (torchrun(args, probes="seed,writes,dump", probe_dir=probe_dir, launcher=launcher), probe_dir)
     return root, data, launches
 
 
@@ -193,7 +206,7 @@ def test_fsdp_killed_mid_run_resumes_to_the_uninterrupted_adapter(runs, tiny_lla
 def test_ddp_checkpoint_resumes_on_one_process_with_the_same_examples_per_step(runs, tiny_llama_dir):
     root, data, launches = runs
     out = root / "ddp-then-one"
-    killed = torchrun(overrides(data, tiny_llama_dir, out, **{"train.save_every": 2}), env_extra={"QLORA_LITE_KILL_AT_STEP": "2"})
+    killed = torchrun(overrides(data, tiny_llama_dir, out, **{"train.save_every": 2}), env_extra={"QLORA_LITE_KILL_AT_STEP": "2"}, launcher="accelerate")
     assert killed.returncode != 0
     # 1 process continues: 2 x 2 accumulated per step becomes 1 x 4, the same 8 examples per step.
     cfg = load_config("recipes/tiny-demo.yaml", overrides(data, tiny_llama_dir, out, **{"train.save_every": 2, "train.grad_accum_steps": 4}))
