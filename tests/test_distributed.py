@@ -175,6 +175,18 @@ def test_fsdp_adapter_loads_in_peft_with_the_logits_of_the_one_process_adapter(r
     assert (ours - one).abs().max() < 1e-4  # the adapters differ by 6e-6 (docstring); measured 2e-6 in logits
 
 
+def test_a_checkpoint_of_a_sharded_run_merges_mid_run(runs, tmp_path):
+    """FSDP checkpoints hold the gathered adapter, so `merge` takes one as it takes any adapter."""
+    from qlora_lite.export import merge_adapter
+
+    root, _, launches = runs
+    assert launches["fsdp"][0].returncode == 0
+    report = merge_adapter(root / "fsdp" / "checkpoints" / "step-0000002", tmp_path / "merged", dtype="fp32")
+    # verify (on by default for small models) compared the merged model with base + adapter.
+    assert report.merged_modules == 14 and report.max_logit_diff is not None and report.max_logit_diff < 1e-4
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
 def test_fsdp_with_cpu_offload_trains_the_same_adapter(runs, tiny_llama_dir):
     root, data, launches = runs
     done = torchrun(overrides(data, tiny_llama_dir, root / "offload", **{"dist.strategy": "fsdp", "dist.cpu_offload": True}))
