@@ -70,8 +70,9 @@ NUM_EVAL_EXAMPLES = 200
 
 # Bump when anything that changes the built base changes outside DemoBaseSpec (the task,
 # the corpus format, the tokenizer texts or kind), so old caches are not reused.
-# 3: the tokenizer became a SentencePiece model (tokenizer.model), so llama.cpp can convert the demo.
-DEMO_BASE_VERSION = 3
+# 3: the tokenizer became a SentencePiece model (tokenizer.model), so llama.cpp can convert the demo;
+# 4: its Hugging Face files put the word-start mark after every special token, as llama.cpp does.
+DEMO_BASE_VERSION = 4
 
 
 @dataclass(frozen=True)

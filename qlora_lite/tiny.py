@@ -9,12 +9,13 @@ that a CPU trains them in seconds.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0..3, as in Llama's sentencepiece models
 # Every printable ASCII character is in the alphabet so that no test text maps to <unk>.
@@ -24,6 +25,9 @@ ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]
 TINY_ARCHITECTURES = {
     "llama": {"model_type": "llama"},
     "qwen2": {"model_type": "qwen2"},  # q/k/v projections carry biases: exercises LoRA over biased linears
+    # Fused qkv_proj and gate_up_proj; its transformers tokenizer class reads tokenizer.json as it is, so a
+    # SentencePiece tokenizer keeps its layout (Qwen2's class rebuilds a byte-level one from the vocabulary).
+    "phi3": {"model_type": "phi3"},
 }
 
 
@@ -50,7 +54,7 @@ def build_sentencepiece_tokenizer(
     control_symbols: Iterable[str] = (),
     split_by_whitespace: bool = True,
     chat_template: str | None = None,
-) -> LlamaTokenizer:
+) -> PreTrainedTokenizerFast:
     """Train a SentencePiece BPE model on ``texts`` and save it with its Hugging Face files.
 
     Writes ``tokenizer.model`` (what llama.cpp's converter reads) beside ``tokenizer.json`` and
@@ -61,9 +65,9 @@ def build_sentencepiece_tokenizer(
 
     The settings are Llama's, for the reasons llama.cpp needs them: BPE (llama.cpp's
     SentencePiece tokenizer merges by piece score, which is BPE; a unigram model would
-    tokenize differently there), no normalization, a word-start mark in front of the text,
-    whitespace kept as it is. Every character of ALPHABET is in the vocabulary, so no test text
-    maps to <unk>.
+    tokenize differently there), no normalization, a word-start mark in front of the text and
+    after every special token written in it (as llama.cpp tokenizes), whitespace kept as it is.
+    Every character of ALPHABET is in the vocabulary, so no test text maps to <unk>.
 
     Args:
         user_defined_symbols: Pieces SentencePiece never merges with anything (each stays one token).
@@ -106,7 +110,14 @@ def build_sentencepiece_tokenizer(
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
+    # transformers 5.24's LlamaTokenizer rebuilds its pre-tokenizer when loaded and does not save
+    # `legacy`, so a reload (and every save after it, such as the adapter's) would put the word-start
+    # mark at the start of the text only. TokenizersBackend, its generic class, runs tokenizer.json as saved.
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "TokenizersBackend"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return AutoTokenizer.from_pretrained(str(out_dir))
 
 
 def convert_sentencepiece_bpe(model_file: Path, control_symbols: list[str]) -> LlamaTokenizer:
@@ -134,9 +145,12 @@ def convert_sentencepiece_bpe(model_file: Path, control_symbols: list[str]) -> L
                 ranked.append((-sp.get_score(index), vocab[left], vocab[right], left, right))
     merges = [(left, right) for *_, left, right in sorted(ranked)]
     pad, unk, bos, eos = SPECIAL_TOKENS
+    # legacy: the word-start mark goes in front of every piece of text between special tokens
+    # (Metaspace prepend_scheme "always"), as SentencePiece encodes each piece and as llama.cpp
+    # does (it adds a space after every special token); "first" would differ after `<|im_start|>`.
     return LlamaTokenizer(
         vocab=vocab, merges=merges, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=pad,
-        add_bos_token=True, add_eos_token=False, extra_special_tokens=control_symbols,
+        add_bos_token=True, add_eos_token=False, extra_special_tokens=control_symbols, legacy=True, add_prefix_space=True,
     )  # fmt: skip
 
 
