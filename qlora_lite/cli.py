@@ -17,6 +17,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .distributed import DistributedError
     from .export import ExportError
     from .generate import GenerationError
+    from .gguf import GGUFError
     from .lora import LoRAError
     from .methods import MethodError
     from .planner import PlanError
@@ -27,8 +28,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .train import TrainingError
 
     return (
-        AdapterError, ConfigError, DataError, DistributedError, ExportError, GenerationError, LoRAError, MethodError, ModelLoadError,
-        PlanError, PlotError, PromptTuningError, ShardError, TrainingError,
+        AdapterError, ConfigError, DataError, DistributedError, ExportError, GenerationError, GGUFError, LoRAError, MethodError,
+        ModelLoadError, PlanError, PlotError, PromptTuningError, ShardError, TrainingError,
     )  # fmt: skip
 
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="delete an earlier run in output_dir and start over")
     add_plan_parser(sub)
     add_merge_parser(sub)
+    add_export_gguf_parser(sub)
     add_generate_parser(sub)
     add_inspect_prompt_parser(sub)
     add_plot_parser(sub)
@@ -184,6 +186,63 @@ def format_merge_report(report) -> str:
     lines += [f"  note: {note}" for note in report.notes]
     lines.append(f"  peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- export-gguf
+
+# gguf.GGUF_TYPES and LORA_TYPES, spelled out so that --help does not import the library.
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
+
+
+def add_export_gguf_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export-gguf",
+        help="write a GGUF file for llama.cpp, LM Studio and Ollama (llama.cpp's own converter)",
+        usage="qlora-lite export-gguf (MERGED_DIR | ADAPTER_DIR) --out FILE.gguf [--type f16|bf16|q8_0|q4_k_m] [options]",
+        description=(
+            "Convert a model folder, or an adapter folder (merged into its base first, as `merge` does), to one GGUF file "
+            "with llama.cpp's convert_hf_to_gguf.py, holding the chat template the adapter was trained with and its stop "
+            "tokens; then load it in llama.cpp and check its tokenization and logits against transformers. Needs the gguf "
+            "extra: pip install 'qlora-lite[gguf]'."
+        ),
+    )
+    export.add_argument("source", metavar="MERGED_DIR | ADAPTER_DIR", help="a model folder (config.json + safetensors) or an adapter folder, e.g. runs/NAME/adapter")
+    export.add_argument("--out", required=True, metavar="FILE.gguf", help="the file to write (refused if it exists, unless --overwrite)")
+    export.add_argument(
+        "--type", default="f16", choices=GGUF_TYPES, dest="gguf_type",
+        help="weights: f16 (default), bf16, q8_0 (converter) or q4_k_m (llama.cpp's quantize; about 4.8 bits per weight)",
+    )
+    export.add_argument(
+        "--llama-cpp", metavar="DIR",
+        help="a llama.cpp checkout whose converter to use (default $QLORA_LITE_LLAMA_CPP, else the tested one from "
+        "llama-cpp-python's source distribution, downloaded once)",
+    )
+    export.add_argument(
+        "--format", choices=PROMPT_FORMATS, default="auto", dest="prompt_format",
+        help="chat template written into the file; auto = as the adapter was trained (qlora_lite.json), else the "
+        "tokenizer's template if it has one, else text",
+    )
+    export.add_argument("--ollama", action="store_true", help="also write FILE.Modelfile (FROM, TEMPLATE, stop, SYSTEM) for `ollama create`")
+    export.add_argument("--lora-only", action="store_true", help="write the adapter alone as a GGUF LoRA, served on a base GGUF with llama-server --lora")
+    export.add_argument("--base", metavar="PATH", help="the adapter's base folder (default: its base_model_name_or_path)")
+    export.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=None,
+        help="compare llama.cpp with transformers on probe prompts and fail above the type's tolerance (default: on up to 1B parameters)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace FILE.gguf (and its Modelfile), only once the new one is complete")
+    export.add_argument("--allow-pickle", action="store_true", help="read an adapter_model.bin pickle (weights_only) if it is all the adapter has")
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    from .gguf import export_gguf, format_gguf_report
+
+    report = export_gguf(
+        args.source, args.out, args.gguf_type, llama_cpp_dir=args.llama_cpp, prompt_format=args.prompt_format,
+        ollama=args.ollama, lora_only=args.lora_only, base=args.base, verify=args.verify, overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+    print(format_gguf_report(report))
+    return 0
 
 
 # ---------------------------------------------------------------------------- generate
@@ -380,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_progress_bars()
     try:
         commands = {
-            "train": run_train, "plan": run_plan, "merge": run_merge, "generate": run_generate,
+            "train": run_train, "plan": run_plan, "merge": run_merge, "export-gguf": run_export_gguf, "generate": run_generate,
             "inspect-prompt": run_inspect_prompt, "doctor": run_doctor, "plot": run_plot,
         }  # fmt: skip
         return commands[args.command](args)
