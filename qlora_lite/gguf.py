@@ -236,10 +236,10 @@ def export_gguf(
                     "pass --verify to compare llama.cpp with transformers (holds the model in fp32)"
                 )
         report.size_bytes = written.stat().st_size
+        os.replace(written, out)  # the same folder, so the file appears whole or not at all
         if modelfile is not None:
             (work / "Modelfile").write_text(modelfile_text)
             os.replace(work / "Modelfile", modelfile)
-        os.replace(written, out)  # the same folder, so the file appears whole or not at all
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report

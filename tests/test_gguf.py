@@ -226,6 +226,33 @@ def test_lora_gguf_on_base_gguf_equals_merged_gguf(demo_run, demo_gguf, generate
         assert max(float(abs(plain.last_logits(ids) - e).max()) for ids, e in zip(prompts, expected)) > 1
 
 
+@needs_llama_cpp
+def test_lora_only_folds_the_rslora_scale_into_alpha(sp_llama_dir, tmp_path):
+    # llama.cpp scales a LoRA by alpha / r; rsLoRA by alpha / sqrt(r) (twice as much here, r=4).
+    from qlora_lite.adapters import save_adapter
+    from qlora_lite.config import LoRAConfig
+    from qlora_lite.lora import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(str(sp_llama_dir), dtype=torch.float32)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear", dtype="float32", use_rslora=True)
+    apply_lora(model, cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.2)
+    save_adapter(model, cfg, tmp_path / "adapter", str(sp_llama_dir))
+    merged = export_gguf(tmp_path / "adapter", tmp_path / "merged.gguf", prompt_format="text")
+    base = export_gguf(sp_llama_dir, tmp_path / "base.gguf", prompt_format="text")
+    lora = export_gguf(tmp_path / "adapter", tmp_path / "lora.gguf", lora_only=True)
+    prompts = [[2, 10, 20, 30, 40, 50], [2, 60, 70, 80]]
+    with LlamaCppModel(merged.out) as model:
+        expected = [model.last_logits(ids) for ids in prompts]
+    with LlamaCppModel(base.out) as plain:
+        assert max(float(abs(plain.last_logits(ids) - e).max()) for ids, e in zip(prompts, expected)) > 0.05
+    with LlamaCppModel(base.out, lora_path=lora.out) as served:
+        assert max(float(abs(served.last_logits(ids) - e).max()) for ids, e in zip(prompts, expected)) <= LORA_ATOL
+
+
 # ---------------------------------------------------------------------------------------------
 # A second architecture: Phi-3 (fused qkv and gate_up projections) with a SentencePiece tokenizer and ChatML
 # ---------------------------------------------------------------------------------------------
@@ -457,3 +484,11 @@ def test_gguf_extra_is_pinned_to_the_tested_converter():
     assert extra == [f"llama-cpp-python>={LLAMA_CPP_PYTHON_VERSION}"]
     # The binding CI installs is the release whose converter export_gguf downloads: one llama.cpp.
     assert read_tested_versions()["llama-cpp-python"] == LLAMA_CPP_PYTHON_VERSION
+
+
+def test_converter_download_failure_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as offline: pip finds no llama-cpp-python to download
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(GGUFError, match=r"could not download llama.cpp's converter .* pass --llama-cpp DIR .*QLORA_LITE_LLAMA_CPP"):
+        ensure_tested_converter(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-extracted converter
