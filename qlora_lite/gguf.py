@@ -434,11 +434,16 @@ def explain_converter_failure(log: str, what: str) -> str:
     return f"llama.cpp's converter failed on {what}: {last[:400]}; nothing was written"
 
 
+_SUPPORTED: dict[Path, set[str]] = {}  # converter folder -> its architectures, listed once per process
+
+
 def list_supported_architectures(converter: Converter) -> set[str]:
     """The `architectures` names convert_hf_to_gguf.py converts (its --print-supported-models, TEXT section)."""
-    log = run_script(converter.model_script, ["--print-supported-models"], "the list of supported models")
-    text = log.split("TEXT models:", 1)[-1].split("MMPROJ models:", 1)[0]
-    return set(re.findall(r"^\s*-\s*(\S+)\s*$", text, flags=re.MULTILINE))
+    if converter.folder not in _SUPPORTED:
+        log = run_script(converter.model_script, ["--print-supported-models"], "the list of supported models")
+        text = log.split("TEXT models:", 1)[-1].split("MMPROJ models:", 1)[0]
+        _SUPPORTED[converter.folder] = set(re.findall(r"^\s*-\s*(\S+)\s*$", text, flags=re.MULTILINE))
+    return _SUPPORTED[converter.folder]
 
 
 def check_architecture(converter: Converter, model_dir: Path) -> None:

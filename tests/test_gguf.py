@@ -377,12 +377,18 @@ def sp_llama_dir(tmp_path_factory):
     return folder
 
 
+def read_error(capsys) -> str:
+    """The CLI's stderr less library progress bars (a model saved in the test may draw one): one error line."""
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines(keepends=True) if "Writing model shards" not in line]
+    return "".join(line for line in lines if line.strip())
+
+
 def test_missing_extra_names_it(sp_llama_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     with pytest.raises(GGUFError, match=r"needs llama.cpp's Python binding \(llama-cpp-python\): pip install 'qlora-lite\[gguf\]'"):
         export_gguf(sp_llama_dir, tmp_path / "m.gguf")
     assert cli.main(["export-gguf", str(sp_llama_dir), "--out", str(tmp_path / "m.gguf")]) == 2
-    err = capsys.readouterr().err
+    err = read_error(capsys)
     assert err.count("\n") == 1 and "pip install 'qlora-lite[gguf]'" in err
     assert not list(tmp_path.iterdir())
 
@@ -395,7 +401,7 @@ def test_architecture_llama_cpp_cannot_convert(sp_llama_dir, tmp_path, capsys):
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(sp_llama_dir / name, folder / name)
     assert cli.main(["export-gguf", str(folder), "--out", str(tmp_path / "opt.gguf")]) == 2
-    err = capsys.readouterr().err
+    err = read_error(capsys)
     assert err.startswith("error: llama.cpp cannot convert architecture OPTForCausalLM") and err.count("\n") == 1
     assert "qlora-lite merge" in err and not (tmp_path / "opt.gguf").exists()
 
@@ -406,7 +412,7 @@ def test_tokenizer_the_converter_refuses_leaves_nothing(tiny_qwen2_dir, tmp_path
     # pre-tokenizers only by the hash of released models', so it refuses it (as it refused the old demo).
     out = tmp_path / "out" / "m.gguf"
     assert cli.main(["export-gguf", str(tiny_qwen2_dir), "--out", str(out), "--ollama"]) == 2
-    err = capsys.readouterr().err
+    err = read_error(capsys)
     assert err.startswith("error: llama.cpp's converter refused") and "tokenizer.model" in err and err.count("\n") == 1
     assert list((tmp_path / "out").iterdir()) == []  # no GGUF, no Modelfile, no temporary folder
 
@@ -433,7 +439,7 @@ def test_existing_file_is_refused_then_replaced_with_overwrite(sp_llama_dir, tmp
     out = tmp_path / "m.gguf"
     out.write_text("an older export")
     assert cli.main(["export-gguf", str(sp_llama_dir), "--out", str(out)]) == 2
-    assert capsys.readouterr().err == f"error: {out} exists; choose another --out or pass --overwrite to replace it\n"
+    assert read_error(capsys) == f"error: {out} exists; choose another --out or pass --overwrite to replace it\n"
     assert out.read_text() == "an older export"
     assert cli.main(["export-gguf", str(sp_llama_dir), "--out", str(out), "--overwrite", "--format", "text"]) == 0
     printed = capsys.readouterr().out
@@ -454,7 +460,7 @@ def test_existing_file_is_refused_then_replaced_with_overwrite(sp_llama_dir, tmp
 )
 def test_option_errors(sp_llama_dir, tmp_path, capsys, args, message):
     assert cli.main(["export-gguf", str(sp_llama_dir), "--out", str(tmp_path / "m.gguf"), *args]) == 2
-    err = capsys.readouterr().err
+    err = read_error(capsys)
     assert message in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
 
