@@ -41,7 +41,6 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 GGUF_EXTRA = "pip install 'qlora-lite[gguf]'"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -381,7 +380,7 @@ def download_sdist(folder: Path) -> Path:
         sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
         "--quiet", "--dest", str(folder), "-r", str(requirement),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
     if result.returncode != 0 or not found:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -411,7 +410,7 @@ def run_script(script: Path, args: list[str], what: str) -> str:
     """Run one of llama.cpp's Python scripts; its log (stdout + stderr) is returned, or quoted in the error."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # every input is local
     env.pop("NO_LOCAL_GGUF", None)  # the scripts must import the gguf-py they ship with
-    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, check=False)
     log = result.stdout + result.stderr
     if result.returncode != 0:
         raise GGUFError(explain_converter_failure(log, what))

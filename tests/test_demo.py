@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import random
+from pathlib import Path
 
 import sentencepiece as spm
 from transformers import AutoTokenizer
