@@ -56,7 +56,7 @@ from .quant import (
     load_tokenizer,
     set_4bit_compute_dtype,
 )
-from .adapters import read_adapter_json
+from .adapters import PROMPT_INFO_NAME, read_adapter_json
 from .methods import find_saved_method
 from .selective import SELECTIVE_METHOD, attach_selective, check_selective_fits, read_selective
 from .shards import (
@@ -161,7 +161,7 @@ def merge_adapter(
             report.num_shards = write_merged_from_4bit(base_path, plan, out_dtype, tmp)
         else:
             report.num_shards = write_merged_shards(checkpoint, plan.merge_tensor, out_dtype, tmp)
-        write_model_files(base_path, tokenizer_dir, out_dtype, tmp)
+        write_model_files(base_path, tokenizer_dir, out_dtype, tmp, adapter_dir)
         if from_4bit:
             report.nf4_logit_diff = measure_nf4_loss(base_path, checkpoint, plan, tmp)
         if verify:
@@ -595,8 +595,15 @@ def run_probes(model: nn.Module, probes: list[torch.Tensor]) -> list[torch.Tenso
     return [model(input_ids=ids.to(device), use_cache=False).logits.float().cpu() for ids in probes]
 
 
-def write_model_files(base_path: str, tokenizer_dir: Path, out_dtype: str, tmp: Path) -> None:
-    """config.json (dtype updated, no quantization_config), generation_config.json and the tokenizer."""
+def write_model_files(base_path: str, tokenizer_dir: Path, out_dtype: str, tmp: Path, adapter_dir: Path | None = None) -> None:
+    """config.json (dtype updated, no quantization_config), generation_config.json, the tokenizer, and the adapter's qlora_lite.json.
+
+    A SentencePiece `tokenizer.model` is copied as well (from the tokenizer's folder, else the
+    base's): save_pretrained of a fast tokenizer does not write it, and llama.cpp's converter
+    reads a SentencePiece vocabulary from it (without it, it rebuilds one that tokenizes differently).
+    qlora_lite.json records the format the adapter was trained on, which `generate --format auto`
+    and `export-gguf` (its chat template) read.
+    """
     from transformers import AutoConfig, GenerationConfig
 
     config = json.loads((Path(base_path) / "config.json").read_text())
@@ -612,6 +619,11 @@ def write_model_files(base_path: str, tokenizer_dir: Path, out_dtype: str, tmp: 
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(tmp))).save_pretrained(str(tmp))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)), str(tokenizer_dir))
     tokenizer.save_pretrained(str(tmp))
+    for folder in (tokenizer_dir, Path(base_path)):
+        if (folder / "tokenizer.model").is_file() and not (tmp / "tokenizer.model").is_file():
+            shutil.copyfile(folder / "tokenizer.model", tmp / "tokenizer.model")
+    if adapter_dir is not None and (adapter_dir / PROMPT_INFO_NAME).is_file():
+        shutil.copyfile(adapter_dir / PROMPT_INFO_NAME, tmp / PROMPT_INFO_NAME)
     add_eos_ids(tmp / "generation_config.json", [tokenizer.eos_token_id, find_end_of_turn_id(tokenizer)])
 
 

@@ -644,7 +644,7 @@ def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout) -
                 hint = (
                     "Check the special tokens (BOS/EOS ids in config.json, generation_config.json and the tokenizer)"
                     if (model_dir / "tokenizer.model").is_file()
-                    else "The model folder has no SentencePiece tokenizer.model (qlora-lite merge does not copy it), so the "
+                    else "The model folder has no SentencePiece tokenizer.model, so the "
                     "converter rebuilt the vocabulary from tokenizer.json: copy the base model's tokenizer.model into the "
                     "folder, or export from the adapter folder"
                 )

@@ -84,14 +84,15 @@ def held_out():
 
 @pytest.fixture(scope="session")
 def demo_merged(demo_run, tmp_path_factory):
-    """`qlora-lite merge` of the demo adapter, plus the base's tokenizer.model (merge does not copy it yet)."""
+    """`qlora-lite merge` of the demo adapter: it carries the base's tokenizer.model and the adapter's qlora_lite.json."""
     from qlora_lite.adapters import read_adapter_json
     from qlora_lite.export import merge_adapter
 
     out = tmp_path_factory.mktemp("demo-merged") / "merged"
     merge_adapter(demo_run, out)
-    if not (out / "tokenizer.model").is_file():
-        shutil.copyfile(Path(read_adapter_json(demo_run)["base_model_name_or_path"]) / "tokenizer.model", out / "tokenizer.model")
+    base = Path(read_adapter_json(demo_run)["base_model_name_or_path"])
+    assert (out / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    assert json.loads((out / "qlora_lite.json").read_text())["data_format"] == "alpaca"
     return out
 
 
