@@ -35,20 +35,12 @@ from safetensors.torch import load_file
 from qlora_lite.config import load_config
 from qlora_lite.distributed import DistributedError, World, check_devices, check_launch, check_recipe
 from qlora_lite.train import fit
+from test_train import write_data
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 # "word word" of these words is the same number of tokens with the tests' tokenizer: every
 # example has the same length, so a micro-batch of 2 pads as a micro-batch of 4 does.
 SAME_LENGTH_WORDS = ["bird", "moon", "star", "rain", "book"]
-
-
-def write_data(folder: Path) -> str:
-    path = folder / "train.jsonl"
-    with path.open("w") as f:
-        for i in range(48):
-            word = SAME_LENGTH_WORDS[i % len(SAME_LENGTH_WORDS)]
-            f.write(json.dumps({"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"}) + "\n")
-    return str(path)
 
 
 def overrides(data: str, model_dir, out: Path, **extra) -> list[str]:
@@ -117,7 +109,7 @@ def metrics(run: Path) -> list[dict]:
 def runs(tmp_path_factory, tiny_llama_dir):
     """One process with micro-batch 4, and 2 processes with 2 each under DDP (accelerate launch) and under FSDP2 (torchrun), probed."""
     root = tmp_path_factory.mktemp("dist")
-    data = write_data(root)
+    data = write_data(root, SAME_LENGTH_WORDS)
     fit(load_config("recipes/tiny-demo.yaml", overrides(data, tiny_llama_dir, root / "one", **{"train.micro_batch_size": 4})))
     launches = {}
     for strategy in ("ddp", "fsdp"):

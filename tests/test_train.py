@@ -19,11 +19,11 @@ from qlora_lite.train import TrainingError, find_latest_checkpoint, fit
 WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "rain", "lamp", "door"]
 
 
-def write_data(folder) -> str:
+def write_data(folder, words: list[str] = WORDS) -> str:
     path = folder / "train.jsonl"
     with path.open("w") as f:
         for i in range(48):
-            word = WORDS[i % len(WORDS)]
+            word = words[i % len(words)]
             f.write(json.dumps({"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"}) + "\n")
     return str(path)
 
