@@ -119,7 +119,7 @@ class DataConfig:
     num_proc: int | None = None
     """Processes that tokenize the data the first time (None: one per CPU core, at most 8); the result is cached on disk and reused."""
     cache_dir: str | None = None
-    """Where tokenized data is cached (None: ~/.cache/qlora-lite/data, or $QLORA_LITE_DATA_CACHE)."""
+    """Where tokenized data is cached (None: $QLORA_LITE_DATA_CACHE, else `data` in qlora-lite's cache, $QLORA_LITE_CACHE or ~/.cache/qlora-lite)."""
 
 
 @dataclass

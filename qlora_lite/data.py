@@ -81,6 +81,7 @@ import tokenizers
 import torch
 
 from qlora_lite.config import CHOICES, DataConfig
+from qlora_lite.folders import cache_root
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss; the default ``ignore_index`` of torch's cross entropy."""
@@ -684,7 +685,6 @@ def build_datasets_with_stats(
 
 DATA_CACHE_ENV = "QLORA_LITE_DATA_CACHE"
 """Environment variable naming the data cache folder when ``data.cache_dir`` is not set."""
-DEFAULT_DATA_CACHE = "~/.cache/qlora-lite/data"
 
 MAX_AUTO_NUM_PROC = 8
 RECORDS_PER_PROCESS = 5_000
@@ -859,8 +859,8 @@ def prepare_datasets(cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: in
 
 
 def resolve_data_cache_dir(cfg: DataConfig) -> Path:
-    """``data.cache_dir``, else ``$QLORA_LITE_DATA_CACHE``, else ``~/.cache/qlora-lite/data``."""
-    return Path(cfg.cache_dir or os.environ.get(DATA_CACHE_ENV) or DEFAULT_DATA_CACHE).expanduser()
+    """``data.cache_dir``, else ``$QLORA_LITE_DATA_CACHE``, else ``data`` in qlora-lite's cache (``$QLORA_LITE_CACHE``, default ``~/.cache/qlora-lite``)."""
+    return Path(cfg.cache_dir or os.environ.get(DATA_CACHE_ENV) or cache_root() / "data").expanduser()
 
 
 def format_preparation_stats(stats: dict[str, Any]) -> str:

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from qlora_lite.data import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
+from qlora_lite.folders import cache_root
 from qlora_lite.tiny import build_sentencepiece_tokenizer, build_tiny_model
 
 # Paraphrases, so the adapter learns what the instruction asks for rather than one string.
@@ -211,8 +212,8 @@ def get_demo_base_hash(spec: DemoBaseSpec = DEMO_BASE_SPEC) -> str:
 
 
 def get_default_cache_dir() -> Path:
-    """`$QLORA_LITE_CACHE`, else `~/.cache/qlora-lite`."""
-    return Path(os.environ.get("QLORA_LITE_CACHE") or Path.home() / ".cache" / "qlora-lite")
+    """`$QLORA_LITE_CACHE`, else `~/.cache/qlora-lite` (folders.cache_root)."""
+    return cache_root()
 
 
 def ensure_demo_base(cache_dir: str | Path | None = None, spec: DemoBaseSpec = DEMO_BASE_SPEC) -> Path:

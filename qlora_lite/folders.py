@@ -8,9 +8,18 @@ it for a finished one.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+CACHE_ENV = "QLORA_LITE_CACHE"
+
+
+def cache_root() -> Path:
+    """Where qlora-lite caches what it builds (the demo base, tokenized data, llama.cpp's converter):
+    `$QLORA_LITE_CACHE`, else `~/.cache/qlora-lite`."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qlora-lite")
 
 
 def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:

@@ -42,6 +42,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .folders import cache_root
+
 GGUF_EXTRA = "pip install 'qlora-lite[gguf]'"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 """The llama-cpp-python release whose converter and binding the tests ran (pinned in tested-versions.txt)."""
@@ -352,9 +354,8 @@ def ensure_tested_converter(cache_dir: Path | None = None) -> Converter:
     pip downloads the source distribution, checked against SDIST_SHA256; only CONVERTER_PARTS
     are kept (about 2 MB), in a folder renamed into place once complete.
     """
-    from .demo import get_default_cache_dir
 
-    cache_dir = Path(cache_dir) if cache_dir is not None else get_default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
     folder = cache_dir / f"llama.cpp-converter-{LLAMA_CPP_PYTHON_VERSION}"
     origin = f"llama.cpp {LLAMA_CPP_COMMIT[:7]} (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION})"
     if (folder / "convert_hf_to_gguf.py").is_file():
