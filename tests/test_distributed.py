@@ -221,6 +221,34 @@ def test_ddp_checkpoint_resumes_on_one_process_with_the_same_examples_per_step(r
     assert max_diff(adapter(out / "adapter"), adapter(root / "ddp" / "adapter")) < 1e-5
 
 
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step_with_a_checkpoint(runs, tiny_llama_dir):
+    """torchrun passes SIGTERM on to its processes; they agree on the step to stop at (a vote in
+    the step's all-reduce), write one checkpoint there, and the run resumes from it."""
+    import signal
+    import time
+
+    root, data, _ = runs
+    out = root / "sigterm"
+    args = overrides(data, tiny_llama_dir, out, **{"train.max_steps": 400, "train.save_every": 1000, "train.eval_every": 0})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "qlora_lite", "train", "recipes/tiny-demo.yaml", *args]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 300
+    log = out / "metrics.jsonl"
+    while time.monotonic() < deadline and (not log.exists() or log.read_text().count('"loss"') < 3):
+        time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)
+    launcher.communicate(timeout=120)
+    stopped = [m for m in metrics(out) if m.get("event") == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"  # rank 0 alone logs; both stopped at its step
+    step = stopped[0]["step"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:07d}"]
+    resumed = torchrun([*overrides(data, tiny_llama_dir, out, **{"train.max_steps": step + 2, "train.save_every": 1000, "train.eval_every": 0}), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step-{step:07d}'} at step {step}" in resumed.stdout
+    assert [m["step"] for m in metrics(out) if "loss" in m][-2:] == [step + 1, step + 2]
+
+
 def test_resume_with_another_effective_batch_on_other_processes_is_refused(runs, tiny_llama_dir):
     root, data, _ = runs
     cfg = load_config("recipes/tiny-demo.yaml", overrides(data, tiny_llama_dir, root / "ddp", **{"train.grad_accum_steps": 3}))
