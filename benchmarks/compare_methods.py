@@ -102,10 +102,7 @@ def measure_forgetting(rows: list[dict]) -> float:
     """Loss per token on held-out text in the base's pretraining formats: base alone, then each run's model."""
     import torch
 
-    from qlora_lite.config import load_config
-    from qlora_lite.demo import ensure_demo_base, make_demo_records, make_pretraining_text
-    from qlora_lite.methods import load_method
-    from qlora_lite.quant import load_base_model, load_tokenizer
+    from qlora_lite import ensure_demo_base, load_base_model, load_method, load_recipe, load_tokenizer, make_demo_records, make_pretraining_text
 
     torch.set_num_threads(1)
     base_path = str(ensure_demo_base())
@@ -124,7 +121,7 @@ def measure_forgetting(rows: list[dict]) -> float:
         return total / count
 
     for row in rows:
-        cfg = load_config(RECIPE, [f"{k}={json.dumps(v)}" for k, v in row["overrides"].items()])
+        cfg = load_recipe(RECIPE, [f"{k}={json.dumps(v)}" for k, v in row["overrides"].items()])
         tokenizer = load_tokenizer(cfg.model, base_path)
         base = load_base_model(cfg.model, cfg.quant, torch.device("cpu"), base_path).eval()
         row["base_text_loss"] = text_loss(base, tokenizer)
@@ -214,7 +211,7 @@ def main() -> None:
     unknown = [k for k in keys if k not in RUNS]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
-    from qlora_lite.demo import ensure_demo_base
+    from qlora_lite import ensure_demo_base
 
     ensure_demo_base()  # build the cached base once, before the parallel runs race to build it
     start = time.perf_counter()

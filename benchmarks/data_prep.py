@@ -99,7 +99,7 @@ def build_benchmark_tokenizer(out_dir: Path) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import TOKENIZER_TEXTS  # the tests' tokenizer texts
 
-    from qlora_lite.tiny import build_tokenizer
+    from qlora_lite import build_tokenizer
 
     build_tokenizer(TOKENIZER_TEXTS, out_dir, vocab_size=256)
 
@@ -139,8 +139,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
-    from qlora_lite.config import DataConfig
-    from qlora_lite.data import collate_batch, prepare_datasets, select_micro_batch
+    from qlora_lite import DataConfig, collate_batch, prepare_datasets, select_micro_batch
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

@@ -32,8 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qlora_lite.config import load_config  # noqa: E402
-from qlora_lite.demo import DEMO_BASE_SPEC, ensure_demo_base, format_demo_prompt  # noqa: E402
+from qlora_lite import (  # noqa: E402
+    DEMO_BASE_SPEC,
+    ensure_demo_base,
+    format_demo_prompt,
+    load_recipe,  # noqa: E402
+)
 
 IGNORE_INDEX = -100
 
@@ -60,7 +64,7 @@ def read_records(path: Path) -> list[dict[str, str]]:
 def tokenize_record(record: dict[str, str], tokenizer, max_seq_len: int) -> dict[str, list[int]]:
     """Prompt and response tokenized separately, + EOS, loss on response and EOS only.
 
-    Mirrors qlora_lite.data.tokenize_example for alpaca records: the prompt with the BOS the demo's
+    Mirrors qlora_lite.tokenize_example for alpaca records: the prompt with the BOS the demo's
     SentencePiece tokenizer adds, the response without (checked equal on 50 records).
     """
     prompt_ids = tokenizer(format_demo_prompt(record))["input_ids"]
@@ -143,7 +147,7 @@ def show_worst_examples(model, tokenizer, examples, n: int) -> None:
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.recipe, args.override)
+    cfg = load_recipe(args.recipe, args.override)
     recipe_dir = Path(args.recipe).resolve().parent
     t = cfg.train
 
@@ -158,9 +162,9 @@ def main() -> int:
     base_dir = ensure_demo_base(cache, spec)
     base_s = time.perf_counter() - start
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from peft import LoraConfig, get_peft_model
     import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     start = time.perf_counter()
     compute_dtype = getattr(torch, args.compute_dtype)

@@ -16,7 +16,7 @@ the same micro-batch (2 x 2048 tokens, every token labelled) under the same bf16
     (`compute_ours_loss`, the one call site: `loss.compute_causal_lm_loss` with the recipe's
     `train.loss`, chunked by default; `--ours-loss hf` measures transformers' loss on this side too).
 
-Memory is measured by `qlora_lite.memory.MemoryMeter`, which needs no GPU: the peak bytes of
+Memory is measured by `qlora_lite.MemoryMeter`, which needs no GPU: the peak bytes of
 live tensor storages during the step, split into the static part (weights, adapter, batch:
 alive before the step) and the transient part (activations, saved tensors, gradients, logits).
 On CUDA the meter's peak is also checked against `torch.cuda.max_memory_allocated` (within 5%).
@@ -163,11 +163,9 @@ def load_peft_stack(model_dir: str, device):
 
 def load_ours(model_dir: str, device, loss: str | None = None):
     """qlora-lite's pieces with the Llama-3.1-8B recipe's settings, as fit() assembles them; loss overrides train.loss."""
-    from qlora_lite.config import load_config
-    from qlora_lite.methods import attach_method
-    from qlora_lite.quant import enable_gradient_checkpointing, load_base_model
+    from qlora_lite import attach_method, enable_gradient_checkpointing, load_base_model, load_recipe
 
-    cfg = load_config(RECIPE, [f"model.name_or_path={model_dir}", *([f"train.loss={loss}"] if loss else [])])
+    cfg = load_recipe(RECIPE, [f"model.name_or_path={model_dir}", *([f"train.loss={loss}"] if loss else [])])
     model = load_base_model(cfg.model, cfg.quant, device, model_dir)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -182,15 +180,15 @@ def compute_peft_loss(model, batch: dict):
 def compute_ours_loss(model, batch: dict, cfg):
     """The loss exactly as fit() computes it: LOSS CALL SITE, the one line to change when fit()'s does.
 
-    fit() calls `qlora_lite.loss.compute_causal_lm_loss(model, batch, cfg.train)`: with
+    fit() calls `qlora_lite.compute_causal_lm_loss(model, batch, cfg.train)`: with
     `train.loss: chunked` (the default) a fused chunked linear cross-entropy over the labelled
     tokens, with `train.loss: hf` transformers' `model(**batch, use_cache=False).loss`.
     """
     try:
-        from qlora_lite.loss import compute_causal_lm_loss
+        from qlora_lite import compute_causal_lm_loss
     except ImportError:  # a tree from before train.loss existed: fit() called transformers' loss
         if cfg.train.loss != "hf":
-            raise SystemExit("this qlora_lite has no qlora_lite/loss.py: run with --ours-loss hf") from None
+            raise SystemExit("this qlora_lite has no qlora_lite/training/loss.py: run with --ours-loss hf") from None
         return model(**batch, use_cache=False).loss
     return compute_causal_lm_loss(model, batch, cfg.train)
 
@@ -218,9 +216,8 @@ def measure_side(side: str, model_dir: str, micro_batch: int, seq: int, warmup: 
     import torch
     from accelerate import Accelerator
 
-    from qlora_lite.memory import GIB as _GIB
-    from qlora_lite.memory import MemoryMeter, format_peak_breakdown
-    from qlora_lite.quant import keep_4bit_layout, pick_device
+    from qlora_lite import GIB as _GIB
+    from qlora_lite import MemoryMeter, format_peak_breakdown, keep_4bit_layout, pick_device
 
     torch.manual_seed(0)
     device = pick_device()
@@ -291,7 +288,7 @@ def measure_side(side: str, model_dir: str, micro_batch: int, seq: int, warmup: 
     if not cuda and rss_before is not None:
         # An independent CPU check: the process's resident-memory rise during the step (the meter's own
         # records and the allocator's slack included) against the meter's transient peak.
-        from qlora_lite.memory import read_peak_rss_bytes
+        from qlora_lite import read_peak_rss_bytes
 
         rise = read_peak_rss_bytes() - rss_before
         result.update(rss_rise_gib=rise / _GIB, rss_rise_over_transient=rise / max(meter.peak_transient_bytes, 1))
@@ -316,7 +313,7 @@ def touch_pages(objects: list) -> None:
     """
     import torch
 
-    from qlora_lite.memory import iter_held_tensors
+    from qlora_lite import iter_held_tensors
 
     for tensor in iter_held_tensors(objects):
         storage = tensor.untyped_storage()
@@ -326,7 +323,7 @@ def touch_pages(objects: list) -> None:
 
 def reset_peak_rss() -> int | None:
     """Reset this process's peak RSS (Linux: 5 > /proc/self/clear_refs) and return the RSS now; None where it cannot."""
-    from qlora_lite.memory import read_peak_rss_bytes, read_rss_bytes
+    from qlora_lite import read_peak_rss_bytes, read_rss_bytes
 
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -338,7 +335,7 @@ def reset_peak_rss() -> int | None:
 
 
 def bytes_by_dtype_gib(model) -> dict[str, float]:
-    from qlora_lite.memory import bytes_by_dtype
+    from qlora_lite import bytes_by_dtype
 
     return {k: v / GIB for k, v in sorted(bytes_by_dtype(model).items())}
 
@@ -390,7 +387,7 @@ def format_markdown(record: dict) -> str:
         f"Peak memory of one forward + backward, LoRA r=16 all-linear on NF4, {record['model']}, "
         f"micro-batch {record['micro_batch']} x seq {record['seq']}, {record['device']}, {record['date']}.",
         "Loss: " + "; ".join(sorted({f"{r['side']} {r['loss']}" for r in runs})) + ".",
-        "Measured with `qlora_lite.memory.MemoryMeter` (live tensor storages; static = alive before the step).",
+        "Measured with `qlora_lite.MemoryMeter` (live tensor storages; static = alive before the step).",
         "",
         "| layers | side | peak GiB | static GiB | transient GiB | head + loss at peak GiB | head + loss own peak GiB | RSS rise in the step GiB | first loss | step s |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

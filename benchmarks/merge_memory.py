@@ -59,9 +59,9 @@ EPILOGUE = """
 print(json.dumps({"floor_rss_bytes": floor, "peak_rss_bytes": peak_rss(), "seconds": time.perf_counter() - start}))
 """
 CASES = {
-    "qlora-lite merge --dtype bf16 --no-verify": "from qlora_lite.export import merge_adapter\nmerge_adapter(ADAPTER, OUT, dtype='bf16', verify=False)",
-    "qlora-lite merge --dtype fp32 --no-verify": "from qlora_lite.export import merge_adapter\nmerge_adapter(ADAPTER, OUT, dtype='fp32', verify=False)",
-    "qlora-lite merge --dtype bf16 --verify": "from qlora_lite.export import merge_adapter\nmerge_adapter(ADAPTER, OUT, dtype='bf16', verify=True)",
+    "qlora-lite merge --dtype bf16 --no-verify": "from qlora_lite import merge_adapter\nmerge_adapter(ADAPTER, OUT, dtype='bf16', verify=False)",
+    "qlora-lite merge --dtype fp32 --no-verify": "from qlora_lite import merge_adapter\nmerge_adapter(ADAPTER, OUT, dtype='fp32', verify=False)",
+    "qlora-lite merge --dtype bf16 --verify": "from qlora_lite import merge_adapter\nmerge_adapter(ADAPTER, OUT, dtype='bf16', verify=True)",
     "transformers + peft merge_and_unload (bf16 out)": textwrap.dedent(
         """
         from peft import PeftModel
@@ -78,10 +78,7 @@ def build_inputs(work: Path, layers: int, shard_mb: int) -> tuple[Path, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_lite.adapters import save_adapter
-    from qlora_lite.config import LoRAConfig
-    from qlora_lite.lora import apply_lora, lora_layers
-    from qlora_lite.tiny import build_tiny_model, build_tokenizer
+    from qlora_lite import LoRAConfig, apply_lora, build_tiny_model, build_tokenizer, lora_layers, save_adapter
 
     base, adapter = work / "base", work / "adapter"
     build_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, base, vocab_size=256)
@@ -110,10 +107,7 @@ def build_llama8b_inputs(work: Path) -> tuple[Path, Path]:
     """Llama-3.1-8B-shaped random bf16 shards and an r=16 adapter, written one tensor at a time."""
     import torch
 
-    from qlora_lite.adapters import build_peft_config
-    from qlora_lite.config import LoRAConfig
-    from qlora_lite.shards import ShardWriter, write_tensors
-    from qlora_lite.tiny import build_tokenizer
+    from qlora_lite import LoRAConfig, ShardWriter, build_peft_config, build_tokenizer, write_tensors
 
     base, adapter = work / "base", work / "adapter"
     build_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, base, vocab_size=256)

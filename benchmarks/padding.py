@@ -3,7 +3,7 @@
 Lengths are a realistic instruction-tuning mix: lognormal with median 180 tokens and sigma 0.8
 (about 1.7% of examples past 1,000 tokens), cut at 2,048 (``data.truncation=keep``).
 
-1. Padding fractions (``qlora_lite.data.padding_fraction``) of one epoch of 10,000 such examples
+1. Padding fractions (``qlora_lite.padding_fraction``) of one epoch of 10,000 such examples
    at micro-batch 4 and 8: ``random`` (the order before ``train.batching`` existed) against
    ``grouped``, and grouped over a sweep of window sizes (micro-batches per sorted window), for
    five seeds; and, since a wider window makes the same examples share micro-batches again, the
@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from qlora_lite.data import GROUP_WINDOW_MICRO_BATCHES, collate_batch, pack_examples, padding_fraction, plan_epoch  # noqa: E402
+from qlora_lite import GROUP_WINDOW_MICRO_BATCHES, collate_batch, pack_examples, padding_fraction, plan_epoch  # noqa: E402
 
 MEDIAN_TOKENS, SIGMA, MAX_TOKENS = 180, 0.8, 2048
 N_EXAMPLES = 10_000

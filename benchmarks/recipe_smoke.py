@@ -37,7 +37,7 @@ def build_cut_checkpoint(config_name: str, layers: int, folder: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_lite.tiny import build_tokenizer
+    from qlora_lite import build_tokenizer
 
     raw = json.loads((REPO / "qlora_lite" / "known_configs" / config_name).read_text())
     raw["num_hidden_layers"] = layers

@@ -49,7 +49,7 @@ SIDES = ("qlora-lite", "peft")
 
 
 def build_tiny_checkpoint(folder: Path) -> Path:
-    from qlora_lite.tiny import build_tiny_model, build_tokenizer
+    from qlora_lite import build_tiny_model, build_tokenizer
 
     build_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, folder, vocab_size=256)
     build_tiny_model(folder, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4, vocab_size=256)
@@ -121,7 +121,7 @@ def run_side(side: str, base: str, micro_batch: int, seq: int, steps: int, warmu
             mfu=tokens_per_s * flops_per_token / peak if peak else None,
         )
     else:
-        from qlora_lite.memory import read_peak_rss_bytes
+        from qlora_lite import read_peak_rss_bytes
 
         result.update(peak_rss_gib=read_peak_rss_bytes() / 2**30, mfu=None)
     result["planner_gib"] = estimate_peak_gib(base, micro_batch, seq)  # a GPU estimate; on the CPU only a record
@@ -134,8 +134,7 @@ def compute_loss(side: str, model, ids):
     """Each side's loss as its training loop computes it: fit()'s (the chunked loss by default) for
     qlora-lite, transformers' own for the PEFT script."""
     if side == "qlora-lite":
-        from qlora_lite.config import TrainConfig
-        from qlora_lite.loss import compute_causal_lm_loss
+        from qlora_lite import TrainConfig, compute_causal_lm_loss
 
         return compute_causal_lm_loss(model, {"input_ids": ids, "labels": ids}, TrainConfig())
     return model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -146,24 +145,20 @@ BENCH_OVERRIDES = ["lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "lora.targe
 
 def estimate_peak_gib(base: str, micro_batch: int, seq: int) -> float:
     """qlora-lite's planner for this case, without the CUDA context (max_memory_reserved does not count it)."""
-    from qlora_lite.config import load_config
-    from qlora_lite.planner import GIB, plan_memory, read_model_config
+    from qlora_lite import GIB, load_recipe, plan_memory, read_model_config
 
-    cfg = load_config(None, [f"model.name_or_path={base}", *BENCH_OVERRIDES, f"train.micro_batch_size={micro_batch}", f"train.max_seq_len={seq}"])
+    cfg = load_recipe(None, [f"model.name_or_path={base}", *BENCH_OVERRIDES, f"train.micro_batch_size={micro_batch}", f"train.max_seq_len={seq}"])
     plan = plan_memory(cfg, read_model_config(base))
     return (plan.total_bytes - plan.cuda_context_bytes) / GIB
 
 
 def load_ours(base: str, device):
-    from qlora_lite.config import load_config
-    from qlora_lite.methods import attach_method
-    from qlora_lite.optim import build_optimizer
-    from qlora_lite.quant import enable_gradient_checkpointing, load_base_model, load_tokenizer
+    from qlora_lite import attach_method, build_optimizer, enable_gradient_checkpointing, load_base_model, load_recipe, load_tokenizer
 
     # bf16 LoRA weights on the GPU (the product's default); fp32 on the CPU, where bf16 matmuls are
     # slow and PEFT's LoRA weights are fp32 too.
     lora_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    cfg = load_config(None, [f"model.name_or_path={base}", *BENCH_OVERRIDES, f"lora.dtype={lora_dtype}"])
+    cfg = load_recipe(None, [f"model.name_or_path={base}", *BENCH_OVERRIDES, f"lora.dtype={lora_dtype}"])
     model = load_base_model(cfg.model, cfg.quant, device, base)
     enable_gradient_checkpointing(model)
     model = attach_method(model, cfg, load_tokenizer(cfg.model, base))
@@ -208,7 +203,7 @@ def find_longest_seq(side: str, base: Path, args) -> dict:
     Doubling then bisection, every probe a fresh process (one warm-up and one timed step), so an
     out-of-memory probe leaves nothing behind for the next.
     """
-    from qlora_lite.planner import search_largest
+    from qlora_lite import search_largest
 
     probes: dict[int, dict] = {}
 

@@ -4,10 +4,10 @@
 prompt masking cannot show. This one feeds both the same instruction-tuning-like examples and
 counts only the tokens that were really there.
 
-Model: a random-weight Llama saved once to a temporary folder (``qlora_lite.tiny``): hidden 1024,
+Model: a random-weight Llama saved once to a temporary folder (``qlora_lite.build_tiny_model``): hidden 1024,
 intermediate 2816, 16 heads / 8 KV heads, 2 layers, vocabulary 32,000, untied head, so the decoder
 layers and the head (not embeddings or Python overhead) dominate the step. The tokenizer is
-``qlora_lite.tiny.build_tokenizer``'s (pad 0, EOS 3); token ids are drawn directly in [4, 32000).
+``qlora_lite.build_tokenizer``'s (pad 0, EOS 3); token ids are drawn directly in [4, 32000).
 
 Examples: 10,000, lengths drawn lognormal with median 180 tokens and sigma 0.8, cut to
 [2, 2048] (``padding.sample_lengths``, seed 42: the mix of benchmarks/padding.py, like
@@ -81,7 +81,7 @@ MAX_GRAD_NORM = 1.0
 
 def build_checkpoint(folder: Path) -> Path:
     """The random-weight Llama of MODEL_SHAPE and a small tokenizer, saved to folder."""
-    from qlora_lite.tiny import build_tiny_model, build_tokenizer
+    from qlora_lite import build_tiny_model, build_tokenizer
 
     build_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, folder, vocab_size=256)
     build_tiny_model(folder, **MODEL_SHAPE)
@@ -93,7 +93,7 @@ def build_examples(n: int = N_EXAMPLES) -> list[dict]:
     import torch
     from padding import sample_lengths
 
-    from qlora_lite.data import IGNORE_INDEX
+    from qlora_lite import IGNORE_INDEX
 
     gen = torch.Generator().manual_seed(TOKEN_SEED)
     examples = []
@@ -112,17 +112,14 @@ def run_side(side: str, base: str, micro_batch: int, steps: int, warmup: int) ->
     torch.set_num_threads(1)
     from throughput import BENCH_OVERRIDES, load_ours, load_peft
 
-    from qlora_lite.config import load_config
-    from qlora_lite.data import IGNORE_INDEX, collate_batch, padding_fraction, select_micro_batch
-    from qlora_lite.loss import compute_causal_lm_loss
-    from qlora_lite.memory import read_peak_rss_bytes
+    from qlora_lite import IGNORE_INDEX, collate_batch, compute_causal_lm_loss, load_recipe, padding_fraction, read_peak_rss_bytes, select_micro_batch
 
     device = torch.device("cpu")
     examples = build_examples()
     start_load = time.perf_counter()
     model, optimizer = (load_ours if side == "qlora-lite" else load_peft)(base, device)
     load_s = time.perf_counter() - start_load
-    train_cfg = load_config(None, [f"model.name_or_path={base}", *BENCH_OVERRIDES]).train  # loss chunked, as fit()'s default
+    train_cfg = load_recipe(None, [f"model.name_or_path={base}", *BENCH_OVERRIDES]).train  # loss chunked, as fit()'s default
 
     def compute_loss(batch: dict) -> torch.Tensor:
         if side == "qlora-lite":
@@ -181,7 +178,7 @@ def run_case_in_subprocess(side: str, base: Path, micro_batch: int, args) -> dic
 
 def describe_epoch_padding(micro_batches: list[int]) -> dict:
     """Padded fraction of a whole epoch 0 of the examples under each batching, the reference for the timed few steps."""
-    from qlora_lite.data import padding_fraction, select_micro_batch
+    from qlora_lite import padding_fraction, select_micro_batch
 
     examples = build_examples()
     out = {}

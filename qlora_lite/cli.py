@@ -1,36 +1,22 @@
-"""The `qlora-lite` command: parses arguments and calls the library. Nothing else lives here."""
+"""The `qlora-lite` command: parses arguments and calls the library. Nothing else lives here.
+
+Each command imports the library inside its run_ function: torch, transformers and bitsandbytes take
+seconds to import, and `qlora-lite --help` (and a mistyped flag) should answer at once. What the
+parsers need (the data formats, the GGUF types) comes from modules that import none of them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions whose message is the whole story: printed without a traceback."""
-    from .adapters import AdapterError
-    from .config import ConfigError
-    from .data import DataError
-    from .distributed import DistributedError
-    from .export import ExportError
-    from .generate import GenerationError
-    from .gguf import GGUFError
-    from .lora import LoRAError
-    from .methods import MethodError
-    from .planner import PlanError
-    from .plot import PlotError
-    from .prompt_tuning import PromptTuningError
-    from .quant import ModelLoadError
-    from .shards import ShardError
-    from .train import TrainingError
-
-    return (
-        AdapterError, ConfigError, DataError, DistributedError, ExportError, GenerationError, GGUFError, LoRAError, MethodError,
-        ModelLoadError, PlanError, PlotError, PromptTuningError, ShardError, TrainingError,
-    )  # fmt: skip
+from .config import DATA_FORMATS, load_recipe
+from .errors import GenerationError, QloraLiteError
+from .export.llama_cpp import GGUF_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,15 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .distributed import read_world
-    from .train import fit
+    from .training.distributed import read_world
+    from .training.fit import fit
 
     if not read_world().is_main:
         # Under torchrun every process runs this command: rank 0 alone reports (its errors, and
         # any other process's, still go to stderr).
         sys.stdout = open(os.devnull, "w")
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
     summary = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     print(format_summary(summary))
     return 0
@@ -102,12 +87,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from .config import load_config
     from .planner import format_plan, parse_bytes, plan_memory
 
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
     plan = plan_memory(cfg, vram_bytes=parse_bytes(args.vram), gpus=args.gpus)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan, cfg.model.name_or_path))
     return 0
@@ -117,8 +99,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    import json
-
     from .doctor import collect_environment, find_problems, format_environment
 
     env = collect_environment()
@@ -156,7 +136,7 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from .export import merge_adapter
+    from .export.merge import merge_adapter
 
     report = merge_adapter(
         args.adapter_dir, args.out, base=args.base, dtype=args.dtype, from_4bit=args.from_4bit,
@@ -167,9 +147,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def format_merge_report(report) -> str:
-    source = "dequantized NF4 weights" if report.from_4bit else "original weights"
-    from .methods import get_method_by_peft_type
+    from .methods.table import get_method_by_peft_type
 
+    source = "dequantized NF4 weights" if report.from_4bit else "original weights"
     what = get_method_by_peft_type(report.peft_type).merge_summary.format(n=report.merged_modules)
     lines = [
         f"{what} the base's {source}: {report.num_parameters / 1e6:,.1f}M parameters, "
@@ -189,10 +169,6 @@ def format_merge_report(report) -> str:
 
 
 # ---------------------------------------------------------------------------- export-gguf
-
-# gguf.GGUF_TYPES and LORA_TYPES, spelled out so that --help does not import the library.
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
-
 
 def add_export_gguf_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
@@ -234,7 +210,7 @@ def add_export_gguf_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export_gguf(args: argparse.Namespace) -> int:
-    from .gguf import export_gguf, format_gguf_report
+    from .export.gguf import export_gguf, format_gguf_report
 
     report = export_gguf(
         args.source, args.out, args.gguf_type, llama_cpp_dir=args.llama_cpp, prompt_format=args.prompt_format,
@@ -247,8 +223,7 @@ def run_export_gguf(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- generate
 
-# generate.PROMPT_FORMATS, spelled out so that --help does not import torch and datasets.
-PROMPT_FORMATS = ("auto", "chat", "alpaca", "text")
+PROMPT_FORMATS = ("auto", *DATA_FORMATS)  # as generate.PROMPT_FORMATS, without importing torch for --help
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -310,9 +285,7 @@ def split_generate_inputs(args: argparse.Namespace) -> tuple[dict[str, str], str
     the prompt. With --base and one positional, it is the adapter folder when it is a folder (or looks
     like a path: no spaces, a slash), else the prompt.
     """
-    from pathlib import Path
-
-    from .generate import GenerationError, collect_named_adapters
+    from .generate import collect_named_adapters
 
     named = collect_named_adapters(args.adapter)
     first, second = args.adapter_dir, args.prompt  # argparse fills ADAPTER_DIR first, whatever the user meant
@@ -339,9 +312,6 @@ def split_generate_inputs(args: argparse.Namespace) -> tuple[dict[str, str], str
 
 def looks_like_folder(text: str) -> bool:
     """A folder, or text shaped like a path (no whitespace, a slash), not a prompt."""
-    import os
-    from pathlib import Path
-
     return Path(text).expanduser().is_dir() or (not any(c.isspace() for c in text) and ("/" in text or os.sep in text))
 
 
@@ -383,7 +353,7 @@ def add_inspect_prompt_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_inspect_prompt(args: argparse.Namespace) -> int:
-    from .prompt_tuning import inspect_prompt
+    from .methods.inspect_prompt import inspect_prompt
 
     rows = inspect_prompt(args.adapter_dir, top_k=args.top_k, base=args.base, allow_pickle=args.allow_pickle)
     print(format_prompt_neighbours(rows))
@@ -416,7 +386,7 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from .training.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, missing_ok=False)}")
     return 0
@@ -443,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "inspect-prompt": run_inspect_prompt, "doctor": run_doctor, "plot": run_plot,
         }  # fmt: skip
         return commands[args.command](args)
-    except user_errors() as err:
+    except QloraLiteError as err:
         # A stopped run (SIGINT, SIGTERM) is not an error: it says where it stopped and exits 130 / 143.
         code = getattr(err, "exit_code", 2)
         rank = os.environ.get("RANK", "0")

@@ -1,9 +1,14 @@
 """Recipes: YAML files mapped onto typed dataclasses, with dotted overrides.
 
 A recipe has a method (lora, prompt_tuning, selective, adapter or full) and the sections
-model, quant, lora, prompt, selective, bottleneck, data, train, plus output_dir. Every key is a
-field below with a docstring-style comment; an unknown key is an error that names the
+model, quant, lora, prompt, selective, bottleneck, data, train, dist, plus output_dir. Every key is
+a field below with a docstring-style comment; an unknown key is an error that names the
 nearest valid key, so a typo never silently falls back to a default.
+
+Everything that can be checked from the recipe alone is checked here, when it is built: each
+method's settings by the check beside its section (`METHODS` lists the methods with their checks),
+value ranges, choices. This module imports nothing of the package but its errors: the methods,
+data and training wings read these dataclasses, never the other way.
 """
 
 from __future__ import annotations
@@ -11,15 +16,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or override the user wrote is invalid; the message says how to fix it."""
+from .errors import ConfigError
 
 
 @dataclass
@@ -64,6 +68,10 @@ class LoRAConfig:
     """Dtype of the adapter weights."""
 
 
+def check_lora_recipe(cfg: RecipeConfig) -> None:
+    """method lora: nothing beyond the lora.* checks every recipe gets (validate_config)."""
+
+
 @dataclass
 class PromptConfig:
     num_virtual_tokens: int = 20
@@ -76,12 +84,26 @@ class PromptConfig:
     """Storage dtype of the soft prompt (it is tiny; fp32 keeps small updates)."""
 
 
+def check_prompt_tuning_recipe(cfg: RecipeConfig) -> None:
+    if cfg.data.packing:
+        raise ConfigError("method prompt_tuning prepends the soft prompt to each example, which packed rows cannot take: set data.packing: false")
+    if cfg.prompt.num_virtual_tokens <= 0:
+        raise ConfigError(f"prompt.num_virtual_tokens must be a positive integer, got {cfg.prompt.num_virtual_tokens}; typical values are 20 to 100")
+    if cfg.prompt.init == "text" and not cfg.prompt.init_text.strip():
+        raise ConfigError("prompt.init is text but prompt.init_text is empty: give the text to start from, or use prompt.init: sample_vocab")
+
+
 @dataclass
 class SelectiveConfig:
     patterns: list[str] = field(default_factory=lambda: ["norm"])
     """method selective: train the parameters whose name matches any of these regexes (re.search), e.g. `norm`, `bias`, `layers\\.1\\.mlp`."""
     unquantized_modules: list[str] = field(default_factory=list)
     """Linear layers to load in full precision instead of NF4 so a pattern can select them (e.g. `down_proj`)."""
+
+
+def check_selective_recipe(cfg: RecipeConfig) -> None:
+    if not cfg.selective.patterns:
+        raise ConfigError("selective.patterns is empty: name what to train, e.g. [norm] or [bias, norm]")
 
 
 @dataclass
@@ -94,6 +116,36 @@ class BottleneckConfig:
     """Nonlinearity between the down and up projections: `gelu`, `relu` or `silu`."""
     dtype: str = "float32"
     """Storage dtype of the adapter weights."""
+
+
+def check_bottleneck_recipe(cfg: RecipeConfig) -> None:
+    if cfg.bottleneck.size <= 0:
+        raise ConfigError(f"bottleneck.size must be a positive integer, got {cfg.bottleneck.size}; typical values are 8 to 64")
+
+
+def check_full_recipe(cfg: RecipeConfig) -> None:
+    if cfg.quant.load_in_4bit:
+        raise ConfigError("method full trains every weight, which 4-bit weights cannot hold: set quant.load_in_4bit: false (or use method lora)")
+
+
+# The recipe's methods (its `method:` key), each with the check of the settings it reads. This is the
+# one list of their names: each is implemented by one entry of the table of methods (methods/table.py),
+# which refuses to load if an entry is missing or names a method not listed here.
+METHODS: dict[str, Callable[[RecipeConfig], None]] = {
+    "lora": check_lora_recipe,
+    "prompt_tuning": check_prompt_tuning_recipe,
+    "selective": check_selective_recipe,
+    "adapter": check_bottleneck_recipe,
+    "full": check_full_recipe,
+}
+
+# The data formats (data.format), each with what its records must hold (quoted in errors); data/formats.py
+# renders them, `generate --format` and an adapter's qlora_lite.json name them.
+DATA_FORMATS: dict[str, str] = {
+    "alpaca": "instruction, output; input optional",
+    "chat": "messages: a list of {role, content} ending with an assistant turn",
+    "text": "{text_field}; set data.text_field to the column holding the text",
+}
 
 
 @dataclass
@@ -206,7 +258,6 @@ class RecipeConfig:
         validate_config(self)
 
 
-METHODS = ("lora", "prompt_tuning", "selective", "adapter", "full")
 CHOICES = {
     "prompt.init": ("text", "sample_vocab", "random"),
     "prompt.dtype": ("bfloat16", "float16", "float32"),
@@ -216,7 +267,7 @@ CHOICES = {
     "quant.quant_type": ("nf4", "fp4"),
     "quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "lora.dtype": ("bfloat16", "float16", "float32"),
-    "data.format": ("alpaca", "chat", "text"),
+    "data.format": tuple(DATA_FORMATS),
     "data.truncation": ("drop", "keep"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
@@ -232,7 +283,7 @@ def validate_config(cfg: RecipeConfig) -> None:
     """Check values that have a fixed range; raise ConfigError naming the key and the fix."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
-    validate_method(cfg)
+    METHODS[cfg.method](cfg)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -283,15 +334,7 @@ def validate_config(cfg: RecipeConfig) -> None:
         raise ConfigError(f"lora.target_modules must be a non-empty list of module names or 'all-linear', got {targets!r}")
 
 
-def validate_method(cfg: RecipeConfig) -> None:
-    """Settings that only make sense, or only fail, with a given method: its entry in the table checks them."""
-    # Deferred: the table's entries are built from this module's dataclasses, so it sits above config.
-    from .methods import get_method
-
-    get_method(cfg.method).validate(cfg)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a recipe YAML (or start from defaults) and apply `key.sub=value` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from qlora_lite.data import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
-from qlora_lite.folders import cache_root
-from qlora_lite.tiny import build_sentencepiece_tokenizer, build_tiny_model
+from .data.formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
+from .folders import cache_root
+from .tiny import build_sentencepiece_tokenizer, build_tiny_model
 
 # Paraphrases, so the adapter learns what the instruction asks for rather than one string.
 DEMO_INSTRUCTIONS = (

@@ -2,7 +2,7 @@
 
 The prompt is turned into exactly the token ids training put before a response: the
 record is built in the adapter's data format with a placeholder answer and tokenized by
-``data.tokenize_example``, and the ids before the first learned label are the prompt. So
+``data.tokenizing.tokenize_example``, and the ids before the first learned label are the prompt. So
 BOS, the Alpaca template and the chat template's generation prompt come out as in training,
 by construction rather than by a second copy of the rules.
 
@@ -28,11 +28,13 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .adapters import DATA_FORMATS, AdapterError, find_base_model, read_prompt_info
-from .config import BottleneckConfig, LoRAConfig, ModelConfig, PromptConfig, QuantConfig, SelectiveConfig
-from .data import IGNORE_INDEX, DataError, find_end_of_turn_token, tokenize_example
-from .method_entry import Method
-from .methods import TABLE, find_method_of_config, find_saved_method
+from .config import DATA_FORMATS, ModelConfig, QuantConfig
+from .data.formats import IGNORE_INDEX, find_end_of_turn_id
+from .data.tokenizing import tokenize_example
+from .errors import AdapterError, DataError, GenerationError
+from .methods.folder import find_base_model, read_prompt_info
+from .methods.method import Method
+from .methods.table import TABLE, find_method_of_config, find_saved_method
 from .quant import load_base_model, load_tokenizer
 
 PROMPT_FORMATS = ("auto", *DATA_FORMATS)
@@ -44,10 +46,6 @@ ROUTED_PROMPT = re.compile(rf"^\s*(?P<name>{NAME_PATTERN})\s*:\s?(?P<prompt>.*)$
 # only the ids before it are used, and no template renders the prompt differently for it.
 PLACEHOLDER_ANSWER = "x"
 NO_LENGTH_LIMIT = sys.maxsize
-
-
-class GenerationError(ValueError):
-    """A generation request cannot be served as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -79,7 +77,7 @@ class LoadedAdapter:
     """An adapter read into memory, ready to attach to the base in a switch."""
 
     path: Path
-    cfg: LoRAConfig | PromptConfig | BottleneckConfig | SelectiveConfig
+    cfg: Any  # the method's settings (LoRAConfig, PromptConfig, ...), as read from the folder
     weights: dict[str, torch.Tensor]  # module path -> tensor (a soft prompt: PROMPT_KEY -> (n, H)), on the model's device
     data_format: str | None  # from qlora_lite.json; None for adapters trained elsewhere
     method: Method  # its entry in the table of methods: how the switcher applies and removes it
@@ -186,11 +184,9 @@ def collect_eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
     return list(dict.fromkeys(i for i in candidates if i is not None))
 
 
-def find_end_of_turn_id(tokenizer: Any) -> int | None:
-    """The id of the token the tokenizer's chat template closes an assistant turn with; None without one."""
-    token = find_end_of_turn_token(tokenizer)
-    token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
-    return None if token_id is None or token_id == tokenizer.unk_token_id else token_id
+def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The answer's ids before the first token it stops at (collect_eos_ids), that token left out."""
+    return next((ids[:i] for i, token in enumerate(ids) if token in stop_ids), ids)
 
 
 @torch.no_grad()
@@ -211,7 +207,8 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[int], settin
 
 def generate_answer(model: nn.Module, tokenizer: Any, prompt_ids: list[int], settings: GenerationSettings, stream: bool = False) -> str:
     """The answer's text (no prompt, no special tokens); with stream, printed to stdout token by token as well."""
-    return tokenizer.decode(generate_ids(model, tokenizer, prompt_ids, settings, stream), skip_special_tokens=True)
+    answer_ids = cut_at_stop(generate_ids(model, tokenizer, prompt_ids, settings, stream), collect_eos_ids(tokenizer, model))
+    return tokenizer.decode(answer_ids, skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------------------------

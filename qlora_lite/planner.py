@@ -59,9 +59,11 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, RecipeConfig
+from .errors import PlanError
 from .memory import read_available_ram_bytes
-from .methods import get_method
-from .names import is_demo_name, resolve_model_path
+from .methods.lora import find_linear_names
+from .methods.table import get_method
+from .model_paths import is_demo_name, resolve_model_path
 
 GIB = 1024**3
 NF4_BLOCK = 64  # weights per quantization block (bitsandbytes' default for 4-bit)
@@ -97,10 +99,6 @@ FSDP_UNSHARDED_LAYERS = 2  # the layer running and the one FSDP2 prefetches (all
 FSDP_REDUCE_ELEMENT_BYTES = 4  # distributed.shard_with_fsdp reduces gradients in fp32
 
 KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
-
-
-class PlanError(ValueError):
-    """The planner cannot read the model's config; the message says what to pass instead."""
 
 
 @dataclass
@@ -250,13 +248,12 @@ def describe_distributed_notes(cfg: RecipeConfig, plan: MemoryPlan) -> list[str]
 
 def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
     """Weight, trainable-parameter, gradient and optimizer bytes (independent of batch and sequence)."""
-    from .lora import find_linear_names
-
     method = get_method(cfg.method)
+    settings = method.settings(cfg)
     compute = compute_element_bytes(cfg)
     quantized = set(find_linear_names(model)) if cfg.quant.load_in_4bit else set()
-    if method.unquantized_modules(cfg):
-        quantized = {n for n in quantized if not any(n == m or n.endswith("." + m) for m in method.unquantized_modules(cfg))}
+    if method.unquantized_modules(settings):
+        quantized = {n for n in quantized if not any(n == m or n.endswith("." + m) for m in method.unquantized_modules(settings))}
     nf4 = constants = unquantized = 0
     unit_of = find_fsdp_unit_of(model)
     unit_bytes: dict[str, int] = {}  # frozen bytes (NF4 + unquantized) per FSDP unit: root, embed, layer.<i>
@@ -275,14 +272,14 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
             unquantized += stored
         unit = unit_of(name)
         unit_bytes[unit] = unit_bytes.get(unit, 0) + stored
-    trainable = method.count_trainable(cfg, model)
+    trainable = method.count_trainable(settings, model)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}
-    trainable_dtype = method.trainable_dtype(cfg)
+    trainable_dtype = method.trainable_dtype(settings)
     trainable_bytes = sum(trainable) * dtype_bytes[trainable_dtype]
     optimizer = estimate_optimizer_bytes(trainable, cfg.train.optimizer)
     head = model.get_output_embeddings()
     head_names = [n for n, p in model.named_parameters(remove_duplicate=False) if head is not None and p is head.weight]
-    head_trains = method.trains_head(cfg, head_names)
+    head_trains = method.trains_head(settings, head_names)
     # FSDP: the trainable part of the root (a trained head) and of one decoder layer (the rest, spread evenly).
     layer_units = sorted((b for u, b in unit_bytes.items() if u.startswith("layer.")), reverse=True)
     root_trainable = head.weight.numel() if head_trains and head is not None else 0
@@ -388,7 +385,8 @@ def estimate_loss_bytes(cfg: RecipeConfig, model_config, micro_batch: int, seq_l
 
 
 def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch: int, seq_len: int, vram_bytes: int, gpus: int = 1) -> MemoryPlan:
-    virtual = get_method(cfg.method).virtual_tokens(cfg)
+    method = get_method(cfg.method)
+    virtual = method.virtual_tokens(method.settings(cfg))
     tokens_seq = seq_len + virtual
     element = compute_element_bytes(cfg)
     checkpointing = cfg.model.gradient_checkpointing
@@ -664,3 +662,20 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
     )
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)
+
+
+def check_plan_against_peak(cfg: RecipeConfig, base_path: str, device: torch.device, processes: int = 1) -> dict:
+    """The planner's estimate (per GPU of `processes`) next to the measured peak: every GPU run checks the planner (metrics.jsonl's plan_check)."""
+    try:
+        plan = plan_memory(cfg, read_model_config(base_path), gpus=processes)
+    except (PlanError, ValueError, OSError) as err:  # an architecture the meta build cannot make: report, never fail the run
+        return {"estimated_peak_gib": None, "note": f"planner unavailable: {err}"}
+    record = {"estimated_peak_gib": plan.total_bytes / GIB, "estimated_weights_gib": plan.weights_bytes / GIB}
+    if device.type == "cuda":
+        # PyTorch's counters do not see the CUDA context, so it is left out of both sides of the ratio.
+        measured = torch.cuda.max_memory_reserved(device)
+        record["measured_peak_reserved_gib"] = measured / GIB
+        record["estimate_over_measured"] = (plan.total_bytes - plan.cuda_context_bytes) / max(measured, 1)
+    else:
+        record["note"] = "the estimate is for a GPU (bf16 compute); a CPU run has no device peak to compare"
+    return record

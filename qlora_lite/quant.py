@@ -15,11 +15,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .config import ModelConfig, QuantConfig
-
-
-class ModelLoadError(RuntimeError):
-    """The base model could not be loaded; the message names the cause and the fix."""
-
+from .errors import ModelLoadError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -80,7 +76,7 @@ def build_bnb_config(
 
 
 def require_model_path(model: ModelConfig) -> str:
-    """The recipe's name as given, for callers that did not resolve it (qlora_lite.names does that)."""
+    """The recipe's name as given, for callers that did not resolve it (model_paths.py does that)."""
     if not model.name_or_path:
         raise ModelLoadError("model.name_or_path is empty; set it to a local model folder or a hub id")
     return model.name_or_path

@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_lite.config import (
-    CHOICES,
-    ConfigError,
-    RecipeConfig,
-    apply_override,
-    config_to_dict,
-    load_config,
-    save_config,
-    valid_keys,
-)
+from qlora_lite.config import CHOICES, RecipeConfig, apply_override, config_to_dict, load_recipe, save_config, valid_keys
+from qlora_lite.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # Globbed, so a recipe added later (tiny-demo.yaml, ...) is tested without editing this file.
@@ -51,10 +43,10 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_recipe_loads_and_round_trips(path, tmp_path):
-    cfg = load_config(path)
+    cfg = load_recipe(path)
     saved = tmp_path / "config.yaml"
     save_config(cfg, saved)
-    again = load_config(saved)
+    again = load_recipe(saved)
     assert again == cfg
     assert config_to_dict(again) == config_to_dict(cfg)
     # Saving the reloaded config writes the same bytes: the resolved form is a fixed point.
@@ -77,7 +69,7 @@ def test_recipe_uses_only_valid_keys(path):
 
 @pytest.mark.parametrize("name,model", sorted(GPU_RECIPES.items()))
 def test_gpu_recipes_train_the_named_model_on_alpaca(name, model):
-    cfg = load_config(RECIPES_DIR / name)
+    cfg = load_recipe(RECIPES_DIR / name)
     assert cfg.model.name_or_path == model
     assert cfg.data.format == "alpaca"
     assert cfg.data.path == "yahma/alpaca-cleaned"
@@ -139,7 +131,7 @@ def test_every_key_accepts_its_default_as_an_override(key):
     default = get_value(RecipeConfig(), key)
     text = yaml.safe_dump(default, default_flow_style=True).strip()
     text = text.removesuffix("...").strip()  # safe_dump ends a bare scalar with a document marker
-    assert load_config(overrides=[f"{key}={text}"]) == RecipeConfig()
+    assert load_recipe(overrides=[f"{key}={text}"]) == RecipeConfig()
 
 
 # ---------------------------------------------------------------- overrides of each type
@@ -176,14 +168,14 @@ def test_every_key_accepts_its_default_as_an_override(key):
     ],
 )
 def test_override_sets_typed_value(override, key, expected):
-    value = get_value(load_config(overrides=[override]), key)
+    value = get_value(load_recipe(overrides=[override]), key)
     assert value == expected
     assert type(value) is type(expected)
 
 
 def test_overrides_apply_on_top_of_a_recipe_and_the_last_one_wins(tmp_path):
     path = write_recipe(tmp_path, "train:\n  lr: 2e-4\n  max_steps: 300\nlora:\n  r: 8\n")
-    cfg = load_config(path, ["train.lr=1e-4", "lora.r=32", "lora.r=4"])
+    cfg = load_recipe(path, ["train.lr=1e-4", "lora.r=32", "lora.r=4"])
     assert cfg.train.lr == 1e-4
     assert cfg.train.max_steps == 300  # untouched by the overrides
     assert cfg.lora.r == 4
@@ -192,7 +184,7 @@ def test_overrides_apply_on_top_of_a_recipe_and_the_last_one_wins(tmp_path):
 
 def test_recipe_file_float_without_dot_is_a_float(tmp_path):
     path = write_recipe(tmp_path, "train:\n  lr: 1e-4\n  weight_decay: 1e-2\nlora:\n  alpha: 16\n")
-    cfg = load_config(path)
+    cfg = load_recipe(path)
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.weight_decay == 0.01 and isinstance(cfg.train.weight_decay, float)
     assert cfg.lora.alpha == 16.0 and isinstance(cfg.lora.alpha, float)
@@ -207,8 +199,8 @@ def test_apply_override_builds_nested_sections():
 
 
 def test_empty_recipe_file_gives_defaults(tmp_path):
-    assert load_config(write_recipe(tmp_path, "")) == RecipeConfig()
-    assert load_config(write_recipe(tmp_path, "# only a comment\n")) == RecipeConfig()
+    assert load_recipe(write_recipe(tmp_path, "")) == RecipeConfig()
+    assert load_recipe(write_recipe(tmp_path, "# only a comment\n")) == RecipeConfig()
 
 
 # ---------------------------------------------------------------- unknown keys
@@ -234,7 +226,7 @@ def test_empty_recipe_file_gives_defaults(tmp_path):
 )
 def test_unknown_override_key_names_nearest_valid_key(key, nearest):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[f"{key}=1"])
+        load_recipe(overrides=[f"{key}=1"])
     message = str(err.value)
     bad = key if key.split(".")[0] in {"model", "quant", "lora", "data", "train"} else key.split(".")[0]
     assert repr(bad) in message
@@ -251,14 +243,14 @@ def test_unknown_override_key_names_nearest_valid_key(key, nearest):
 )
 def test_unknown_recipe_key_names_nearest_valid_key(tmp_path, text, bad, nearest):
     with pytest.raises(ConfigError, match=f"unknown recipe key '{bad}'; did you mean '{nearest}'"):
-        load_config(write_recipe(tmp_path, text))
+        load_recipe(write_recipe(tmp_path, text))
 
 
 # A nested key written at the top level (section forgotten) points to its section.
 @pytest.mark.parametrize("key", ["lr", "learning_rate"])
 def test_nested_key_at_top_level_suggests_its_section(key):
     with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
-        load_config(overrides=[f"{key}=2e-4"])
+        load_recipe(overrides=[f"{key}=2e-4"])
 
 
 # ---------------------------------------------------------------- wrong types and ranges
@@ -284,16 +276,16 @@ def test_nested_key_at_top_level_suggests_its_section(key):
 )
 def test_wrong_type_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[override])
+        load_recipe(overrides=[override])
     assert str(err.value).startswith(key)
 
 
 @pytest.mark.parametrize("r", [0, -1])
 def test_nonpositive_rank_rejected(r, tmp_path):
     with pytest.raises(ConfigError, match=r"lora\.r must be a positive integer, got " + str(r)):
-        load_config(overrides=[f"lora.r={r}"])
+        load_recipe(overrides=[f"lora.r={r}"])
     with pytest.raises(ConfigError, match=r"lora\.r"):
-        load_config(write_recipe(tmp_path, f"lora:\n  r: {r}\n"))
+        load_recipe(write_recipe(tmp_path, f"lora:\n  r: {r}\n"))
 
 
 @pytest.mark.parametrize(
@@ -314,7 +306,7 @@ def test_nonpositive_rank_rejected(r, tmp_path):
 )
 def test_out_of_range_value_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[override])
+        load_recipe(overrides=[override])
     assert str(err.value).startswith(key)
 
 
@@ -337,14 +329,14 @@ def test_out_of_range_value_names_the_key(override, key):
 )
 def test_unusable_value_rejected(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[override])
+        load_recipe(overrides=[override])
     assert str(err.value).startswith(key)
 
 
 @pytest.mark.parametrize("key,allowed", sorted(CHOICES.items()))
 def test_value_outside_choices_lists_allowed_values(key, allowed):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[f"{key}=xml"])
+        load_recipe(overrides=[f"{key}=xml"])
     message = str(err.value)
     assert message.startswith(f"{key}: 'xml' is not one of ")
     for choice in allowed:
@@ -353,7 +345,7 @@ def test_value_outside_choices_lists_allowed_values(key, allowed):
 
 def test_data_format_xml_rejected():
     with pytest.raises(ConfigError, match=r"^data\.format: 'xml' is not one of alpaca, chat, text$"):
-        load_config(overrides=["data.format=xml"])
+        load_recipe(overrides=["data.format=xml"])
 
 
 # ---------------------------------------------------------------- files and override syntax
@@ -362,44 +354,44 @@ def test_data_format_xml_rejected():
 def test_missing_recipe_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match=r"recipe .*nope\.yaml does not exist"):
-        load_config(missing)
+        load_recipe(missing)
 
 
 def test_invalid_yaml(tmp_path):
     path = write_recipe(tmp_path, "train:\n  lr: [1e-4\n")
     with pytest.raises(ConfigError, match=r"recipe .*recipe\.yaml is not valid YAML"):
-        load_config(path)
+        load_recipe(path)
 
 
 def test_yaml_that_is_not_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="must be a mapping of sections"):
-        load_config(write_recipe(tmp_path, "- model\n- train\n"))
+        load_recipe(write_recipe(tmp_path, "- model\n- train\n"))
 
 
 def test_section_that_is_not_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match=r"^train must be a section"):
-        load_config(write_recipe(tmp_path, "train: 5\n"))
+        load_recipe(write_recipe(tmp_path, "train: 5\n"))
     with pytest.raises(ConfigError, match=r"^train must be a section"):
-        load_config(overrides=["train=5"])
+        load_recipe(overrides=["train=5"])
 
 
 @pytest.mark.parametrize("item", ["train.lr", "train.lr 1e-4", "lora.r:16"])
 def test_override_without_equals_rejected(item):
     with pytest.raises(ConfigError, match=r"must look like key\.sub=value, e\.g\. train\.lr=1e-4"):
-        load_config(overrides=[item])
+        load_recipe(overrides=[item])
 
 
 def test_override_through_a_scalar_rejected(tmp_path):
     path = write_recipe(tmp_path, "output_dir: runs/a\n")
     with pytest.raises(ConfigError, match="output_dir is not a section"):
-        load_config(path, ["output_dir.name=x"])
+        load_recipe(path, ["output_dir.name=x"])
 
 
 def test_default_config_round_trips(tmp_path):
-    cfg = load_config()
+    cfg = load_recipe()
     assert cfg == RecipeConfig()
     save_config(cfg, tmp_path / "c.yaml")
-    assert load_config(tmp_path / "c.yaml") == cfg
+    assert load_recipe(tmp_path / "c.yaml") == cfg
     assert [f.name for f in dataclasses.fields(cfg)] == ["method", "model", "quant", "lora", "prompt", "selective", "bottleneck", "data", "train", "dist", "output_dir"]
 
 
@@ -425,19 +417,19 @@ def test_readme_documents_every_key():
 )
 def test_method_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, overrides)
+        load_recipe(None, overrides)
 
 
 def test_method_settings_that_fit_are_accepted():
-    cfg = load_config(None, ["method=prompt_tuning", "prompt.init=text", "prompt.init_text=Translate to French", "prompt.num_virtual_tokens=50"])
+    cfg = load_recipe(None, ["method=prompt_tuning", "prompt.init=text", "prompt.init_text=Translate to French", "prompt.num_virtual_tokens=50"])
     assert (cfg.method, cfg.prompt.num_virtual_tokens, cfg.prompt.init_text) == ("prompt_tuning", 50, "Translate to French")
-    assert load_config(None, ["method=full", "quant.load_in_4bit=false"]).method == "full"
+    assert load_recipe(None, ["method=full", "quant.load_in_4bit=false"]).method == "full"
 
 
 @pytest.mark.parametrize("key", ["foo", "train.foo", "zzz_top"])
 def test_unknown_key_with_nothing_close_gets_no_suggestion(key):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[f"{key}=1"])
+        load_recipe(overrides=[f"{key}=1"])
     assert "did you mean" not in str(err.value) and "unknown recipe key" in str(err.value)
 
 
@@ -458,10 +450,10 @@ def test_unknown_key_with_nothing_close_gets_no_suggestion(key):
 )
 def test_names_from_other_tools_map_to_ours(key, nearest):
     with pytest.raises(ConfigError, match=f"did you mean '{nearest}'"):
-        load_config(overrides=[f"{key}=1"])
+        load_recipe(overrides=[f"{key}=1"])
 
 
 def test_epochs_must_be_positive():
-    assert load_config(overrides=["train.epochs=2.5"]).train.epochs == 2.5
+    assert load_recipe(overrides=["train.epochs=2.5"]).train.epochs == 2.5
     with pytest.raises(ConfigError, match=r"train.epochs must be a positive number or null \(use train.max_steps\), got 0"):
-        load_config(overrides=["train.epochs=0"])
+        load_recipe(overrides=["train.epochs=0"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from qlora_lite.config import load_config
+from qlora_lite.config import load_recipe
 from qlora_lite.demo import (
     LETTERS,
     MARKER_FILE,
@@ -45,7 +45,7 @@ def test_committed_demo_data_is_what_the_generator_writes(tmp_path):
 
 
 def test_demo_recipe_points_at_the_demo_base_and_data():
-    cfg = load_config(REPO / "recipes/tiny-demo.yaml")
+    cfg = load_recipe(REPO / "recipes/tiny-demo.yaml")
     assert cfg.model.name_or_path == "demo:tiny"
     assert cfg.quant.load_in_4bit and cfg.quant.quant_type == "nf4" and cfg.quant.double_quant
     assert Path(cfg.data.path).is_file() and Path(cfg.data.eval_path).is_file()

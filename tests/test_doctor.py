@@ -5,12 +5,12 @@ bitsandbytes gives exit 2 with a one-line cause and fix."""
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 import torch
 
 from qlora_lite import cli, doctor

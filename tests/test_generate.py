@@ -9,29 +9,21 @@ import json
 
 import pytest
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qlora_lite import cli
-from qlora_lite.adapters import PROMPT_INFO_NAME, AdapterError, load_adapter, read_prompt_info, save_adapter, write_prompt_info
-from qlora_lite.config import LoRAConfig, ModelConfig, PromptConfig, QuantConfig, load_config
-from qlora_lite.data import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, tokenize_example
-from qlora_lite.generate import (
-    AdapterSwitcher,
-    GenerationError,
-    GenerationSettings,
-    build_generate_kwargs,
-    build_prompt_ids,
-    generate_ids,
-    open_switcher,
-    resolve_prompt_format,
-    route_prompt,
-)
-from qlora_lite.lora import apply_lora, lora_layers
-from qlora_lite.prompt_tuning import SoftPromptModel, apply_prompt_tuning, load_soft_prompt, save_soft_prompt
+from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig, load_recipe
+from qlora_lite.data.formats import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX
+from qlora_lite.data.tokenizing import tokenize_example
+from qlora_lite.errors import AdapterError, GenerationError
+from qlora_lite.generate import AdapterSwitcher, GenerationSettings, build_generate_kwargs, build_prompt_ids, generate_ids, open_switcher, resolve_prompt_format, route_prompt
+from qlora_lite.methods.folder import PROMPT_INFO_NAME, read_prompt_info, write_prompt_info
+from qlora_lite.methods.lora import apply_lora, load_adapter, lora_layers, save_adapter
+from qlora_lite.methods.prompt_tuning import SoftPromptModel, load_soft_prompt
 from qlora_lite.quant import load_base_model, load_tokenizer
-from qlora_lite.tiny import build_tiny_model, build_tokenizer
-from qlora_lite.train import fit
+from qlora_lite.tiny import build_tiny_model
+from qlora_lite.training.fit import fit
+from tests.helpers import ScriptedHead, cli_error, make_soft_prompt, save_llama3_style_tokenizer
 
 BOS, EOS = 2, 3
 # Switching re-attaches the same tensors to the same base, so the forward pass is the same
@@ -109,7 +101,7 @@ def test_switched_adapter_logits_equal_adapter_loaded_alone(tiny_llama_dir, toke
     weight_ptr = q_proj.weight.data_ptr()
     # From here on neither the base nor an adapter file may be read again.
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", pytest.fail)
-    monkeypatch.setattr("qlora_lite.adapters.read_adapter_weights", pytest.fail)
+    monkeypatch.setattr("qlora_lite.methods.lora.read_adapter_weights", pytest.fail)
     wrapped_layers = {"a": 2 * 2, "b": 2 * 3, None: 0}
     for name in ["a", "b", "a", None, "b"]:
         switcher.use(name)
@@ -142,16 +134,6 @@ def test_add_refuses_an_adapter_for_another_base_before_attaching(tiny_llama_dir
 # ---------------------------------------------------------------------------------------------
 
 
-def make_soft_prompt(model_dir, out_dir, tokenizer, seed: int, num_virtual_tokens: int = 4, data_format: str | None = None):
-    """Save a soft prompt drawn as PEFT's RANDOM init (N(0, 1), far from the vocabulary: it changes the answers)."""
-    torch.manual_seed(seed)
-    cfg = PromptConfig(num_virtual_tokens=num_virtual_tokens, init="random")
-    save_soft_prompt(apply_prompt_tuning(load(model_dir, False), cfg, tokenizer), cfg, out_dir, str(model_dir))
-    if data_format:
-        write_prompt_info(out_dir, data_format)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def prompt_dirs(tiny_llama_dir, tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("soft-prompts")
@@ -180,8 +162,8 @@ def test_switched_soft_prompts_equal_each_loaded_alone_and_switch_with_lora(tiny
     embed_ptr = switcher.model.get_input_embeddings().weight.data_ptr()
     # From here on neither the base nor an adapter file may be read again.
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", pytest.fail)
-    monkeypatch.setattr("qlora_lite.adapters.read_adapter_weights", pytest.fail)
-    monkeypatch.setattr("qlora_lite.prompt_tuning.read_soft_prompt", pytest.fail)
+    monkeypatch.setattr("qlora_lite.methods.lora.read_adapter_weights", pytest.fail)
+    monkeypatch.setattr("qlora_lite.methods.prompt_tuning.read_soft_prompt", pytest.fail)
     for name in ["p", "q", "a", "p", None, "q", "a", None]:
         switcher.use(name)
         assert (logits(switcher.active_model) - expected[name]).abs().max().item() <= SWITCH_ATOL
@@ -266,39 +248,6 @@ def test_sampling_settings_and_seeded_reproducibility(tiny_llama_dir, tokenizer)
 
 
 # A Llama-3-style template: every turn ends in <|eot_id|>, while the *base* tokenizer's EOS is another token.
-LLAMA3_STYLE_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-
-def save_llama3_style_tokenizer(folder) -> int:
-    """Save into folder (beside an adapter, as training does) a tokenizer like Llama-3's base one, for the tiny
-    models: EOS </s> (id 3, the models' eos_token_id), chat turns closed by <|eot_id|>. Returns <|eot_id|>'s id."""
-    tok = build_tokenizer(["the quick brown fox jumps over the lazy dog", "Name a colour. Blue is a colour."] * 20, folder, vocab_size=200)
-    tok.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
-    tok.chat_template = LLAMA3_STYLE_TEMPLATE
-    tok.save_pretrained(str(folder))
-    eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    assert tok.eos_token_id == EOS and EOS < eot < 256  # a token the tiny models (vocab 256) can emit
-    return eot
-
-
-class ScriptedHead(nn.Module):
-    """An LM head that picks script[k] at the k-th decoding step (the last one from then on)."""
-
-    def __init__(self, script: list[int], vocab_size: int = 256) -> None:
-        super().__init__()
-        self.script, self.vocab_size, self.calls = script, vocab_size, 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, V)
-        token = self.script[min(self.calls, len(self.script) - 1)]
-        self.calls += 1
-        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size, dtype=hidden.dtype, device=hidden.device)
-        logits[..., token] = 10.0
-        return logits
-
-
 def test_generation_stops_at_the_chat_templates_end_of_turn(adapter_dirs, tmp_path):
     folder = copy_adapter(adapter_dirs["a"], tmp_path / "chat")
     eot = save_llama3_style_tokenizer(folder)
@@ -356,7 +305,7 @@ def test_alpaca_prompt_ids_equal_the_prompt_ids_of_training(tokenizer, adds_bos)
 
 
 def test_alpaca_input_field_uses_the_with_input_template(tokenizer):
-    from qlora_lite.data import ALPACA_PROMPT_WITH_INPUT
+    from qlora_lite.data.formats import ALPACA_PROMPT_WITH_INPUT
 
     ids = build_prompt_ids("Apply rot13 to this word.", "alpaca", tokenizer, input_text="HELLO")
     assert ids == training_prompt_ids({"instruction": "Apply rot13 to this word.", "input": "HELLO", "output": "URYYB"}, "alpaca", tokenizer)
@@ -469,7 +418,7 @@ def test_trained_adapter_generates_from_its_folder_alone(tiny_llama_dir, tmp_pat
         f"model.name_or_path={tiny_llama_dir}", f"data.path={data}", "train.max_steps=2", "train.micro_batch_size=2",
         "train.grad_accum_steps=1", "train.save_every=0", "train.eval_every=0", "lora.r=4", f"output_dir={tmp_path / 'run'}",
     ]
-    fit(load_config(None, overrides))
+    fit(load_recipe(None, overrides))
     adapter_dir = tmp_path / "run" / "adapter"
     assert json.loads((adapter_dir / PROMPT_INFO_NAME).read_text()) == {"data_format": "alpaca"}
 
@@ -551,18 +500,6 @@ def test_cli_adapter_with_base_override(tiny_llama_dir, adapter_dirs, expected_a
     assert capsys.readouterr().out == expected_answers[(None, prompts[1])] + "\n"
 
 
-def cli_error(argv: list[str], capsys) -> str:
-    """Run the CLI expecting exit code 2 (returned, or from argparse); return stderr."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err
-
-
 def test_cli_errors_name_cause_and_fix(tiny_llama_dir, adapter_dirs, other_base_adapter, tmp_path, capsys, monkeypatch):
     two = ["--adapter", f"a={adapter_dirs['a']}", "--adapter", f"b={adapter_dirs['b']}", "--no-4bit"]
     monkeypatch.setattr("sys.stdin", io.StringIO("c: hello\n"))
@@ -637,9 +574,9 @@ def test_switching_covers_bottleneck_and_selective_adapters(tiny_llama_dir, toke
     """LoRA, bottleneck and selective adapters on one NF4 base (down_proj kept unquantized for the
     selective one): each switch equals that adapter loaded alone, and going back to the base
     restores the tensors a selective adapter overwrote."""
-    from qlora_lite.bottleneck import apply_bottleneck, load_bottleneck, save_bottleneck
     from qlora_lite.config import BottleneckConfig, SelectiveConfig
-    from qlora_lite.selective import apply_selective, load_selective, save_selective
+    from qlora_lite.methods.bottleneck import apply_bottleneck, load_bottleneck, save_bottleneck
+    from qlora_lite.methods.selective import apply_selective, load_selective, save_selective
 
     def load4(skip=None):
         return load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantConfig(compute_dtype="float32"), skip_modules=skip).eval()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig
-from qlora_lite.lora import apply_lora
 from qlora_lite.memory import build_memory_report, bytes_by_dtype, count_parameters, format_memory_report, get_device_memory
+from qlora_lite.methods.lora import apply_lora
 from qlora_lite.quant import load_base_model
 
 peft = pytest.importorskip("peft")

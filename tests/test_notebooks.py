@@ -12,10 +12,10 @@ from __future__ import annotations
 import ast
 import json
 import os
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import yaml
 
@@ -208,11 +208,11 @@ def test_prompt_tuning_counts_trains_inspects_and_swaps(smoke_results, tiny_llam
 
 
 def test_plan_and_merge_plans_every_recipe_and_merges(smoke_results):
-    from qlora_lite.config import load_config
+    from qlora_lite.config import load_recipe
     from qlora_lite.planner import GIB, plan_memory
 
     r = smoke_results("03_plan_and_merge.ipynb")
-    planned = [p for p in sorted((REPO / "recipes").glob("*.yaml")) if not load_config(p).model.name_or_path.startswith("demo:")]
+    planned = [p for p in sorted((REPO / "recipes").glob("*.yaml")) if not load_recipe(p).model.name_or_path.startswith("demo:")]
     # the one-GPU recipes; those for several GPUs carry a dist: section and launch with torchrun (planned per GPU by test_planner)
     shipped = [p.stem for p in planned if "dist" not in yaml.safe_load(p.read_text())]
     several = [p for p in planned if p.stem not in shipped]
@@ -221,7 +221,7 @@ def test_plan_and_merge_plans_every_recipe_and_merges(smoke_results):
     assert len(r["plans"]) == 3 * len(r["cards"])
     for recipe in shipped:
         rows = [row for row in r["plans"] if row[0] == recipe]
-        expected = plan_memory(load_config(REPO / "recipes" / f"{recipe}.yaml")).total_bytes
+        expected = plan_memory(load_recipe(REPO / "recipes" / f"{recipe}.yaml")).total_bytes
         assert {row[3] for row in rows} == {expected}, "the notebook's estimate differs from plan_memory's"
         largest = [row[4] for row in rows]  # T4, 24 GB, 80 GB
         assert largest == sorted(largest) and largest[-1] > largest[0] and all(row[2] for row in rows)

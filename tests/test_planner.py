@@ -10,21 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qlora_lite import cli
-from qlora_lite.config import LoRAConfig, load_config
-from qlora_lite.lora import apply_lora
+from qlora_lite.config import LoRAConfig, load_recipe
+from qlora_lite.errors import PlanError
 from qlora_lite.memory import bytes_by_dtype
-from qlora_lite.planner import (
-    GIB,
-    PlanError,
-    assemble,
-    build_meta_model,
-    estimate_activation_bytes,
-    estimate_static,
-    format_plan,
-    parse_bytes,
-    plan_memory,
-    read_model_config,
-)
+from qlora_lite.methods.lora import apply_lora
+from qlora_lite.planner import GIB, assemble, build_meta_model, estimate_activation_bytes, estimate_static, format_plan, parse_bytes, plan_memory, read_model_config
 from qlora_lite.quant import load_base_model
 
 # Activations kept for backward, estimate / measured saved-tensor bytes: measured 0.974 without
@@ -36,7 +26,7 @@ METER_MARGIN = 0.10
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_weight_bytes_equal_the_measured_bytes_of_the_loaded_model(tiny_model_dir, double_quant):
-    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "quant.compute_dtype=float32", f"quant.double_quant={str(double_quant).lower()}"])
+    cfg = load_recipe(None, [f"model.name_or_path={tiny_model_dir}", "quant.compute_dtype=float32", f"quant.double_quant={str(double_quant).lower()}"])
     plan = plan_memory(cfg, read_model_config(str(tiny_model_dir)))
     model = load_base_model(cfg.model, cfg.quant, torch.device("cpu"))
     measured = {k: v for k, v in bytes_by_dtype(model).items() if "buffers" not in k}
@@ -49,7 +39,7 @@ def test_weight_bytes_equal_the_measured_bytes_of_the_loaded_model(tiny_model_di
 
 
 def test_nf4_bytes_of_llama_3_1_8b_follow_the_formula():
-    cfg = load_config("recipes/llama3.1-8b-alpaca.yaml")
+    cfg = load_recipe("recipes/llama3.1-8b-alpaca.yaml")
     plan = plan_memory(cfg)
     h, i, layers, kv, vocab = 4096, 14336, 32, 1024, 128256
     linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
@@ -97,7 +87,7 @@ def test_activation_estimate_within_margin_of_saved_tensors(tmp_path, checkpoint
 
 
 def test_70b_does_not_fit_in_24_gib_and_says_so(capsys):
-    cfg = load_config("recipes/llama3.1-8b-alpaca.yaml", ["model.name_or_path=meta-llama/Llama-3.1-70B"])
+    cfg = load_recipe("recipes/llama3.1-8b-alpaca.yaml", ["model.name_or_path=meta-llama/Llama-3.1-70B"])
     plan = plan_memory(cfg, vram_bytes=24 * GIB)
     assert not plan.fits and plan.largest_micro_batch == 0 and plan.largest_seq_len == 0
     assert plan.weights_bytes > 35 * GIB
@@ -107,7 +97,7 @@ def test_70b_does_not_fit_in_24_gib_and_says_so(capsys):
 
 
 def test_largest_micro_batch_and_sequence_are_the_edge_of_fitting():
-    cfg = load_config("recipes/llama3.1-8b-alpaca.yaml")
+    cfg = load_recipe("recipes/llama3.1-8b-alpaca.yaml")
     config = read_model_config(cfg.model.name_or_path)
     plan = plan_memory(cfg, config, vram_bytes=24 * GIB)
     parts = estimate_static(cfg, build_meta_model(config))
@@ -151,20 +141,19 @@ def test_known_configs_build_on_the_meta_device():
 
 
 def test_auto_micro_batch_picks_what_the_planner_says_fits(tiny_llama_dir, tmp_path, monkeypatch):
-    from test_train import recipe_overrides
-
     from qlora_lite import planner
-    from qlora_lite.train import fit
+    from qlora_lite.training.fit import fit
+    from tests.helpers import recipe_overrides
 
     # Pretend the device has the CUDA allowance plus 2 MiB: the tiny model's plan then caps the batch below 64.
     vram = planner.CUDA_CONTEXT_BYTES + 2 * 2**20
     monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: vram)
-    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": "auto", "train.max_steps": 2}))
+    cfg = load_recipe(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": "auto", "train.max_steps": 2}))
     expected = plan_memory(cfg, read_model_config(str(tiny_llama_dir)), vram).largest_micro_batch
     assert 1 <= expected < planner.AUTO_MAX_MICRO_BATCH
     summary = fit(cfg)
     assert cfg.train.micro_batch_size == expected
-    assert plan_memory(load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": expected})), read_model_config(str(tiny_llama_dir)), vram).fits
+    assert plan_memory(load_recipe(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": expected})), read_model_config(str(tiny_llama_dir)), vram).fits
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert f"micro_batch_size: {expected}" in saved  # the run records the size it used
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -173,13 +162,12 @@ def test_auto_micro_batch_picks_what_the_planner_says_fits(tiny_llama_dir, tmp_p
 
 
 def test_auto_micro_batch_that_cannot_fit_is_a_clear_error(tiny_llama_dir, tmp_path, monkeypatch):
-    from test_train import recipe_overrides
-
     from qlora_lite import planner
-    from qlora_lite.train import fit
+    from qlora_lite.training.fit import fit
+    from tests.helpers import recipe_overrides
 
     monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 2**30 // 2)  # less than the CUDA allowance
-    cfg = load_config(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": "auto"}))
+    cfg = load_recipe(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.micro_batch_size": "auto"}))
     with pytest.raises(PlanError, match="even one sequence of 256 tokens needs an estimated 0.8 GiB and this device has 0.5 GiB"):
         fit(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written before the check
@@ -187,7 +175,7 @@ def test_auto_micro_batch_that_cannot_fit_is_a_clear_error(tiny_llama_dir, tmp_p
 
 def test_longest_sequence_stops_at_the_model_context_and_says_so(tiny_llama_dir):
     # tiny Llama: max_position_embeddings 512; 24 GiB would hold sequences far longer
-    cfg = load_config(overrides=[f"model.name_or_path={tiny_llama_dir}", "train.max_seq_len=64", "train.micro_batch_size=1"])
+    cfg = load_recipe(overrides=[f"model.name_or_path={tiny_llama_dir}", "train.max_seq_len=64", "train.micro_batch_size=1"])
     plan = plan_memory(cfg, vram_bytes=24 * GIB)
     assert plan.context_len == 512 and plan.largest_seq_len == 512 and plan.seq_len_capped_by_context
     text = format_plan(plan, "tiny")
@@ -230,11 +218,11 @@ def metered_model_dirs(tmp_path_factory):
 
 def meter_one_step(cfg, micro_batch: int, seq: int, vocab: int):
     """One bf16-autocast forward + backward as fit() runs it, metered; the optimizer's state exists beforehand."""
-    from qlora_lite.loss import compute_causal_lm_loss
     from qlora_lite.memory import MemoryMeter
-    from qlora_lite.methods import attach_method
-    from qlora_lite.optim import build_optimizer
+    from qlora_lite.methods.table import attach_method
     from qlora_lite.quant import enable_gradient_checkpointing
+    from qlora_lite.training.loss import compute_causal_lm_loss
+    from qlora_lite.training.optim import build_optimizer
 
     device = torch.device("cpu")
     model = load_base_model(cfg.model, cfg.quant, device)
@@ -265,7 +253,7 @@ def test_plan_within_10_percent_of_the_metered_step(metered_model_dirs, hidden, 
 
     torch.manual_seed(0)
     model_dir = metered_model_dirs[(hidden, inter, heads, kv, vocab)]
-    cfg = load_config(None, [
+    cfg = load_recipe(None, [
         f"model.name_or_path={model_dir}", "quant.compute_dtype=bfloat16", "train.mixed_precision=bf16", f"method={method}",
         f"train.loss={loss}", f"train.max_seq_len={seq}", f"train.micro_batch_size={micro_batch}", "train.optimizer=adamw", "lora.dropout=0.0",
     ])  # fmt: skip
@@ -299,15 +287,15 @@ def llama_70b_numbers() -> dict[str, int]:
 
 
 def test_one_gpu_plan_is_the_plan_without_gpus(capsys):
-    cfg = load_config("recipes/llama3.1-8b-alpaca.yaml")
+    cfg = load_recipe("recipes/llama3.1-8b-alpaca.yaml")
     config = read_model_config(cfg.model.name_or_path)
     default, one = plan_memory(cfg, config), plan_memory(cfg, config, gpus=1)
     assert default == one and one.gpus == 1 and one.strategy is None
     assert one.gathered_bytes == one.unsharded_gradient_bytes == one.bucket_bytes == one.nccl_bytes == 0
     assert one.total_bytes == sum(getattr(one, k) for k in ("weights_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes", "overlap_bytes", "cuda_context_bytes"))
     # a one-GPU plan of the fsdp recipe is the one-GPU plan of the same model: dist.strategy needs processes to act
-    fsdp_cfg = load_config(FSDP_RECIPE)
-    as_single = plan_memory(load_config(FSDP_RECIPE, ["dist.strategy=ddp"]), vram_bytes=24 * GIB)
+    fsdp_cfg = load_recipe(FSDP_RECIPE)
+    as_single = plan_memory(load_recipe(FSDP_RECIPE, ["dist.strategy=ddp"]), vram_bytes=24 * GIB)
     fsdp_one = plan_memory(fsdp_cfg, vram_bytes=24 * GIB)
     assert fsdp_one.total_bytes == as_single.total_bytes and fsdp_one.strategy is None
     assert any("this is one GPU's plan (add --gpus N" in note for note in fsdp_one.notes)
@@ -320,7 +308,7 @@ def test_one_gpu_plan_is_the_plan_without_gpus(capsys):
 def test_ddp_per_gpu_is_one_gpu_plus_buckets_and_nccl():
     from qlora_lite.planner import NCCL_BYTES
 
-    cfg = load_config(DDP_RECIPE)
+    cfg = load_recipe(DDP_RECIPE)
     config = read_model_config(cfg.model.name_or_path)
     one, two, eight = (plan_memory(cfg, config, gpus=n) for n in (1, 2, 8))
     for plan in (two, eight):
@@ -336,7 +324,7 @@ def test_ddp_per_gpu_is_one_gpu_plus_buckets_and_nccl():
 def test_fsdp_per_gpu_bytes_follow_the_formula(gpus, grad_accum):
     from qlora_lite.planner import NCCL_BYTES
 
-    cfg = load_config(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}"])
+    cfg = load_recipe(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}"])
     config = read_model_config(cfg.model.name_or_path)
     one, plan = plan_memory(cfg, config, gpus=1), plan_memory(cfg, config, gpus=gpus)
     n = llama_70b_numbers()
@@ -372,14 +360,14 @@ def test_fsdp_units_follow_the_wrapping():
     assert unit_of("model.embed_tokens.weight") == "embed"
     assert unit_of("lm_head.weight") == unit_of("model.norm.weight") == "root"
     # tied embeddings (Gemma-2): the one tensor is both, and stays in the root
-    cfg = load_config(None, ["model.name_or_path=google/gemma-2-9b", "train.optimizer=adamw", "dist.strategy=fsdp"])
+    cfg = load_recipe(None, ["model.name_or_path=google/gemma-2-9b", "train.optimizer=adamw", "dist.strategy=fsdp"])
     parts = estimate_static(cfg, build_meta_model(read_model_config("google/gemma-2-9b")))
     assert parts["embed_frozen_bytes"] == 0 and parts["root_frozen_bytes"] == 256000 * 3584 * 2 + 3584 * 2
     assert parts["layers"] == 42
 
 
 def test_70b_step_fits_four_24_gib_gpus_under_fsdp_but_loading_does_not(capsys):
-    cfg = load_config(FSDP_RECIPE)
+    cfg = load_recipe(FSDP_RECIPE)
     assert cfg.dist.strategy == "fsdp" and cfg.train.optimizer == "adamw" and cfg.quant.compute_dtype == "bfloat16"
     config = read_model_config(cfg.model.name_or_path)
     one, two, four = (plan_memory(cfg, config, vram_bytes=24 * GIB, gpus=n) for n in (1, 2, 4))
@@ -393,7 +381,7 @@ def test_70b_step_fits_four_24_gib_gpus_under_fsdp_but_loading_does_not(capsys):
     # ...but loading puts the whole 4-bit base on every GPU first: 38.58 GiB each, so the run does not fit 24 GiB cards
     assert round(four.load_peak_bytes / GIB, 2) == 38.58 and four.load_peak_bytes == two.load_peak_bytes
     assert not four.fits
-    ddp = plan_memory(load_config(FSDP_RECIPE, ["dist.strategy=ddp"]), config, vram_bytes=24 * GIB, gpus=4)
+    ddp = plan_memory(load_recipe(FSDP_RECIPE, ["dist.strategy=ddp"]), config, vram_bytes=24 * GIB, gpus=4)
     assert not ddp.fits and ddp.weights_bytes == one.weights_bytes  # DDP replicates the 37 GiB base
     assert cli.main(["plan", FSDP_RECIPE, "--gpus", "4"]) == 0
     out = capsys.readouterr().out
@@ -415,8 +403,8 @@ def test_70b_step_fits_four_24_gib_gpus_under_fsdp_but_loading_does_not(capsys):
 def test_fsdp_cpu_offload_moves_the_shards_to_cpu_ram(gpus, grad_accum):
     """dist.cpu_offload: every row FSDP shards leaves the GPU for CPU RAM; the rest of the per-GPU plan is unchanged."""
     config = read_model_config("meta-llama/Llama-3.1-70B")
-    plain = plan_memory(load_config(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}"]), config, gpus=gpus)
-    plan = plan_memory(load_config(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}", "dist.cpu_offload=true"]), config, gpus=gpus)
+    plain = plan_memory(load_recipe(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}"]), config, gpus=gpus)
+    plan = plan_memory(load_recipe(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}", "dist.cpu_offload=true"]), config, gpus=gpus)
     n = llama_70b_numbers()
     lora = n["layers"] * n["layer_lora"]
     # on the GPU: the quantization constants whole (not parameters: never offloaded), no 4-bit or bf16 shard, no LoRA, no moments
@@ -444,19 +432,19 @@ def test_cpu_offload_without_fsdp_is_a_clear_error_and_one_gpu_ignores_it(capsys
     assert cli.main(["plan", DDP_RECIPE, "dist.cpu_offload=true", "--gpus", "2"]) == 2
     assert "dist.cpu_offload moves FSDP's shards to the CPU; it needs dist.strategy=fsdp (the recipe says ddp" in capsys.readouterr().err
     config = read_model_config("meta-llama/Llama-3.1-70B")
-    one = plan_memory(load_config(OFFLOAD_RECIPE), config, gpus=1)  # one process does not shard, so has nothing to offload
-    assert one.total_bytes == plan_memory(load_config(OFFLOAD_RECIPE, ["dist.cpu_offload=false"]), config, gpus=1).total_bytes
+    one = plan_memory(load_recipe(OFFLOAD_RECIPE), config, gpus=1)  # one process does not shard, so has nothing to offload
+    assert one.total_bytes == plan_memory(load_recipe(OFFLOAD_RECIPE, ["dist.cpu_offload=false"]), config, gpus=1).total_bytes
     assert not one.cpu_offload and one.cpu_ram_bytes == 0 and one.nf4_bytes > 0
     assert any("dist.strategy fsdp shards only with several processes (and dist.cpu_offload offloads only shards)" in note for note in one.notes)
 
 
 def test_70b_step_fits_two_24_gib_gpus_with_cpu_offload_but_loading_does_not(capsys):
-    cfg = load_config(OFFLOAD_RECIPE)
+    cfg = load_recipe(OFFLOAD_RECIPE)
     assert cfg.dist.strategy == "fsdp" and cfg.dist.cpu_offload and cfg.train.optimizer == "adamw" and cfg.quant.compute_dtype == "bfloat16"
     assert cfg.method == "lora" and cfg.model.name_or_path == "meta-llama/Llama-3.1-70B"
     config = read_model_config(cfg.model.name_or_path)
     one = plan_memory(cfg, config, vram_bytes=24 * GIB, gpus=1)
-    without = plan_memory(load_config(OFFLOAD_RECIPE, ["dist.cpu_offload=false"]), config, vram_bytes=24 * GIB, gpus=2)
+    without = plan_memory(load_recipe(OFFLOAD_RECIPE, ["dist.cpu_offload=false"]), config, vram_bytes=24 * GIB, gpus=2)
     two = plan_memory(cfg, config, vram_bytes=24 * GIB, gpus=2)
     assert not one.fits and one.largest_seq_len == 0 and round(one.total_bytes / GIB, 2) == 47.66  # at 2 x 2048 (44.15 at 1 x 2048)
     # without offload the per-GPU floor (before activations) is past 24 GiB: no sequence fits
@@ -483,7 +471,7 @@ def test_fsdp_loading_peak_is_the_whole_one_gpu_base_and_trainable_part(recipe, 
     """train.fit loads the whole 4-bit base on every GPU, attaches the LoRA and broadcasts it before FSDP shards (or offloads) anything."""
     from qlora_lite.planner import CUDA_CONTEXT_BYTES, NCCL_BYTES
 
-    cfg = load_config(recipe)
+    cfg = load_recipe(recipe)
     config = read_model_config(cfg.model.name_or_path)
     one, plan = plan_memory(cfg, config, gpus=1), plan_memory(cfg, config, gpus=gpus)
     n = llama_70b_numbers()
@@ -498,7 +486,7 @@ def test_fsdp_loading_peak_is_the_whole_one_gpu_base_and_trainable_part(recipe, 
     assert plan_memory(cfg, config, vram_bytes=smallest, gpus=gpus).fits
     assert not plan_memory(cfg, config, vram_bytes=smallest - 1, gpus=gpus).fits
     # one GPU and ddp: the step holds the whole base anyway, no separate loading figure, the verdict is the step's
-    ddp = plan_memory(load_config(DDP_RECIPE), gpus=gpus)
+    ddp = plan_memory(load_recipe(DDP_RECIPE), gpus=gpus)
     for other in (one, ddp):
         assert other.load_peak_bytes == other.load_base_bytes == 0 and other.fits == other.step_fits == (other.total_bytes <= other.vram_bytes)
         assert "loading peak" not in format_plan(other, "m")
@@ -506,7 +494,7 @@ def test_fsdp_loading_peak_is_the_whole_one_gpu_base_and_trainable_part(recipe, 
 
 @pytest.mark.parametrize("recipe", [FSDP_RECIPE, OFFLOAD_RECIPE])
 def test_70b_fsdp_recipes_fit_two_80_gib_gpus(recipe, capsys):
-    cfg = load_config(recipe)
+    cfg = load_recipe(recipe)
     plan = plan_memory(cfg, vram_bytes=80 * GIB, gpus=2)
     assert plan.fits and plan.step_fits and plan.load_peak_bytes < 80 * GIB
     assert round(plan.total_bytes / GIB, 2) == (12.58 if cfg.dist.cpu_offload else 28.12)  # 28.12: the 4-card recipe's micro-batch 1 on 2 cards
@@ -524,7 +512,7 @@ def test_auto_micro_batch_refuses_an_fsdp_run_whose_loading_does_not_fit(monkeyp
     from qlora_lite import planner
 
     monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 24 * GIB)
-    cfg = load_config(FSDP_RECIPE, ["train.micro_batch_size=auto"])
+    cfg = load_recipe(FSDP_RECIPE, ["train.micro_batch_size=auto"])
     assert plan_memory(cfg, vram_bytes=24 * GIB, gpus=4).largest_micro_batch == 2  # the step alone would take 2
     with pytest.raises(PlanError, match=r"auto: loading puts the whole 4-bit base \(36.80 GiB\) .* needs GPUs of at least 38.58 GiB .* this device has 24.0 GiB"):
         planner.choose_micro_batch(cfg, torch.device("cpu"), gpus=4)
@@ -537,7 +525,7 @@ def test_multi_gpu_recipe_headers_state_the_planner_figure(recipe, gpus):
     import re
 
     text = Path(recipe).read_text()
-    cfg = load_config(recipe)
+    cfg = load_recipe(recipe)
     plan = plan_memory(cfg, vram_bytes=24 * GIB, gpus=gpus)
     assert f"torchrun --standalone --nproc_per_node {gpus} -m qlora_lite train {recipe}" in text
     assert f"accelerate launch --multi_gpu --num_processes {gpus} -m qlora_lite train {recipe}" in text
@@ -561,7 +549,7 @@ def test_multi_gpu_recipe_headers_state_the_planner_figure(recipe, gpus):
 
 
 def test_fsdp_plans_torch_adamw_and_says_so():
-    cfg = load_config("recipes/llama3.1-8b-alpaca.yaml", ["dist.strategy=fsdp"])  # paged_adamw_8bit
+    cfg = load_recipe("recipes/llama3.1-8b-alpaca.yaml", ["dist.strategy=fsdp"])  # paged_adamw_8bit
     plan = plan_memory(cfg, gpus=2)
     assert plan.optimizer_bytes == 41_943_040 * 8 // 2
     assert any("set train.optimizer=adamw (the recipe says paged_adamw_8bit)" in note for note in plan.notes)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qlora_lite.config import ModelConfig, QuantConfig
-from qlora_lite.quant import ModelLoadError, build_bnb_config, dequantize_weight, load_base_model, load_tokenizer, resolve_compute_dtype
+from qlora_lite.errors import ModelLoadError
+from qlora_lite.quant import build_bnb_config, dequantize_weight, load_base_model, load_tokenizer, resolve_compute_dtype
 
 CPU = torch.device("cpu")
 
@@ -97,7 +98,7 @@ def avx512_bf16_cpu(monkeypatch):
 
 def _lora_grads_after(model_dir, eval_pass_first: bool) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
     from qlora_lite.config import LoRAConfig
-    from qlora_lite.lora import apply_lora
+    from qlora_lite.methods.lora import apply_lora
 
     model = load_base_model(ModelConfig(name_or_path=str(model_dir)), QuantConfig(compute_dtype="float32"))
     torch.manual_seed(1)
@@ -155,7 +156,7 @@ def test_corrupt_safetensors_is_one_clear_error(tmp_path, damage):
 
 
 def test_local_model_path_resolves_to_an_absolute_folder(tiny_llama_dir, monkeypatch):
-    from qlora_lite.names import resolve_model_path
+    from qlora_lite.model_paths import resolve_model_path
 
     monkeypatch.chdir(tiny_llama_dir.parent)
     assert resolve_model_path(ModelConfig(name_or_path=tiny_llama_dir.name)) == str(tiny_llama_dir.resolve())

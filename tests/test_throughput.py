@@ -44,10 +44,10 @@ def test_cuda_table_shows_speed_planner_check_and_longest_sequence():
 
 
 def test_planner_estimate_for_a_case_leaves_out_the_cuda_context(tiny_llama_dir):
-    from qlora_lite.config import load_config
+    from qlora_lite.config import load_recipe
     from qlora_lite.planner import plan_memory
 
-    cfg = load_config(None, [f"model.name_or_path={tiny_llama_dir}", *throughput.BENCH_OVERRIDES, "train.micro_batch_size=4", "train.max_seq_len=256"])
+    cfg = load_recipe(None, [f"model.name_or_path={tiny_llama_dir}", *throughput.BENCH_OVERRIDES, "train.micro_batch_size=4", "train.max_seq_len=256"])
     plan = plan_memory(cfg)
     assert throughput.estimate_peak_gib(str(tiny_llama_dir), 4, 256) * GIB == pytest.approx(plan.total_bytes - plan.cuda_context_bytes, abs=1)
     assert plan.cuda_context_bytes == int(0.75 * GIB)

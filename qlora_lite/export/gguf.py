@@ -1,0 +1,391 @@
+"""Export to GGUF for llama.cpp, LM Studio and Ollama, converted and checked by llama.cpp itself.
+
+The steps of `qlora-lite export-gguf`; the calls into llama.cpp (its converter, its quantize API, a
+GGUF loaded to check it) are llama_cpp.py's, the chat template and Modelfile templates.py's.
+
+    export_gguf(adapter or model folder, out.gguf, gguf_type)
+      1. refuse early what cannot work: a file that exists, an adapter that cannot merge,
+         an architecture the converter does not list, a missing extra;
+      2. merge an adapter into a temporary folder (merge.merge_adapter), as `merge` does;
+      3. stage the model folder for the converter (weights linked, not copied): the chat
+         template the adapter was trained with, tokenizer.model where only a sibling
+         folder has it;
+      4. convert; quantize; set the end-of-turn stop token (gguf-py's gguf_new_metadata.py);
+      5. verify: llama.cpp must tokenize probe prompts to transformers' ids (always; it reads
+         the vocabulary only), and give the same last-token logits within the type's
+         tolerance (verify.GGUF_REL_TOL; by default for models up to 1B parameters);
+      6. move the file into place (and write an Ollama Modelfile): nothing is left half-written.
+
+What a server needs is in the file: `tokenizer.chat_template` (the alpaca layout for an
+alpaca adapter, the tokenizer's template for a chat one, a plain concatenation for text)
+and the stop tokens: EOS, and `tokenizer.ggml.eot_token_id` when a chat template ends its
+turns with another token (Llama-3 `<|eot_id|>`, ChatML `<|im_end|>`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import ExportError, GGUFError
+from ..methods.folder import CONFIG_NAME, WEIGHTS_NAME, find_base_model, read_adapter_json, read_prompt_info
+from ..methods.lora import LORA_METHOD, lora_scale
+from ..methods.table import find_saved_method
+from .llama_cpp import (
+    GGUF_TYPES,
+    LLAMA_CPP_PYTHON_VERSION,
+    LORA_TYPES,
+    LlamaCppModel,
+    check_architecture,
+    convert_lora,
+    convert_model,
+    find_converter,
+    read_binding_version,
+    require_binding,
+)
+from .merge import download_base, merge_adapter, numel, read_checkpoint_layout
+from .templates import PromptLayout, build_modelfile, find_prompt_layout
+from .verify import GGUF_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
+
+PROBE_CONVERSATION = [{"role": "user", "content": "Name a colour, then stop."}]
+
+
+@dataclass
+class GGUFReport:
+    """What export_gguf wrote and measured."""
+
+    out: Path
+    gguf_type: str
+    size_bytes: int
+    converter: str
+    lora_only: bool = False
+    layout: PromptLayout | None = None
+    modelfile: Path | None = None
+    max_logit_diff: float | None = None  # verify: llama.cpp vs transformers, last token of each probe
+    threshold: float | None = None
+    num_probes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def export_gguf(
+    source: str | Path,
+    out: str | Path,
+    gguf_type: str = "f16",
+    llama_cpp_dir: str | Path | None = None,
+    prompt_format: str = "auto",
+    ollama: bool = False,
+    lora_only: bool = False,
+    base: str | None = None,
+    verify: bool | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> GGUFReport:
+    """Write source (a merged model folder, any plain HF model folder, or an adapter folder) as one GGUF file.
+
+    Args:
+        source: A model folder (config.json + safetensors), or an adapter folder, which is merged
+            into its base first (in a temporary folder, as `qlora-lite merge` does).
+        out: The .gguf file to write; refused if it exists, unless overwrite.
+        gguf_type: f16, bf16, q8_0 (written by the converter) or q4_k_m (llama.cpp's quantize API).
+        llama_cpp_dir: A llama.cpp checkout whose converter to use; default `$QLORA_LITE_LLAMA_CPP`,
+            else the tested one from llama-cpp-python's source distribution (downloaded once).
+        prompt_format: The chat template to write: auto (as the adapter was trained, from its
+            qlora_lite.json; else the tokenizer's template if it has one, else text), alpaca, chat or text.
+        ollama: Also write `<out stem>.Modelfile` beside the GGUF for `ollama create`.
+        lora_only: Write the adapter alone as a GGUF LoRA (llama-server --lora) instead of a merged model.
+        base: The adapter's base folder, if not the one its adapter_config.json names.
+        verify: Load the GGUF in llama.cpp and compare its logits with transformers' on probe prompts;
+            None = for models of at most verify.AUTO_VERIFY_MAX_PARAMS parameters. (Their tokenization is
+            always compared.)
+        overwrite: Replace an existing out (and Modelfile), only once the new one is complete.
+        allow_pickle: Accept an adapter whose weights are only in adapter_model.bin.
+    """
+    source, out = Path(source), Path(out)
+    require_binding()
+    check_gguf_type(gguf_type, lora_only)
+    is_adapter = (source / CONFIG_NAME).is_file()
+    if lora_only and ollama:
+        raise GGUFError(
+            "--ollama writes a Modelfile for a whole model; with --lora-only, export the base model too and add "
+            "'ADAPTER ./LORA.gguf' under its FROM line yourself, or drop --lora-only"
+        )
+    if is_adapter:
+        check_adapter_exports(source, lora_only)
+    elif lora_only:
+        raise GGUFError(f"--lora-only needs an adapter folder (with adapter_config.json); {source} is not one")
+    else:
+        check_model_folder(source)
+    modelfile = out.with_suffix(".Modelfile") if ollama else None
+    check_out_file(out, overwrite, modelfile)
+    converter = find_converter(llama_cpp_dir)
+    installed = read_binding_version()
+
+    base_path = download_base(find_adapter_base(source, base)) if is_adapter else None
+    model_dir = Path(base_path) if is_adapter else source
+    check_architecture(converter, model_dir)
+    tokenizer_dirs = [source, *([Path(base_path)] if base_path else [])]
+    layout = find_prompt_layout(source, tokenizer_dirs, prompt_format)
+    modelfile_text = build_modelfile(out.name, layout) if ollama else None
+    report = GGUFReport(out, gguf_type, 0, converter.origin, lora_only=lora_only, layout=layout, modelfile=modelfile)
+    if prompt_format == "auto" and not read_prompt_info(source):
+        report.notes.append(
+            f"{source} records no training format (qlora_lite.json), so the {layout.data_format} chat template was guessed "
+            "from its tokenizer; pass --format alpaca|chat|text if the model was trained otherwise"
+        )
+    if installed != LLAMA_CPP_PYTHON_VERSION:
+        report.notes.append(f"llama-cpp-python {installed} checks the file; the tested one is {LLAMA_CPP_PYTHON_VERSION}")
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if lora_only:
+            staged_base = stage_model_dir(model_dir, work / "base", tokenizer_dirs, layout)
+            written = convert_lora(converter, stage_lora_adapter(source, work / "adapter"), staged_base, gguf_type, work)
+            report.notes.append(
+                f"serve it on the base as GGUF: qlora-lite export-gguf {base_path} --out BASE.gguf --format {layout.data_format}, "
+                f"then llama-server -m BASE.gguf --lora {out}"
+            )
+        else:
+            if is_adapter:
+                try:
+                    merge_adapter(source, work / "merged", base=base_path, allow_pickle=allow_pickle)
+                except ExportError as err:
+                    raise GGUFError(f"cannot merge {source} before the GGUF export: {err}") from err
+                model_dir = work / "merged"
+            staged = stage_model_dir(model_dir, work / "stage", tokenizer_dirs, layout)
+            end_of_turn = layout.end_of_turn_id if layout.end_of_turn_id != layout.eos_id else None
+            written = convert_model(converter, staged, gguf_type, end_of_turn, work)
+            probes = check_tokenization(written, staged, layout)  # always: it reads the vocabulary only
+            report.num_probes = len(probes)
+            num_parameters = count_parameters(staged)
+            if decide_verify(verify, num_parameters):
+                report.max_logit_diff = verify_logits(written, staged, probes)
+                report.threshold = GGUF_REL_TOL[gguf_type]
+                if report.max_logit_diff > report.threshold:
+                    raise GGUFError(
+                        f"llama.cpp's logits on {out.name} differ from transformers' by {report.max_logit_diff:.3g} (relative to the "
+                        f"largest logit; allowed for {gguf_type}: {report.threshold:.3g}); nothing was written. "
+                        "Try --type f16, or report the model and this number"
+                    )
+            else:
+                report.notes.append(describe_skipped_check(num_parameters, "llama.cpp with transformers (holds the model in fp32)"))
+        report.size_bytes = written.stat().st_size
+        os.replace(written, out)  # the same folder, so the file appears whole or not at all
+        if modelfile is not None:
+            (work / "Modelfile").write_text(modelfile_text)
+            os.replace(work / "Modelfile", modelfile)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def check_gguf_type(gguf_type: str, lora_only: bool) -> None:
+    allowed = LORA_TYPES if lora_only else GGUF_TYPES
+    if gguf_type not in allowed:
+        what = "a GGUF LoRA" if lora_only else "a GGUF model"
+        raise GGUFError(f"--type {gguf_type!r} is not one llama.cpp writes for {what}; choose one of {', '.join(allowed)}")
+
+
+def check_adapter_exports(adapter_dir: Path, lora_only: bool) -> None:
+    """Refuse adapters a GGUF cannot hold, before any work: soft prompts and bottleneck adapters, and non-LoRA with --lora-only."""
+    method = find_saved_method(adapter_dir)
+    if method.merge_refusal is not None:
+        raise GGUFError(
+            "cannot export to GGUF: " + method.merge_refusal.format(adapter_dir=adapter_dir)
+            + "; a GGUF holds weights, and llama.cpp has no such adapter"
+        )
+    if lora_only and method.peft_type != LORA_METHOD.peft_type:
+        raise GGUFError(
+            f"--lora-only writes LoRA A/B pairs, and {adapter_dir} is a {method.name} adapter (it replaces whole tensors); "
+            "drop --lora-only to export the merged model"
+        )
+    config = read_adapter_json(adapter_dir)
+    if lora_only and (config.get("alpha_pattern") or config.get("use_dora")):
+        raise GGUFError(
+            f"{adapter_dir}: a GGUF LoRA has one alpha and no DoRA magnitudes, and this adapter uses "
+            "alpha_pattern or DoRA; drop --lora-only to export the merged model"
+        )
+
+
+def check_model_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise GGUFError(f"{folder} is not a folder; pass a model folder (config.json + safetensors) or an adapter folder")
+    if not (folder / "config.json").is_file():
+        raise GGUFError(
+            f"{folder} holds neither adapter_config.json (an adapter) nor config.json (a model); pass runs/NAME/adapter "
+            "or a merged model folder (qlora-lite merge)"
+        )
+
+
+def check_out_file(out: Path, overwrite: bool, modelfile: Path | None) -> None:
+    if out.suffix != ".gguf":
+        raise GGUFError(f"--out {out} should end in .gguf (llama.cpp, LM Studio and Ollama look for that name)")
+    if out.is_dir():
+        raise GGUFError(f"--out {out} is a folder; name the file to write, e.g. {out / 'model-f16.gguf'}")
+    for path in (out, modelfile):
+        if path is not None and path.exists() and not overwrite:
+            raise GGUFError(f"{path} exists; choose another --out or pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def find_adapter_base(adapter_dir: Path, base: str | None) -> str:
+    return find_base_model(adapter_dir, read_adapter_json(adapter_dir), base)
+
+
+def count_parameters(model_dir: Path) -> int:
+    return sum(numel(shape) for shape in read_checkpoint_layout(str(model_dir)).shapes.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging the folder the converter reads
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_model_dir(model_dir: Path, stage: Path, tokenizer_dirs: list[Path], layout: PromptLayout) -> Path:
+    """A folder the converter reads: model_dir's files (weights linked), the layout's chat template, a tokenizer.model.
+
+    merge writes the tokenizer through transformers, which saves tokenizer.json but not a
+    SentencePiece tokenizer.model; the converter needs the latter for SentencePiece models, so
+    it comes from the adapter's or the base's folder when it matches the vocabulary.
+    """
+    stage.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                os.symlink(path.resolve(), stage / path.name)
+            else:
+                shutil.copyfile(path, stage / path.name)
+    if not (stage / "tokenizer.model").is_file():
+        for folder in tokenizer_dirs:
+            if (folder / "tokenizer.model").is_file() and sentencepiece_matches(folder / "tokenizer.model", stage):
+                shutil.copyfile(folder / "tokenizer.model", stage / "tokenizer.model")
+                break
+    config_path = stage / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.pop("chat_template", None)  # one source: chat_template.jinja, which gguf-py reads
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (stage / "chat_template.jinja").write_text(layout.chat_template)
+    return stage
+
+
+def sentencepiece_matches(model_file: Path, tokenizer_dir: Path) -> bool:
+    """Whether a tokenizer.model has the same pieces at the same ids as the folder's tokenizer.json."""
+    path = tokenizer_dir / "tokenizer.json"
+    if not path.is_file():
+        return True
+    vocab = json.loads(path.read_text()).get("model", {}).get("vocab")
+    if not isinstance(vocab, dict):
+        return False
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    return all(vocab.get(sp.id_to_piece(i)) == i for i in range(sp.get_piece_size()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking: llama.cpp against transformers
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_lora_adapter(adapter_dir: Path, stage: Path) -> Path:
+    """A folder convert_lora_to_gguf.py reads: the adapter's weights linked, its scale written as llama.cpp's alpha / r.
+
+    rsLoRA scales by alpha / sqrt(r); llama.cpp always by alpha / r, so alpha becomes lora_scale * r.
+    """
+    stage.mkdir()
+    config = read_adapter_json(adapter_dir)
+    if config.get("use_rslora"):
+        config["lora_alpha"] = lora_scale(config["lora_alpha"], config["r"], use_rslora=True) * config["r"]
+        config["use_rslora"] = False
+    (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise GGUFError(f"{adapter_dir} has no {WEIGHTS_NAME}; convert_lora_to_gguf.py reads only safetensors adapters")
+    os.symlink(weights.resolve(), stage / WEIGHTS_NAME)
+    return stage
+
+
+def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout) -> list[list[int]]:
+    """The probe prompts' ids, after checking that llama.cpp tokenizes each as transformers does.
+
+    BOS, special tokens and all: the bugs that make an exported model answer differently or
+    never stop. The probes are export.PROBE_PROMPTS and a conversation rendered by the chat
+    template written into the file. Loads the GGUF's vocabulary only, so it is cheap at any size.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = layout.chat_template
+    texts = [*PROBE_PROMPTS, tokenizer.apply_chat_template(PROBE_CONVERSATION, add_generation_prompt=True, tokenize=False)]
+    probes = []
+    with LlamaCppModel(gguf_path, vocab_only=True) as gguf_model:
+        for text in texts:
+            ids, theirs = tokenizer(text)["input_ids"], gguf_model.tokenize(text)
+            if ids != theirs:
+                at = next((i for i, (a, b) in enumerate(zip(ids, theirs)) if a != b), min(len(ids), len(theirs)))
+                hint = (
+                    "Check the special tokens (BOS/EOS ids in config.json, generation_config.json and the tokenizer)"
+                    if (model_dir / "tokenizer.model").is_file()
+                    else "The model folder has no SentencePiece tokenizer.model, so the "
+                    "converter rebuilt the vocabulary from tokenizer.json: copy the base model's tokenizer.model into the "
+                    "folder, or export from the adapter folder"
+                )
+                raise GGUFError(
+                    f"llama.cpp tokenizes {text[:40]!r} differently from transformers (first difference at token {at}: "
+                    f"{ids[at:at + 3]} vs {theirs[at:at + 3]}), so the GGUF would answer differently; nothing was written. {hint}"
+                )
+            probes.append(ids)
+    return probes
+
+
+def verify_logits(gguf_path: Path, model_dir: Path, probes: list[list[int]]) -> float:
+    """Max over the probes of |llama.cpp - transformers| on the last token's logits / max(1, max |transformers' logit|).
+
+    transformers runs model_dir in fp32, so the difference is the GGUF's rounding (and llama.cpp's
+    kernels), not two roundings compounded.
+    """
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    worst = 0.0
+    with LlamaCppModel(gguf_path) as gguf_model:
+        for ids in probes:
+            with torch.no_grad():
+                reference = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
+            logits = gguf_model.last_logits(ids)
+            worst = max(worst, float(abs(logits - reference).max()) / max(1.0, float(abs(reference).max())))
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+def format_gguf_report(report: GGUFReport) -> str:
+    what = "GGUF LoRA" if report.lora_only else "GGUF"
+    lines = [f"wrote {report.out} ({what}, {report.gguf_type}, {report.size_bytes / 2**20:,.1f} MiB) with {report.converter}"]
+    if report.layout is not None and not report.lora_only:
+        layout = report.layout
+        stops = f"{layout.end_of_turn!r} (id {layout.end_of_turn_id})"
+        if layout.end_of_turn_id != layout.eos_id:
+            stops += f" and EOS {layout.eos_token!r} (id {layout.eos_id})"
+        lines.append(f"  chat template: {layout.data_format}; stops at {stops}")
+    if report.num_probes:
+        line = f"  verify: llama.cpp tokenizes {report.num_probes} probe prompts as transformers does"
+        if report.max_logit_diff is not None:
+            line += (
+                f"; max |logit difference| {report.max_logit_diff:.3g} of the largest logit "
+                f"(allowed for {report.gguf_type}: {report.threshold:.3g}) ok"
+            )
+        lines.append(line)
+    if report.modelfile is not None:
+        lines.append(f"  ollama: {report.modelfile}; run: ollama create NAME -f {report.modelfile}")
+    lines += [f"  note: {note}" for note in report.notes]
+    return "\n".join(lines)
