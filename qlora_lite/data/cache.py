@@ -24,6 +24,7 @@ import json
 import operator
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -40,7 +41,7 @@ from ..config import CHOICES, DataConfig
 from ..errors import DataError
 from ..folders import cache_root
 from .batching import merge_pack, plan_packs
-from .formats import IGNORE_INDEX
+from .formats import CHAT_READINGS, IGNORE_INDEX, chat_roles, read_chat_messages
 from .records import LOCAL_BUILDERS, load_records, looks_local, split_indices
 from .tokenizing import require_eos_id, tokenize_records
 
@@ -128,6 +129,7 @@ _PREPARED_FEATURES = datasets.Features(
         "cut_tokens": datasets.Value("int32"),  # learned tokens past max_seq_len
         "learnable": datasets.Value("bool"),  # a learned token is left within max_seq_len
         "kept": datasets.Value("bool"),  # an example of its split (data.truncation decided)
+        "chat_read_as": datasets.Value("int8"),  # chat: bit i set when the record was read as formats.CHAT_READINGS[i] says
     }
 )
 
@@ -254,12 +256,15 @@ def prepare_datasets(cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: in
         and ``tokens`` (of the kept examples), each summed over both splits; ``train`` and ``eval``:
         the split's ``TruncationStats`` fields plus ``kept``, ``tokens`` and ``sequences`` (packs
         when packed); ``max_seq_len``, ``truncation``, ``packing``; ``num_proc`` and
-        ``tokenize_seconds`` of the run that tokenized; ``seconds`` this call took, ``cache``
-        (``"hit"`` or ``"miss"``) and ``cache_path``.
+        ``tokenize_seconds`` of the run that tokenized; ``chat_read_as`` (records per reading of
+        ``formats.CHAT_READINGS`` taken, e.g. ``{"human->user": 1200}``; empty when none was) and
+        ``chat_records_read_as`` (records that took any), over both splits; ``seconds`` this call
+        took, ``cache`` (``"hit"`` or ``"miss"``) and ``cache_path``.
 
     Raises:
         DataError: Files cannot be read, a record lacks a required field (message gives the
-            field and record index), no training example is left, or the cache folder is damaged.
+            split, file, record index and field), no training example is left, or the cache
+            folder is damaged.
     """
     started = time.perf_counter()
     if cfg.truncation not in CHOICES["data.truncation"]:
@@ -283,7 +288,8 @@ def prepare_datasets(cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: in
 
 def resolve_data_cache_dir(cfg: DataConfig) -> Path:
     """``data.cache_dir``, else ``$QLORA_LITE_DATA_CACHE``, else ``data`` in qlora-lite's cache (``$QLORA_LITE_CACHE``, default ``~/.cache/qlora-lite``)."""
-    return Path(cfg.cache_dir or os.environ.get(DATA_CACHE_ENV) or cache_root() / "data").expanduser()
+    # Absolute: the cache's files are named relative to it (a relative one was read from a moving point).
+    return Path(cfg.cache_dir or os.environ.get(DATA_CACHE_ENV) or cache_root() / "data").expanduser().absolute()
 
 
 def format_preparation_stats(stats: dict[str, Any]) -> str:
@@ -293,6 +299,9 @@ def format_preparation_stats(stats: dict[str, Any]) -> str:
     )
     if stats["packing"]:
         line += f", {stats['train']['sequences']} packed training sequences"
+    if stats.get("chat_read_as"):
+        # Said once per run: an alias taken in silence is how a `bot` answer went unlearned (issue 22).
+        line += f"; chat read as: {', '.join(stats['chat_read_as'])} ({stats['chat_records_read_as']} records)"
     if stats["cache"] == "hit":
         return line + f"; read from the cache in {stats['seconds']:.2f} s ({stats['cache_path']})"
     processes = "1 process" if stats["num_proc"] == 1 else f"{stats['num_proc']} processes"
@@ -414,8 +423,7 @@ def _write_prepared(
     """Tokenize, split, drop and pack into a temporary folder, then rename it to ``folder``."""
     started = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own per writer (not folders.write_atomically's fixed one): ranks may write at once.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = _make_temporary_folder(folder)
     try:
         # Local records are converted afresh into this folder (removed before the rename): the key
         # says their content changed, which datasets' own cache would not see (see load_records).
@@ -447,6 +455,7 @@ def _write_prepared(
             np.save(tmp / "train_pack_bounds.npy", bounds)
             train_stats["sequences"] = len(bounds) - 1
         splits = (train_stats, eval_stats)
+        read_as = np.concatenate([columns["chat_read_as"] for _, columns in tables.values()]).astype(np.int64)
         stats = {
             "records": len(train_records) + (len(eval_records) if eval_records is not None else 0),
             **{name: sum(split[name] for split in splits) for name in ("kept", "dropped", "truncated", "tokens")},
@@ -457,6 +466,9 @@ def _write_prepared(
             "packing": cfg.packing,
             "num_proc": num_proc,
             "tokenize_seconds": round(time.perf_counter() - started, 3),
+            # Every record read, both splits, as "records" counts them (dropped ones too: they were read so).
+            "chat_read_as": {name: int(count) for i, name in enumerate(CHAT_READINGS) if (count := ((read_as >> i) & 1).sum())},
+            "chat_records_read_as": int((read_as != 0).sum()),
         }
         if not len(train_kept):
             _print_truncation_lines(stats)
@@ -480,28 +492,58 @@ def _write_prepared(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _make_temporary_folder(folder: Path) -> Path:
+    """A new empty folder beside ``folder``, named for it, with a name of its own per writer (ranks may write at once).
+
+    Made by ``mkdir`` with the default mode, so it follows the umask as ``os.makedirs`` does (0o755
+    under umask 022); the rename keeps that mode. ``tempfile.mkdtemp`` made it 0o700, a cache that
+    another user or a serving container could not read. The kernel applies the umask here, so it is
+    never read: reading it means setting it (``os.umask``), which races with the threads of this process.
+    """
+    while True:
+        tmp = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            tmp.mkdir()
+        except FileExistsError:  # another writer drew the same name
+            continue
+        return tmp
+
+
+def _describe_records(name: str, path: str, split: str) -> str:
+    """Where a split's records come from, as an error names it: ``eval file /x/eval.jsonl``, ``train data org/set (split 'test')``."""
+    if looks_local(path) and Path(path).expanduser().is_file():
+        return f"{name} file {path}"  # a file has one split
+    return f"{name} data {path} (split {split!r})"
+
+
 def _tokenize_to_arrow(
     records: datasets.Dataset, tmp: Path, name: str, cfg: DataConfig, tokenizer: Any, max_seq_len: int, num_proc: int, key: dict
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """Tokenize the records into Arrow files under ``tmp/name``; their names and the small columns as arrays."""
     (tmp / name).mkdir()
-    mapped = records.map(
-        _tokenize_batch,
-        batched=True,
-        with_indices=True,  # each worker gets the file's row numbers, quoted in errors
-        # datasets runs num_proc=1 in a worker process too; in this one it skips sending the tokenizer.
-        num_proc=min(num_proc, len(records)) if num_proc > 1 else None,
-        remove_columns=records.column_names,
-        features=_PREPARED_FEATURES,
-        fn_kwargs={"fmt": cfg.format, "tokenizer": tokenizer, "text_field": cfg.text_field, "max_seq_len": max_seq_len, "truncation": cfg.truncation},
-        cache_file_name=str(tmp / name / "tokens.arrow"),
-        # Our key names the result: datasets need not hash the tokenizer (seconds, and a warning when it cannot).
-        new_fingerprint=hashlib.sha256(json.dumps([key, name], sort_keys=True).encode()).hexdigest()[:32],
-        load_from_cache_file=False,
-        desc=f"tokenizing {name} ({Path(cfg.path if name == 'train' else cfg.eval_path).name})",
-    )
+    path = cfg.path if name == "train" else cfg.eval_path
+    try:
+        mapped = records.map(
+            _tokenize_batch,
+            batched=True,
+            with_indices=True,  # each worker gets the file's row numbers, quoted in errors
+            # datasets runs num_proc=1 in a worker process too; in this one it skips sending the tokenizer.
+            num_proc=min(num_proc, len(records)) if num_proc > 1 else None,
+            remove_columns=records.column_names,
+            features=_PREPARED_FEATURES,
+            fn_kwargs={"fmt": cfg.format, "tokenizer": tokenizer, "text_field": cfg.text_field, "max_seq_len": max_seq_len, "truncation": cfg.truncation},
+            cache_file_name=str(tmp / name / "tokens.arrow"),
+            # Our key names the result: datasets need not hash the tokenizer (seconds, and a warning when it cannot).
+            new_fingerprint=hashlib.sha256(json.dumps([key, name], sort_keys=True).encode()).hexdigest()[:32],
+            load_from_cache_file=False,
+            desc=f"tokenizing {name} ({Path(path).name})",
+        )
+    except DataError as err:
+        # A worker's error names the record's row; only here is it known which file (and split) that row is in.
+        raise DataError(f"{_describe_records(name, path, cfg.split)}, {err}") from err
     files = [str(Path(f["filename"]).relative_to(tmp)) for f in mapped.cache_files]
-    small = {column: mapped.data.column(column).to_numpy() for column in ("length", "whole_length", "cut_tokens", "learnable", "kept")}
+    columns = ("length", "whole_length", "cut_tokens", "learnable", "kept", "chat_read_as")
+    small = {column: mapped.data.column(column).to_numpy() for column in columns}
     return files, small
 
 
@@ -511,7 +553,13 @@ def _tokenize_batch(
     """``datasets.map`` function: a batch of records -> one row of ``_PREPARED_FEATURES`` each."""
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
     columns: dict[str, list] = {name: [] for name in _PREPARED_FEATURES}
-    for whole in tokenize_records(records, indices, fmt, tokenizer, text_field):
+    examples = tokenize_records(records, indices, fmt, tokenizer, text_field)
+    if fmt == "chat":  # read again for the flags alone: the records passed above, so this raises nothing
+        roles = chat_roles(tokenizer)
+        columns["chat_read_as"] = [read_chat_messages(record, index, roles)[1] for record, index in zip(records, indices)]
+    else:
+        columns["chat_read_as"] = [0] * len(records)
+    for whole in examples:
         labels, beyond = whole["labels"][:max_seq_len], whole["labels"][max_seq_len:]
         # Every example ends in a learned token (EOS or end of turn), so any cut loses learned tokens.
         cut = len(beyond) - beyond.count(IGNORE_INDEX)

@@ -20,13 +20,17 @@ Formats (``DataConfig.format``, listed with what they need in ``config.DATA_FORM
   turn is learned, with the end-of-turn token the template writes after it; system and user
   turns and the template's markup are masked. The token sequence spells the template's own
   rendering, less the whitespace after the last turn (and plus BOS when the tokenizer adds one
-  and the template does not write it).
+  and the template does not write it). Roles are system, user, assistant (and tool where the
+  template handles it, ``chat_roles``); ``CHAT_ROLE_ALIASES`` are read as those, ShareGPT's
+  ``conversations`` of ``{from, value}`` as ``messages`` of ``{role, content}``
+  (``read_chat_messages``); any other role is refused.
 - ``text``: one text field, every token learned (plain language modelling).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from ..config import DATA_FORMATS
@@ -63,6 +67,22 @@ saving an adapter so that generation uses the same layout as training.
 
 FORMAT_NEEDS = {name: f"format {name} needs {needs}" for name, needs in DATA_FORMATS.items()}
 """What each format needs, quoted in the error for a bad record."""
+
+CHAT_ROLES = ("system", "user", "assistant")
+"""The roles every chat template renders as such; ``tool`` too where the template handles it (``chat_roles``)."""
+
+CHAT_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+"""Roles other data sets write (ShareGPT: human, gpt; Gemma: model), read as the role the templates know.
+
+Without this a template writes them as they stand (``<|human|>``, which ``generate``'s ``<|user|>``
+never matches) and only ``assistant`` turns are learned, so a ``bot`` answer would be masked."""
+
+CHAT_READINGS = (
+    "conversations->messages",
+    "from/value->role/content",
+    *(f"{alias}->{role}" for alias, role in CHAT_ROLE_ALIASES.items()),
+)
+"""What ``read_chat_messages`` may have read otherwise than as written; bit ``i`` of its flags is ``CHAT_READINGS[i]``."""
 
 
 def render_example(record: dict, fmt: str, tokenizer: Any, index: int = 0, text_field: str = "text") -> tuple[str, str]:
@@ -141,7 +161,7 @@ def _render_chat(record: dict, tokenizer: Any, index: int, end_of_turn: str | No
     token gets one appended (the end-of-turn token, else EOS), or the model would never learn to stop. Template text
     after the final turn's end token (usually a newline) is dropped: nothing follows it in training.
     """
-    messages = _require_messages(record, index)
+    messages, _ = read_chat_messages(record, index, chat_roles(tokenizer))
     eos_token = tokenizer.eos_token or ""
     # Rendering the probe conversation costs as much as a record: callers over many records pass it in.
     end_of_turn = end_of_turn or find_end_of_turn_token(tokenizer) or eos_token
@@ -221,26 +241,69 @@ def _apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_pr
         raise DataError(f"record {index}: the chat template could not render the conversation: {err}") from err
 
 
-def _require_messages(record: dict, index: int) -> list[dict]:
+def chat_roles(tokenizer: Any) -> tuple[str, ...]:
+    """The roles the tokenizer's chat template (or ``DEFAULT_CHAT_TEMPLATE``) knows: ``CHAT_ROLES``, plus ``tool`` where it handles one.
+
+    A template that handles tool results compares the role with ``'tool'`` (Llama 3.1, Qwen2.5,
+    Mistral); rendering a probe would not tell, since ours and many others write any role as it stands.
+    """
+    template = str(getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE)
+    return (*CHAT_ROLES, "tool") if re.search(r"""["']tool["']""", template) else CHAT_ROLES
+
+
+def read_chat_messages(record: dict, index: int, roles: tuple[str, ...] = CHAT_ROLES) -> tuple[list[dict], int]:
+    """A chat record's turns as ``{role, content}`` with the roles the template knows, and what was read otherwise.
+
+    ``messages`` (else ShareGPT's ``conversations``), each turn ``{role, content}`` or ShareGPT's
+    ``{from, value}``; an alias of ``CHAT_ROLE_ALIASES`` becomes its role. Returns the turns
+    (other keys of a turn kept, for templates that read them) and flags: bit ``i`` set when
+    ``CHAT_READINGS[i]`` was taken, which the data report counts.
+
+    Raises:
+        DataError: No turns, a turn without role and text, a role outside ``roles`` and the
+            aliases, or a last turn that is not the assistant's.
+    """
+    needs = FORMAT_NEEDS["chat"]
+    flags = 0
     messages = record.get("messages")
+    # Records read from one file share their columns: a record without a field has it as None.
+    if messages is None and record.get("conversations") is not None:
+        messages, flags = record["conversations"], flags | 1
     if messages is None:
-        raise DataError(f"record {index} has no 'messages' field ({FORMAT_NEEDS['chat']})")
+        raise DataError(f"record {index} has no 'messages' field (nor ShareGPT's 'conversations') ({needs})")
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"record {index} has an empty or non-list 'messages' field ({FORMAT_NEEDS['chat']})")
+        raise DataError(f"record {index} has an empty or non-list 'messages' field ({needs})")
+    turns, written = [], []
     for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        keys = ("role", "content")
+        if isinstance(message, dict) and message.get("role") is None and message.get("from") is not None:
+            keys, flags = ("from", "value"), flags | 2
+        if not isinstance(message, dict) or message.get(keys[0]) is None or keys[1] not in message:
             raise DataError(
-                f"record {index} message {turn} is not a {{role, content}} mapping ({FORMAT_NEEDS['chat']}; "
-                "convert ShareGPT-style from/value pairs first)"
+                f"record {index} message {turn} is not a {{role, content}} mapping ({needs}); "
+                "write each turn as {role, content} (or ShareGPT's {from, value})"
             )
-        if not isinstance(message["content"], str):
-            raise DataError(f"record {index} message {turn} has no text in its 'content' field ({FORMAT_NEEDS['chat']})")
-    if messages[-1]["role"] != "assistant":
+        if not isinstance(message[keys[1]], str):
+            raise DataError(f"record {index} message {turn} has no text in its {keys[1]!r} field ({needs})")
+        role = message[keys[0]]
+        alias_of = CHAT_ROLE_ALIASES.get(role) if isinstance(role, str) else None  # a number or a list is no role
+        if alias_of:
+            flags |= 1 << CHAT_READINGS.index(f"{role}->{alias_of}")
+        written.append(role)
+        rest = {key: value for key, value in message.items() if key not in ("role", "content", "from", "value")}
+        turns.append({**rest, "role": alias_of or role, "content": message[keys[1]]})
+    if any(turn["role"] not in roles for turn in turns):
+        found = [role for turn, role in enumerate(written) if role not in written[:turn]]  # each once, in the record's order
         raise DataError(
-            f"record {index}: the last message has role {messages[-1]['role']!r}, not 'assistant' "
-            f"({FORMAT_NEEDS['chat']}); drop trailing user turns"
+            f"record {index} has chat roles {found}; qlora-lite reads {', '.join(roles)} "
+            f"(and {', '.join(CHAT_ROLE_ALIASES)} as their aliases): rename the others"
         )
-    return messages
+    if turns[-1]["role"] != "assistant":
+        raise DataError(
+            f"record {index}: the last message has role {written[-1]!r}, but a record must end with the assistant's answer "
+            f"({needs}); rename that turn to 'assistant' if it is the answer, else drop it"
+        )
+    return turns, flags
 
 
 def _require_text(record: dict, field: str, fmt: str, index: int, text_field: str = "text") -> str:

@@ -57,7 +57,10 @@ def looks_local(path: str) -> bool:
 
 def _load_local_records(path: Path, split: str, cache_dir: str | None = None) -> datasets.Dataset:
     if not path.exists():
-        raise DataError(f"data file {path} does not exist; check data.path (absolute, or relative to where you run qlora-lite)")
+        raise DataError(
+            f"data file {path} does not exist; check data.path (absolute, or relative to where you run qlora-lite, "
+            "else to the recipe's folder)"
+        )
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in LOCAL_BUILDERS)
     elif path.suffix not in LOCAL_BUILDERS:

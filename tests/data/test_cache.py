@@ -1,4 +1,4 @@
-"""Prepared data: eval splits, truncation and its report, and the on-disk cache (hits, misses, each key part, processes, atomic folders).
+"""Prepared data: eval splits, truncation and its report, bad records and chat aliases, and the on-disk cache (hits, misses, each key part, processes, atomic folders, modes).
 
 The tokenizer fixture has pad id 0, bos id 2, eos id 3 (`</s>`), no chat template, and does
 not add BOS by itself; tests that need BOS or a template set them on a copy.
@@ -399,8 +399,81 @@ def test_bad_record_reports_its_row_from_any_process_and_caches_nothing(tmp_path
     for num_proc in (1, 2):  # 2: record 17 is row 7 of the second process's shard
         with pytest.raises(DataError) as err:
             prepare_datasets(DataConfig(path=str(path), num_proc=num_proc), tokenizer, 512, seed=0)
-        assert str(err.value) == "record 17 has no 'output' field (format alpaca needs instruction, output; input optional)"
+        assert str(err.value) == f"train file {path}, record 17 has no 'output' field (format alpaca needs instruction, output; input optional)"
     assert list(data_cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_bad_record_in_the_eval_file_names_the_file_and_the_split(tmp_path, tokenizer, num_proc):
+    """Issue 22: "record 1 has no 'output' field (...)" read the same whether the record was in data.path or data.eval_path."""
+    path = write_jsonl(tmp_path / "train.jsonl", alpaca_records(6))
+    records = alpaca_records(4)
+    del records[1]["output"]
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", records)
+    with pytest.raises(DataError) as err:
+        prepare_datasets(DataConfig(path=str(path), eval_path=str(eval_path), num_proc=num_proc), tokenizer, 512, seed=0)
+    assert str(err.value) == f"eval file {eval_path}, record 1 has no 'output' field (format alpaca needs instruction, output; input optional)"
+
+
+def test_a_bad_record_in_a_folder_names_the_folder_and_its_split(tmp_path, tokenizer):
+    records = alpaca_records(5)
+    del records[3]["instruction"]
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "test.jsonl", records)
+    with pytest.raises(DataError) as err:
+        prepare_datasets(DataConfig(path=str(tmp_path / "data"), split="test"), tokenizer, 512, seed=0)
+    assert str(err.value) == (
+        f"train data {tmp_path / 'data'} (split 'test'), record 3 has no 'instruction' field "
+        "(format alpaca needs instruction, output; input optional)"
+    )
+
+
+def test_chat_role_aliases_are_counted_over_processes_and_reported_once(tmp_path, tokenizer, capsys):
+    records = chat_records(12)
+    sharegpt = {"user": "human", "assistant": "gpt"}
+    for record in records[:8]:  # ShareGPT's layout
+        record["conversations"] = [{"from": sharegpt[m["role"]], "value": m["content"]} for m in record.pop("messages")]
+    records[8]["messages"] = [{"from": sharegpt[m["role"]], "value": m["content"]} for m in records[8]["messages"]]
+    records[9]["messages"][1]["role"] = "model"  # Gemma's
+    records[11]["messages"][1]["role"] = "bot"
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    plain = write_jsonl(tmp_path / "plain.jsonl", chat_records(12))
+
+    cfg = DataConfig(path=str(path), format="chat", eval_fraction=0.25)
+    one = prepare_datasets(dataclasses.replace(cfg, num_proc=1), tokenizer, 512, seed=0)
+    two = prepare_datasets(dataclasses.replace(cfg, num_proc=2, cache_dir=str(tmp_path / "two")), tokenizer, 512, seed=0)
+    out = capsys.readouterr().out.splitlines()
+    again = prepare_datasets(cfg, tokenizer, 512, seed=0)
+    expected = prepare_datasets(dataclasses.replace(cfg, path=str(plain)), tokenizer, 512, seed=0)
+
+    assert list(one.train) == list(two.train) == list(expected.train) and list(one.eval) == list(expected.eval)
+    read_as = {"conversations->messages": 8, "from/value->role/content": 9, "human->user": 9, "gpt->assistant": 9, "bot->assistant": 1, "model->assistant": 1}
+    for prepared in (one, two, again):
+        assert (prepared.stats["chat_read_as"], prepared.stats["chat_records_read_as"]) == (read_as, 11)
+    assert (expected.stats["chat_read_as"], expected.stats["chat_records_read_as"]) == ({}, 0)
+    clause = "; chat read as: conversations->messages, from/value->role/content, human->user, gpt->assistant, bot->assistant, model->assistant (11 records); "
+    assert [clause in line for line in out] == [False, False, True, False, False, True]  # per process: train, eval, data
+    assert out[2].startswith("data: 12 records -> 12 examples (0 dropped), ") and out[2].split(clause)[1].startswith("tokenized with 1 process in ")
+    assert out[5].split(clause)[1].startswith("tokenized with 2 processes in ")
+    again_out, expected_out = capsys.readouterr().out.splitlines()[2::3]
+    assert clause in again_out and "read from the cache" in again_out and "chat read as" not in expected_out
+
+
+def test_cache_folders_and_files_follow_the_umask(tmp_path, tokenizer, data_cache):
+    """Issue 22: tempfile.mkdtemp made the cache folder drwx------, unreadable to another user or a serving container."""
+    path = write_jsonl(tmp_path / "train.jsonl", alpaca_records(8))
+    before = os.umask(0o022)
+    try:
+        folder = Path(prepare_datasets(DataConfig(path=str(path), num_proc=2), tokenizer, 512, seed=0).stats["cache_path"])
+    finally:
+        os.umask(before)
+    modes = {str(p.relative_to(data_cache)): oct(p.stat().st_mode & 0o777) for p in [data_cache, *sorted(data_cache.rglob("*"))]}
+    name = folder.name
+    assert modes == {
+        ".": "0o755", name: "0o755", f"{name}/train": "0o755", f"{name}/train/tokens_00000_of_00002.arrow": "0o644",
+        f"{name}/train/tokens_00001_of_00002.arrow": "0o644", f"{name}/train_rows.npy": "0o644", f"{name}/eval_rows.npy": "0o644",
+        f"{name}/manifest.json": "0o644",
+    }
 
 
 def test_a_cache_folder_appears_whole_or_not_at_all(tmp_path, tokenizer, monkeypatch, data_cache):
@@ -461,3 +534,17 @@ def test_cache_folder_comes_from_the_recipe_then_the_environment_then_home(tmp_p
     assert resolve_data_cache_dir(DataConfig()) == tmp_path / ".cache" / "qlora-lite" / "data"
 
 
+
+
+@pytest.mark.parametrize("given", ["setting", "environment"])
+def test_a_relative_cache_folder_is_read_from_where_the_command_runs(tmp_path, tokenizer, monkeypatch, given):
+    """Issue 22: a relative data.cache_dir (or $QLORA_LITE_DATA_CACHE) crashed in _tokenize_to_arrow ("is not in the subpath of")."""
+    path = write_jsonl(tmp_path / "train.jsonl", alpaca_records(8))
+    monkeypatch.chdir(tmp_path)
+    if given == "environment":
+        monkeypatch.setenv(DATA_CACHE_ENV, "dcrel")
+    cfg = DataConfig(path=str(path), cache_dir="dc3rel" if given == "setting" else None)
+    first, second = prepare_datasets(cfg, tokenizer, 512, seed=0), prepare_datasets(cfg, tokenizer, 512, seed=0)
+    folder = Path.cwd() / ("dc3rel" if given == "setting" else "dcrel")
+    assert (first.stats["cache"], second.stats["cache"]) == ("miss", "hit")
+    assert Path(second.stats["cache_path"]).parent == folder and len(second.train) == 8

@@ -1,4 +1,4 @@
-"""Formats and masking: alpaca, chat (default, Llama-3 and ChatML templates, multi-turn) and text; BOS, EOS and the end of turn; bad records.
+"""Formats and masking: alpaca, chat (default, Llama-3 and ChatML templates, multi-turn; roles, their aliases, ShareGPT) and text; BOS, EOS and the end of turn; bad records.
 
 The tokenizer fixture has pad id 0, bos id 2, eos id 3 (`</s>`), no chat template, and does
 not add BOS by itself; tests that need BOS or a template set them on a copy.
@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from qlora_lite.data.formats import IGNORE_INDEX, find_end_of_turn_token, render_example
+from qlora_lite.data.formats import FORMAT_NEEDS, IGNORE_INDEX, find_end_of_turn_token, render_example
 from qlora_lite.data.records import load_records
 from qlora_lite.data.tokenizing import tokenize_example
 from qlora_lite.errors import DataError
@@ -255,9 +255,9 @@ def test_chatml_chat_ends_each_turn_with_im_end_and_no_extra_eos(eos):
     ("alpaca", {"instruction": "  ", "output": "Blue."}, "instruction"),
     ("chat", {"text": "hello"}, "messages"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "assistant"),
-    ("chat", {"messages": [{"from": "human", "value": "hi"}]}, "role, content"),
+    ("chat", {"messages": [{"speaker": "human", "text": "hi"}]}, "role, content"),
     ("text", {"body": "hello"}, "text"),
-], ids=["alpaca-no-output", "alpaca-blank-instruction", "chat-no-messages", "chat-ends-with-user", "chat-sharegpt", "text-no-field"])
+], ids=["alpaca-no-output", "alpaca-blank-instruction", "chat-no-messages", "chat-ends-with-user", "chat-unknown-keys", "text-no-field"])
 def test_bad_record_error_names_the_field_and_the_index(tokenizer, fmt, record, field):
     with pytest.raises(DataError) as err:
         tokenize_example(record, fmt, tokenizer, max_seq_len=512, index=17)
@@ -269,6 +269,112 @@ def test_missing_output_message_is_exact(tokenizer):
     with pytest.raises(DataError) as err:
         render_example({"instruction": "Name a colour."}, "alpaca", tokenizer, index=17)
     assert str(err.value) == "record 17 has no 'output' field (format alpaca needs instruction, output; input optional)"
+
+
+# ----------------------------------------------------------------------------- chat roles
+
+
+def conversation(roles: list[str], contents: list[str] | None = None, keys: tuple[str, str] = ("role", "content"), field: str = "messages") -> dict:
+    """A chat record with these roles (and TWO_TURNS' contents, in turn), written with these keys."""
+    contents = contents or [m["content"] for m in TWO_TURNS["messages"]]
+    return {field: [{keys[0]: role, keys[1]: content} for role, content in zip(roles, contents)]}
+
+
+def learned_text(tokenizer, example: dict) -> str:
+    return tokenizer.decode([label for label in example["labels"] if label != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("roles", [
+    ["user", "bot", "user", "assistant"],
+    ["human", "gpt", "human", "gpt"],
+    ["user", "model", "user", "model"],
+], ids=["bot", "human-gpt", "model"])
+def test_chat_role_aliases_are_read_as_the_roles_the_template_knows(tokenizer, roles):
+    """Issue 22: `human` rendered as <|human|> (generate writes <|user|>), and a middle `bot` turn was masked, not learned."""
+    record = conversation(roles)
+
+    prompt, _ = render_example(record, "chat", tokenizer)
+    example = tokenize_example(record, "chat", tokenizer, max_seq_len=512)
+
+    assert prompt.startswith("<|user|>\nhello there</s>\n<|assistant|>\nhi! how can I help?</s>\n<|user|>\n")
+    assert example == tokenize_example(TWO_TURNS, "chat", tokenizer, max_seq_len=512)
+    assert learned_text(tokenizer, example) == "hi! how can I help?</s> Blue is a colour.</s>"  # the decoder writes a space after </s>
+
+
+@pytest.mark.parametrize("field", ["conversations", "messages"])
+def test_sharegpt_turns_are_read_as_messages(tokenizer, field):
+    record = conversation(["system", "human", "gpt"], ["Be brief.", "Name a colour.", "Blue is a colour."], keys=("from", "value"), field=field)
+    same = conversation(["system", "user", "assistant"], ["Be brief.", "Name a colour.", "Blue is a colour."])
+
+    assert render_example(record, "chat", tokenizer) == ("<|system|>\nBe brief.</s>\n<|user|>\nName a colour.</s>\n<|assistant|>\n", "Blue is a colour.")
+    assert tokenize_example(record, "chat", tokenizer, max_seq_len=512) == tokenize_example(same, "chat", tokenizer, max_seq_len=512)
+
+
+# A template that handles tool results (as Llama 3.1's, Qwen2.5's and Mistral's do): role tool is read too.
+TOOL_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'tool' %}<|im_start|>tool result\n{% else %}<|im_start|>{{ m['role'] }}\n{% endif %}"
+    "{{ m['content'] + eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ROLES_READ = "qlora-lite reads system, user, assistant (and human, gpt, bot, model as their aliases): rename the others"
+
+
+@pytest.mark.parametrize("roles, template, message", [
+    (["user", "narrator", "user", "assistant"], None, "record 7 has chat roles ['user', 'narrator', 'assistant']; " + ROLES_READ),
+    (["User", "Assistant"], None, "record 7 has chat roles ['User', 'Assistant']; " + ROLES_READ),
+    (["user", "assistant", "tool", "assistant"], None, "record 7 has chat roles ['user', 'assistant', 'tool']; " + ROLES_READ),
+    (["human", "narrator"], None, "record 7 has chat roles ['human', 'narrator']; " + ROLES_READ),
+    (["user", "narrator", "assistant"], TOOL_TEMPLATE, (
+        "record 7 has chat roles ['user', 'narrator', 'assistant']; "
+        "qlora-lite reads system, user, assistant, tool (and human, gpt, bot, model as their aliases): rename the others"
+    )),
+], ids=["unknown-middle", "capitalised", "tool-without-a-tool-template", "unknown-last", "unknown-with-a-tool-template"])
+def test_unknown_chat_roles_are_refused_with_the_record_and_the_roles_found(tokenizer, roles, template, message):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    with pytest.raises(DataError) as err:
+        tokenize_example(conversation(roles), "chat", tok, max_seq_len=512, index=7)
+    assert str(err.value) == message
+
+
+def test_a_template_that_handles_tool_results_reads_tool_turns_masked(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TOOL_TEMPLATE
+    record = conversation(["user", "assistant", "tool", "assistant"])
+
+    prompt, response = render_example(record, "chat", tok)
+    example = tokenize_example(record, "chat", tok, max_seq_len=512)
+
+    assert prompt.endswith("hi! how can I help?</s>\n<|im_start|>tool result\nName a colour.</s>\n<|im_start|>assistant\n")
+    assert response == "Blue is a colour."
+    assert learned_text(tok, example) == "hi! how can I help?</s> Blue is a colour.</s>"
+
+
+@pytest.mark.parametrize("roles", [["user", "assistant", "user"], ["user", "assistant", "system"], ["human", "gpt", "human"]])
+def test_a_record_that_does_not_end_with_the_answer_says_to_rename_or_drop_the_last_turn(tokenizer, roles):
+    with pytest.raises(DataError) as err:
+        tokenize_example(conversation(roles), "chat", tokenizer, max_seq_len=512, index=7)
+    assert str(err.value) == (
+        f"record 7: the last message has role {roles[-1]!r}, but a record must end with the assistant's answer ({FORMAT_NEEDS['chat']}); "
+        "rename that turn to 'assistant' if it is the answer, else drop it"
+    )
+
+
+def test_a_last_turn_with_an_alias_of_assistant_is_learned(tokenizer):
+    # Before: "record 7: the last message has role 'bot', not 'assistant' (...); drop trailing user turns".
+    example = tokenize_example(conversation(["user", "bot"], ["Name a colour.", "Blue is a colour."]), "chat", tokenizer, max_seq_len=512, index=7)
+    assert example == tokenize_example(SINGLE_TURN, "chat", tokenizer, max_seq_len=512)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "hello"}, "record 7 has no 'messages' field (nor ShareGPT's 'conversations') ({needs})"),
+    ({"messages": [{"speaker": "human", "text": "hi"}]},
+     "record 7 message 0 is not a {{role, content}} mapping ({needs}); write each turn as {{role, content}} (or ShareGPT's {{from, value}})"),
+    ({"conversations": [{"from": "human", "value": None}]}, "record 7 message 0 has no text in its 'value' field ({needs})"),
+], ids=["no-messages", "unknown-keys", "no-value"])
+def test_a_malformed_chat_record_says_what_it_lacks(tokenizer, record, message):
+    with pytest.raises(DataError) as err:
+        tokenize_example(record, "chat", tokenizer, max_seq_len=512, index=7)
+    assert str(err.value) == message.format(needs=FORMAT_NEEDS["chat"])
 
 
 def test_truncation_keeps_the_first_max_seq_len_tokens(tokenizer):

@@ -53,7 +53,11 @@ def test_load_records_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nope" / "train.jsonl"
     with pytest.raises(DataError, match="does not exist") as err:
         load_records(str(missing))
-    assert str(missing) in str(err.value)
+    # Issue 22: it named where the command runs but not the recipe's folder, where data.path is looked up too.
+    assert str(err.value) == (
+        f"data file {missing} does not exist; check data.path (absolute, or relative to where you run qlora-lite, "
+        "else to the recipe's folder)"
+    )
 
 
 def test_load_records_unreachable_hub_says_pass_a_local_file(monkeypatch):
