@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,7 @@ METHODS: dict[str, Callable[[RecipeConfig], None]] = {
 # renders them, `generate --format` and an adapter's qlora_lite.json name them.
 DATA_FORMATS: dict[str, str] = {
     "alpaca": "instruction, output; input optional",
-    "chat": "messages: a list of {role, content} ending with an assistant turn",
+    "chat": "messages (or ShareGPT's conversations): a list of {role, content} (or {from, value}) ending with an assistant turn",
     "text": "{text_field}; set data.text_field to the column holding the text",
 }
 
@@ -167,11 +167,11 @@ class DataConfig:
     max_examples: int | None = None
     """Use only the first N training records (quick experiments)."""
     truncation: str = "drop"
-    """Examples whose answer does not fit in max_seq_len: `drop` them (default: a cut answer has no EOS and teaches the model not to stop) or `keep` the cut answer (its EOS is lost). Either way the run reports how many and the tokens lost."""
+    """Examples whose answer does not fit in `max_seq_len`: `drop` them (a cut answer has no EOS and teaches the model not to stop) or `keep` the cut answer (its EOS is lost). Either way the run reports how many and the tokens lost; see "Answers that do not fit"."""
     num_proc: int | None = None
-    """Processes that tokenize the data the first time (None: one per CPU core, at most 8); the result is cached on disk and reused."""
+    """Processes that tokenize the data the first time (None: one per 5,000 records, at most one per CPU core and 8); the result is cached on disk and reused."""
     cache_dir: str | None = None
-    """Where tokenized data is cached (None: $QLORA_LITE_DATA_CACHE, else `data` in qlora-lite's cache, $QLORA_LITE_CACHE or ~/.cache/qlora-lite)."""
+    """Where tokenized data is cached (None: `$QLORA_LITE_DATA_CACHE`, else `data` in qlora-lite's cache, `$QLORA_LITE_CACHE` or `~/.cache/qlora-lite`); relative: from where the command runs."""
 
 
 @dataclass
@@ -179,7 +179,7 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps (each one is micro_batch_size x grad_accum_steps sequences)."""
     epochs: float | None = None
-    """Passes over the training data; when set, max_steps is derived from it (ceil(epochs x examples / (micro_batch_size x grad_accum_steps))) and printed."""
+    """Passes over the training data; when set, `max_steps` = ceil(epochs x examples / (micro_batch_size x grad_accum_steps)), printed at the start."""
     lr: float = 2e-4
     """Peak learning rate. LoRA tolerates ~10x the LR of full fine-tuning."""
     micro_batch_size: int | str = 1
@@ -233,7 +233,7 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     strategy: str = "ddp"
-    """With several processes (torchrun, accelerate launch): `ddp` (each process holds the whole 4-bit base and the adapter) or `fsdp` (FSDP2 shards the base and the adapter across processes: a model that does not fit one GPU). One process ignores it."""
+    """With several processes (torchrun, accelerate launch): `ddp` (each process holds the whole 4-bit base and the adapter) or `fsdp` (FSDP2 shards the base and the adapter across processes: a model that does not fit one GPU). One process ignores it. See "More than one GPU"."""
     cpu_offload: bool = False
     """With `fsdp`: keep each process's shards (4-bit base, adapter, optimizer state) in CPU RAM and bring them to the GPU one layer at a time; the optimizer steps on the CPU. Slower; a 70B's training step then needs 12.58 GiB per GPU on two (loading still needs the whole base on each GPU first, see "More than one GPU")."""
 
@@ -252,7 +252,7 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output_dir: str = "runs/default"
-    """Where config.yaml, metrics.jsonl, checkpoints/ and adapter/ are written."""
+    """Where config.yaml, metrics.jsonl, checkpoints/ and adapter/ are written; relative: from where the command runs."""
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -334,6 +334,40 @@ def validate_config(cfg: RecipeConfig) -> None:
         raise ConfigError(f"lora.target_modules must be a non-empty list of module names or 'all-linear', got {targets!r}")
 
 
+class DuplicateKey(Exception):
+    """A mapping of the recipe gives one key twice (RecipeLoader); load_recipe names the file."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last).
+
+    Keys that a merge (`<<: *anchor`) brings in are not duplicates: YAML lets the mapping's own keys
+    override them. Overrides on the command line are another matter: there the last one wins.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.key_paths: dict[int, str] = {}  # id(mapping node) -> its dotted key plus "." ("" for the top)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        prefix = self.key_paths.get(id(node), "")
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader refuses it itself ("found unhashable key")
+            line = key_node.start_mark.line + 1
+            if isinstance(value_node, yaml.MappingNode):
+                self.key_paths.setdefault(id(value_node), f"{prefix}{key}.")
+            if key in seen:
+                lines = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+                raise DuplicateKey(f"key {prefix}{key} is given twice ({lines}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a recipe YAML (or start from defaults) and apply `key.sub=value` overrides."""
     raw: dict[str, Any] = {}
@@ -342,9 +376,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist; pass the path of a YAML file such as recipes/tiny-demo.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+        except DuplicateKey as err:
+            raise ConfigError(f"recipe {path}: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {path} must be a mapping of sections (model:, lora:, ...), got {type(raw).__name__}")
     for item in overrides or []:
@@ -356,11 +392,16 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def resolve_data_paths(data: DataConfig, recipe_dir: Path) -> None:
-    """Read a relative data path against the recipe's folder when it is not found from the current one,
-    so `qlora-lite train recipes/tiny-demo.yaml` works from any directory."""
+    """data.path and data.eval_path not found from where the command runs are read beside the recipe,
+    so `qlora-lite train recipes/tiny-demo.yaml` works from any directory.
+
+    Every other folder setting (data.cache_dir, output_dir) is read from where the command runs, with
+    `~` expanded, where it is used; a data path found nowhere stays as given (a hub dataset id, or a
+    missing file the data reader then names).
+    """
     for key in ("path", "eval_path"):
         value = getattr(data, key)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (recipe_dir / value).exists():
+        if value and not Path(value).expanduser().exists() and (recipe_dir / value).exists():
             setattr(data, key, str(recipe_dir / value))
 
 
@@ -473,6 +514,10 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+# A list setting given one name takes it as a one-element list, except these words, which such a
+# setting (annotated `list[str] | str`) keeps as they are. lora.target_modules matches names exactly or
+# as a dotted suffix, never as a regex, so `q_proj` can only mean [q_proj].
+LIST_WORDS = {"lora.target_modules": ("all-linear",)}
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
@@ -482,6 +527,8 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
         if "None" in allowed:
             return None
         raise ConfigError(f"{key} must not be empty")
+    if isinstance(value, str) and value and any(a.startswith("list[") for a in allowed) and value not in LIST_WORDS.get(key, ()):
+        return [value]  # one name: `report_to: tensorboard` is [tensorboard]
     for a in allowed:
         if a.startswith("list[") and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value

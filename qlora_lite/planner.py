@@ -63,7 +63,7 @@ from .errors import PlanError
 from .memory import read_available_ram_bytes
 from .methods.lora import find_linear_names
 from .methods.table import get_method
-from .model_paths import is_demo_name, resolve_model_path
+from .model_paths import resolve_model_path
 
 GIB = 1024**3
 NF4_BLOCK = 64  # weights per quantization block (bitsandbytes' default for 4-bit)
@@ -120,7 +120,7 @@ class MemoryPlan:
     total_bytes: int
     vram_bytes: int
     fits: bool
-    micro_batch_size: int
+    micro_batch_size: int  # with micro_batch_auto, what auto picks (auto_micro_batch), or 1 where training refuses auto
     max_seq_len: int
     largest_micro_batch: int = 0
     largest_seq_len: int = 0
@@ -149,19 +149,22 @@ class MemoryPlan:
     load_peak_bytes: int = 0
     load_base_bytes: int = 0  # of which the whole base as one GPU loads it (the weights as loaded of the gpus=1 plan)
     step_fits: bool = True  # total_bytes <= vram_bytes (the training step); `fits` also needs load_peak_bytes <= vram_bytes
+    micro_batch_auto: bool = False  # the recipe says train.micro_batch_size auto: micro_batch_size is what training would pick for vram_bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def read_model_config(name_or_path: str):
-    """A transformers config from a local folder, a shipped known config, or the hub (where reachable)."""
+    """A transformers config from a local folder, a shipped known config, or the hub (where reachable).
+
+    The name is resolved as training resolves it (resolve_model_path): an empty one is refused in the same
+    words, `demo:...` is the demo base's folder.
+    """
     from transformers import AutoConfig
 
-    local = Path(name_or_path).expanduser()
+    local = Path(resolve_model_path(ModelConfig(name_or_path=name_or_path)))
     known = KNOWN_CONFIGS_DIR / (name_or_path.split("/")[-1] + ".json")
-    if is_demo_name(name_or_path):
-        return AutoConfig.from_pretrained(resolve_model_path(ModelConfig(name_or_path=name_or_path)))
     if (local / "config.json").is_file():
         return AutoConfig.from_pretrained(str(local))
     if known.is_file():
@@ -188,7 +191,9 @@ def build_meta_model(model_config) -> nn.Module:
 def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB, gpus: int = 1) -> MemoryPlan:
     """Estimate the peak GPU memory of training cfg, and whether it fits in vram_bytes.
 
-    With train.micro_batch_size auto, the plan is made for a micro-batch of 1. With gpus > 1 the
+    With train.micro_batch_size auto, the plan is made at the micro-batch training would pick for
+    vram_bytes and gpus (auto_micro_batch, as choose_micro_batch does), or at 1 where training would
+    refuse auto (nothing fits, or an fsdp run's loading does not); micro_batch_auto says so. With gpus > 1 the
     plan is per GPU, for cfg.dist.strategy (each process runs its own micro-batches of
     train.micro_batch_size); vram_bytes is then one GPU's memory. gpus 1 plans one process,
     whatever dist.strategy says.
@@ -207,10 +212,16 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
     def plan_at(micro_batch: int, seq_len: int) -> MemoryPlan:
         return assemble(cfg, model_config, parts, micro_batch, seq_len, vram_bytes, gpus)
 
-    batch = 1 if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
+    auto = cfg.train.micro_batch_size == "auto"
+    batch = 1 if auto else cfg.train.micro_batch_size
     plan = plan_at(batch, cfg.train.max_seq_len)
     # The largest micro-batch and the longest sequence are the step's: loading does not depend on them.
-    plan.largest_micro_batch = search_largest(lambda b: plan_at(b, cfg.train.max_seq_len).step_fits)
+    largest = search_largest(lambda b: plan_at(b, cfg.train.max_seq_len).step_fits)
+    plan.largest_micro_batch = largest
+    if auto:
+        batch = auto_micro_batch(plan) or 1
+        plan = plan_at(batch, cfg.train.max_seq_len)
+        plan.largest_micro_batch, plan.micro_batch_auto = largest, True
     # A model cannot attend past its context length, whatever memory would allow.
     plan.context_len = getattr(model_config, "max_position_embeddings", None)
     seq_limit = plan.context_len or 1 << 20
@@ -236,10 +247,11 @@ def describe_distributed_notes(cfg: RecipeConfig, plan: MemoryPlan) -> list[str]
             offload = " (and dist.cpu_offload offloads only shards)" if cfg.dist.cpu_offload else ""
             return [f"dist.strategy fsdp shards only with several processes{offload}: this is one GPU's plan (add --gpus N for the per-GPU one)"]
         return []
-    batch = "micro-batch" if cfg.train.micro_batch_size == "auto" else f"{cfg.train.micro_batch_size}"
+    known = not plan.micro_batch_auto or auto_micro_batch(plan) > 0  # auto that training refuses has no size
+    batch = f"{plan.micro_batch_size}" if known else "micro-batch"
     notes = [
         f"effective batch: {batch} x {cfg.train.grad_accum_steps} accumulation steps x {plan.gpus} processes"
-        + ("" if cfg.train.micro_batch_size == "auto" else f" = {cfg.train.micro_batch_size * cfg.train.grad_accum_steps * plan.gpus} sequences per optimizer step")
+        + (f" = {plan.micro_batch_size * cfg.train.grad_accum_steps * plan.gpus} sequences per optimizer step" if known else "")
     ]
     if plan.strategy == "fsdp" and cfg.train.optimizer != "adamw":
         notes.append(f"dist.strategy fsdp runs torch AdamW (bitsandbytes' 8-bit and paged optimizers do not take sharded tensors): planned with fp32 moments; set train.optimizer=adamw (the recipe says {cfg.train.optimizer})")
@@ -538,8 +550,31 @@ def read_device_memory_bytes(device: torch.device) -> int:
     return available
 
 
+def auto_micro_batch(plan: MemoryPlan) -> int:
+    """train.micro_batch_size auto for a plan's vram_bytes and gpus: the largest micro-batch whose step fits,
+    at most AUTO_MAX_MICRO_BATCH; 0 where training refuses auto (even 1 does not fit, or loading does not)."""
+    if plan.load_peak_bytes > plan.vram_bytes or plan.largest_micro_batch == 0:
+        return 0
+    return min(plan.largest_micro_batch, AUTO_MAX_MICRO_BATCH)
+
+
+def describe_auto_micro_batch(plan: MemoryPlan) -> str:
+    """The line that says what train.micro_batch_size auto becomes for this plan's memory, and why."""
+    memory = f"{plan.vram_bytes / GIB:.1f} GiB" + (" per GPU" if plan.gpus > 1 else "")
+    size = auto_micro_batch(plan)
+    if plan.load_peak_bytes > plan.vram_bytes:
+        why = f"none: loading does not fit {memory} (the loading peak below); training refuses auto (planned below at 1)"
+    elif size == 0:
+        why = f"none: not even 1 sequence of {plan.max_seq_len} tokens fits {memory}; training refuses auto (planned below at 1)"
+    elif size < plan.largest_micro_batch:
+        why = f"{size}: the most auto takes ({plan.largest_micro_batch} would fit {memory})"
+    else:
+        why = f"{size}: the largest that fits {memory}"
+    return f"train.micro_batch_size auto -> {why}"
+
+
 def choose_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str | None = None, gpus: int = 1) -> tuple[int, MemoryPlan]:
-    """train.micro_batch_size auto: the largest micro-batch the planner says fits this device (capped).
+    """train.micro_batch_size auto: the largest micro-batch the planner says fits this device (auto_micro_batch).
 
     gpus: the number of processes (the world size) the run is split over, each planned per GPU.
     """
@@ -553,7 +588,7 @@ def choose_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str |
             f"{plan.total_bytes / GIB:.1f} GiB and this device has {vram / GIB:.1f} GiB; lower train.max_seq_len or use a "
             "smaller model (run qlora-lite plan for the breakdown)"
         )
-    return min(plan.largest_micro_batch, AUTO_MAX_MICRO_BATCH), plan
+    return auto_micro_batch(plan), plan
 
 
 def parse_bytes(text: str) -> int:
@@ -634,10 +669,11 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         ("NCCL buffers", plan.nccl_bytes, "allowance for the communicator"),
     ]
     optional = {"not at the same time", "all-gathered weights", "unsharded gradients", "gradient buckets", "NCCL buffers"}
+    lines = [describe_auto_micro_batch(plan)] if plan.micro_batch_auto else []
     if plan.gpus == 1:
-        lines = [f"memory plan for {model_name}:"]
+        lines.append(f"memory plan for {model_name}:")
     else:
-        lines = [f"memory plan for {model_name}, per GPU of {plan.gpus} (dist.strategy {plan.strategy}):"]
+        lines.append(f"memory plan for {model_name}, per GPU of {plan.gpus} (dist.strategy {plan.strategy}):")
     lines += [f"  {name:<22}{gib(value)}  {detail}".rstrip() for name, value, detail in rows if value or name not in optional]
     verdict = "fits" if plan.step_fits else "does NOT fit"
     where = f"{plan.vram_bytes / GIB:.0f} GiB" + (f" per GPU ({plan.gpus} GPUs)" if plan.gpus > 1 else "")

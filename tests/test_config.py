@@ -301,7 +301,7 @@ def test_nonpositive_rank_rejected(r, tmp_path):
         ("train.max_seq_len=0", "train.max_seq_len"),
         ("train.lr=0", "train.lr"),
         ("train.lr=-1e-4", "train.lr"),
-        ("lora.target_modules=q_proj", "lora.target_modules"),  # a bare name must be a list
+        ("lora.target_modules=''", "lora.target_modules"),  # an empty name is no target (q_proj alone is [q_proj]: see below)
     ],
 )
 def test_out_of_range_value_names_the_key(override, key):
@@ -457,3 +457,63 @@ def test_epochs_must_be_positive():
     assert load_recipe(overrides=["train.epochs=2.5"]).train.epochs == 2.5
     with pytest.raises(ConfigError, match=r"train.epochs must be a positive number or null \(use train.max_steps\), got 0"):
         load_recipe(overrides=["train.epochs=0"])
+
+
+def test_data_files_are_read_from_where_the_command_runs_then_beside_the_recipe(tmp_path, monkeypatch):
+    """Issue 22: how relative paths are read (README, Recipes); cache_dir and output_dir are read from where the command runs."""
+    from qlora_lite.data.cache import resolve_data_cache_dir
+
+    recipes, work = tmp_path / "recipes", tmp_path / "work"
+    (recipes / "data").mkdir(parents=True)
+    (recipes / "data" / "train.jsonl").write_text("{}\n")
+    (recipes / "r.yaml").write_text("data: {path: data/train.jsonl, eval_path: data/eval.jsonl, cache_dir: dc}\noutput_dir: runs/x\n")
+    work.mkdir()
+    monkeypatch.chdir(work)
+    here = Path.cwd()
+    cfg = load_recipe("../recipes/r.yaml")
+    assert cfg.data.path == "../recipes/data/train.jsonl" and (here / cfg.data.path).is_file()  # not here: beside the recipe
+    assert cfg.data.eval_path == "data/eval.jsonl"  # found nowhere: as given, and the data reader names it
+    assert (cfg.data.cache_dir, cfg.output_dir) == ("dc", "runs/x")  # as given in config.yaml ...
+    assert resolve_data_cache_dir(cfg.data) == here / "dc"  # ... and read from here
+    (here / "data").mkdir()
+    (here / "data" / "train.jsonl").write_text("{}\n")
+    assert load_recipe("../recipes/r.yaml").data.path == "data/train.jsonl"  # where the command runs comes first
+    assert load_recipe(None, ["data.path=tatsu-lab/alpaca"]).data.path == "tatsu-lab/alpaca"  # a hub id stays one
+
+
+
+def test_all_linear_stays_the_word_and_a_wrong_single_name_is_still_named():
+    assert load_recipe(overrides=["lora.target_modules=all-linear"]).lora.target_modules == "all-linear"
+    with pytest.raises(ConfigError, match=r"^train\.report_to: 'tensorbord' is not one of tensorboard, wandb, mlflow, trackio$"):
+        load_recipe(overrides=["train.report_to=tensorbord"])
+    with pytest.raises(ConfigError, match=r"^train\.report_to must be list\[str\], got 3 \(int\)$"):
+        load_recipe(overrides=["train.report_to=3"])
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("lora:\n  r: 8\n  r: 16\n", "lora.r", "lines 2 and 3"),
+        ("train:\n  lr: 1e-4\nlora:\n  r: 8\ntrain:\n  max_steps: 5\n", "train", "lines 1 and 5"),
+        ("output_dir: a\noutput_dir: b\n", "output_dir", "lines 1 and 2"),
+        ("lora: {r: 8, alpha: 16, r: 4}\n", "lora.r", "line 1"),
+    ],
+)
+def test_a_key_given_twice_in_a_recipe_is_refused_with_its_lines(tmp_path, text, key, lines):
+    path = write_recipe(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"recipe {path}: key {key} is given twice ({lines}); keep one"
+
+
+def test_a_yaml_merge_key_is_not_a_duplicate(tmp_path):
+    path = write_recipe(tmp_path, "lora:\n  <<: {r: 8, alpha: 16.0}\n  r: 4\n")
+    cfg = load_recipe(path)
+    assert (cfg.lora.r, cfg.lora.alpha) == (4, 16.0)
+
+
+def test_an_override_given_twice_on_the_command_line_keeps_the_last_one_unlike_a_recipe_key(tmp_path):
+    """Command lines conventionally let a later flag win (a wrapper script appends to the user's); a YAML file has no such order of intent."""
+    path = write_recipe(tmp_path, "train:\n  lr: 3e-4\n")
+    assert load_recipe(path, ["train.lr=1", "train.lr=2"]).train.lr == 2.0
+    assert load_recipe(path, ["train.report_to=[wandb]", "train.report_to=tensorboard"]).train.report_to == ["tensorboard"]

@@ -520,6 +520,25 @@ def test_auto_micro_batch_refuses_an_fsdp_run_whose_loading_does_not_fit(monkeyp
     assert planner.choose_micro_batch(cfg, torch.device("cpu"), gpus=4)[0] == plan_memory(cfg, vram_bytes=80 * GIB, gpus=4).largest_micro_batch
 
 
+def test_plan_of_auto_says_training_refuses_an_fsdp_run_whose_loading_does_not_fit_and_resolves_it_where_it_does(monkeypatch):
+    """Issue 22, item 10: the plan picks the micro-batch that choose_micro_batch picks for the --vram and --gpus given."""
+    from qlora_lite import planner
+
+    cfg = load_recipe(FSDP_RECIPE, ["train.micro_batch_size=auto"])
+    tight = plan_memory(cfg, vram_bytes=24 * GIB, gpus=4)
+    assert tight.micro_batch_auto and tight.micro_batch_size == 1 and tight.largest_micro_batch == 2  # refused: planned at 1
+    assert format_plan(tight, "70B").splitlines()[0] == (
+        "train.micro_batch_size auto -> none: loading does not fit 24.0 GiB per GPU (the loading peak below); training refuses auto (planned below at 1)"
+    )
+    monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 80 * GIB)
+    size = planner.choose_micro_batch(cfg, torch.device("cpu"), gpus=4)[0]
+    roomy = plan_memory(cfg, vram_bytes=80 * GIB, gpus=4)
+    assert roomy.micro_batch_size == size < planner.AUTO_MAX_MICRO_BATCH
+    text = format_plan(roomy, "70B")
+    assert text.splitlines()[0] == f"train.micro_batch_size auto -> {size}: the largest that fits 80.0 GiB per GPU"
+    assert f"note: effective batch: {size} x 4 accumulation steps x 4 processes = {size * 16} sequences per optimizer step" in text
+
+
 @pytest.mark.parametrize("recipe, gpus", [(FSDP_RECIPE, 4), (DDP_RECIPE, 2), (OFFLOAD_RECIPE, 2)])
 def test_multi_gpu_recipe_headers_state_the_planner_figure(recipe, gpus):
     import re
@@ -558,3 +577,61 @@ def test_fsdp_plans_torch_adamw_and_says_so():
 def test_plan_gpus_below_one_is_a_clear_error(capsys):
     assert cli.main(["plan", DDP_RECIPE, "--gpus", "0"]) == 2
     assert "--gpus 0: the number of GPUs (processes) must be at least 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- issue 22, item 10
+
+
+def test_plan_of_a_recipe_without_a_model_says_what_train_says(tmp_path, capsys):
+    from qlora_lite.config import ModelConfig
+    from qlora_lite.errors import ModelLoadError
+    from qlora_lite.model_paths import resolve_model_path
+
+    with pytest.raises(ModelLoadError) as train_says:  # fit resolves the base's name here first
+        resolve_model_path(ModelConfig())
+    assert str(train_says.value) == "model.name_or_path is empty; set it to a local model folder or a hub id"
+    (tmp_path / "empty.yaml").write_text("")
+    assert cli.main(["plan", str(tmp_path / "empty.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: {train_says.value}\n"
+    with pytest.raises(ModelLoadError, match=r"^model\.name_or_path is empty; set it to a local model folder or a hub id$"):
+        read_model_config("")
+
+
+def test_plan_resolves_auto_micro_batch_as_training_would_for_the_given_vram(monkeypatch, capsys):
+    from qlora_lite import planner
+
+    recipe = "recipes/llama3.1-8b-alpaca.yaml"
+    monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 24 * GIB)
+    cfg = load_recipe(recipe, ["train.micro_batch_size=auto"])
+    size = planner.choose_micro_batch(cfg, torch.device("cpu"))[0]
+    plan = plan_memory(cfg, vram_bytes=24 * GIB)
+    assert plan.micro_batch_auto and plan.micro_batch_size == size == plan.largest_micro_batch == 17
+    fixed = plan_memory(load_recipe(recipe, [f"train.micro_batch_size={size}"]), vram_bytes=24 * GIB)
+    assert not fixed.micro_batch_auto and (plan.total_bytes, plan.largest_seq_len) == (fixed.total_bytes, fixed.largest_seq_len)
+    assert cli.main(["plan", recipe, "train.micro_batch_size=auto", "--vram", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train.micro_batch_size auto -> 17: the largest that fits 24.0 GiB\nmemory plan for meta-llama/Llama-3.1-8B:\n")
+    assert f"activations            {plan.activation_bytes / GIB:5.2f} GiB  micro-batch 17 x 2048 tokens" in out
+    assert "longest sequence at micro-batch 17:" in out
+
+
+def test_plan_of_auto_says_when_the_cap_binds_and_when_nothing_fits(tiny_llama_dir, monkeypatch):
+    from qlora_lite import planner
+
+    cfg = load_recipe(None, [f"model.name_or_path={tiny_llama_dir}", "train.micro_batch_size=auto", "train.max_seq_len=256"])
+    small = planner.CUDA_CONTEXT_BYTES + 2 * 2**20
+    for vram in (24 * GIB, small):
+        monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device, vram=vram: vram)
+        assert plan_memory(cfg, vram_bytes=vram).micro_batch_size == planner.choose_micro_batch(cfg, torch.device("cpu"))[0]
+    roomy = plan_memory(cfg, vram_bytes=24 * GIB)
+    assert roomy.micro_batch_size == planner.AUTO_MAX_MICRO_BATCH < roomy.largest_micro_batch
+    assert format_plan(roomy, "tiny").splitlines()[0] == f"train.micro_batch_size auto -> 64: the most auto takes ({roomy.largest_micro_batch} would fit 24.0 GiB)"
+    tight = plan_memory(cfg, vram_bytes=small)
+    assert 1 <= tight.micro_batch_size == tight.largest_micro_batch < planner.AUTO_MAX_MICRO_BATCH
+    assert format_plan(tight, "tiny").splitlines()[0] == f"train.micro_batch_size auto -> {tight.micro_batch_size}: the largest that fits 0.8 GiB"
+    none = plan_memory(cfg, vram_bytes=GIB // 2)
+    assert none.micro_batch_size == 1 and none.largest_micro_batch == 0 and not none.fits
+    assert format_plan(none, "tiny").splitlines()[0] == (
+        "train.micro_batch_size auto -> none: not even 1 sequence of 256 tokens fits 0.5 GiB; training refuses auto (planned below at 1)"
+    )
+    assert not format_plan(plan_memory(load_recipe(None, [f"model.name_or_path={tiny_llama_dir}"]), vram_bytes=small), "tiny").startswith("train.micro_batch_size")
