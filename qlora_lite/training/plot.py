@@ -1,9 +1,11 @@
 """curves.png: a run's curves as a person looks at them, drawn from its metrics.jsonl.
 
-Four panels against the optimizer step: the loss (train as logged, train smoothed, eval), the
-learning rate, the gradient norm before clipping (with the clip level), and tokens/s. Written at
-the end of every run and by `qlora-lite plot RUN_DIR` at any time, also while the run is going:
-a half-written last line is skipped. matplotlib is an optional extra (`qlora-lite[plot]`).
+Four panels against the optimizer step: the loss (train as logged, train smoothed, eval as dots:
+each evaluation is one measurement), the learning rate, the gradient norm before clipping (with
+the clip level), and tokens/s. Only logged points are drawn: the LR curve starts at the first
+logged step (a dot marks it), not at an assumed 0 at step 0. Written at the end of every run and
+by `qlora-lite plot RUN_DIR` at any time, also while the run is going: a half-written last line
+is skipped. matplotlib is an optional extra (`qlora-lite[plot]`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ SMOOTHING_POINTS = 20
 MAX_SMOOTHING = 0.9
 # A panel whose positive values span more than this factor is drawn on a log scale.
 LOG_SCALE_RATIO = 30.0
+# Room on each side of the step axis, as a share of the run's length: a dot at step 0 or at the
+# last step is drawn whole, not cut in half by the frame.
+X_MARGIN = 0.02
 MISSING_MATPLOTLIB = "the curves need matplotlib: pip install 'qlora-lite[plot]'"
 
 
@@ -163,15 +168,17 @@ def build_figure(curves: Curves, settings: dict):
     elif curves.steps:  # too few points to smooth: the raw curve is the clearest
         loss_ax.plot(curves.steps, curves.loss, color="C0", linewidth=1.5, label=f"train ({every})")
     if curves.eval_steps:
-        loss_ax.plot(curves.eval_steps, curves.eval_loss, color="C1", marker="o", markersize=4, linewidth=1.5, label="eval (held-out data)")
+        # Dots, no line: two evaluations are two measurements, not the straight path between them.
+        loss_ax.plot(curves.eval_steps, curves.eval_loss, color="C1", linestyle="none", marker="o", markersize=6, zorder=3, label="eval (held-out data)")
     if not curves.steps and not curves.eval_steps:
         loss_ax.text(0.5, 0.5, "no step logged yet", transform=loss_ax.transAxes, ha="center", va="center", color="0.4")
     set_scale(loss_ax, curves.loss + curves.eval_loss)
 
-    # --- learning rate: the schedule as it ran
+    # --- learning rate: the schedule as it ran, at the logged steps only (a warm-up shows from
+    # step 1 when it is logged); the first logged point is a dot, so where the log starts is plain
     lr_ax.set_title("learning rate")
     if curves.steps:
-        lr_ax.plot(curves.steps, curves.lr, color="C2", linewidth=1.5)
+        lr_ax.plot(curves.steps, curves.lr, color="C2", linewidth=1.5, marker="o", markersize=4, markevery=[0])
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
     # --- grad norm: before clipping, so spikes show
@@ -195,7 +202,8 @@ def build_figure(curves: Curves, settings: dict):
             ax.axvline(step, color="0.5", linestyle=":", linewidth=1, label="resumed here" if ax is loss_ax else None)
         ax.grid(True, alpha=0.3)
         if settings.get("max_steps"):
-            ax.set_xlim(0, max(settings["max_steps"], curves.last_step))
+            length = max(settings["max_steps"], curves.last_step)
+            ax.set_xlim(-X_MARGIN * length, (1 + X_MARGIN) * length)
     for ax in (grad_ax, speed_ax):
         ax.set_xlabel("optimizer step")
     for ax in (loss_ax, grad_ax):
@@ -213,17 +221,23 @@ def set_scale(ax, values: list[float]) -> None:
 
 
 def describe_run(curves: Curves, settings: dict, now: float | None = None) -> str:
-    """Title: the run, how far it got, and the eval figures from first to last."""
-    of = f" of {settings['max_steps']}" if settings.get("max_steps") else ""
+    """Title: the run, how far it got, and the eval figures from first to last.
+
+    One format per kind of number: steps with thousands separators (1,200), losses with 4
+    significant digits, never in e-notation (4.000, 0.01470), exact match in whole percent, ages
+    in whole units (3 h 12 min).
+    """
+    of = f" of {settings['max_steps']:,}" if settings.get("max_steps") else ""
     status = curves.status
     if not status:  # running, or killed: how long ago it last wrote tells which
         status = "not finished"
         if curves.last_time is not None:
             status += f", last record {format_age((now or time.time()) - curves.last_time)} ago"
-    lines = [f"{settings['run_name']}: step {curves.last_step}{of}, {status}"]
+    lines = [f"{settings['run_name']}: step {curves.last_step:,}{of}, {status}"]
     figures = []
     if curves.eval_loss:
-        figures.append(f"eval loss {curves.eval_loss[0]:.4g} -> {curves.eval_loss[-1]:.4g}" if len(curves.eval_loss) > 1 else f"eval loss {curves.eval_loss[0]:.4g}")
+        first, last = format_loss(curves.eval_loss[0]), format_loss(curves.eval_loss[-1])
+        figures.append(f"eval loss {first} -> {last}" if len(curves.eval_loss) > 1 else f"eval loss {first}")
     if curves.exact_match:
         first, last = curves.exact_match[0][1], curves.exact_match[-1][1]
         figures.append(f"exact match {first:.0%} -> {last:.0%}" if len(curves.exact_match) > 1 else f"exact match {first:.0%}")
@@ -232,13 +246,24 @@ def describe_run(curves: Curves, settings: dict, now: float | None = None) -> st
     return "\n".join(lines)
 
 
+def format_loss(value: float) -> str:
+    """4 significant digits, trailing zeros kept, in plain notation: 4.000, 0.01470, 0.00004321, 1234."""
+    text = f"{value:#.4g}"  # '#' keeps the trailing zeros
+    if "e" in text:  # .4g's e-notation, below 1e-4 or from 1e4: the same digits written out
+        exponent = int(text.split("e")[1])
+        return f"{value:.{3 - exponent}f}" if exponent < 0 else f"{value:,.0f}"
+    return text.rstrip(".")
+
+
 def format_age(seconds: float) -> str:
-    """12 s, 5 min, 3.2 h, 2.0 days."""
+    """Whole units: 12 s, 5 min, 3 h 12 min, 2 days 4 h."""
     seconds = max(seconds, 0.0)
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+        minutes = round(seconds / 60)
+        return f"{minutes // 60} h {minutes % 60} min"
+    hours = round(seconds / 3600)
+    return f"{hours // 24} days {hours % 24} h"

@@ -10,13 +10,21 @@ watched and compared in the tools people already use. The copy, record by record
     {"event": "memory", "when", ...}                    memory/<key>.<key> of every number (e.g. memory/device_memory.peak_rss_gib),
                                                         start and end as two points of one series
     {"event": "plan_check", ...}                        plan/<key> of every number
-    {"event": "samples", "samples": [...]}              text `samples` (a markdown table; a wandb Table)
+    {"event": "samples", "samples": [...]}              text `samples`: prompt | answer | reference (a markdown table; a wandb Table)
     {"event": "environment"|"resume"|"note"|"stopped"}  text events/<event> (the record as JSON)
     {"event": "summary"}                                nothing: its figures are the eval series' first and last points
 
 A record without a step (memory, environment) goes at the last step written. Text reaches only
 the trackers that show it (TensorBoard, wandb); MLflow and trackio get the numbers. The
 hyper-parameters are the resolved recipe flattened to dotted keys (`train.lr`, `lora.r`).
+
+TensorBoard gets them inside the run's own folder, so one training run, resumes included, is one
+run in TensorBoard (accelerate's tracker calls SummaryWriter.add_hparams, which makes a new
+timestamped sub-run at every start: three runs listed for a run resumed once). They go in twice,
+at the step each start or resume begins: as the HParams plugin's session start, so the HParams
+tab lists the run itself beside the other runs, with its own scalars as metric columns to sort
+and filter by; and as a text table `hparams` (key | value), which also shows what a resume changed
+(TensorBoard's HParams tab keeps a run's first values).
 
 Where each tracker writes, unless its own environment variables say otherwise:
     tensorboard  OUTPUT_DIR/trackers/tensorboard/RUN_NAME/   (`tensorboard --logdir runs` compares runs)
@@ -180,7 +188,10 @@ def open_run_log(out_dir: str | Path, cfg: RecipeConfig, resume_step: int | None
         tracker = build_tracker(name, out, run_name, resume_step)
         try:
             tracker.start()
-            tracker.store_init_configuration(hyper_parameters)
+            if name == "tensorboard":
+                store_tensorboard_hparams(tracker.writer, hyper_parameters, resume_step or 0)
+            else:
+                tracker.store_init_configuration(hyper_parameters)
         except Exception as err:
             log.close()  # the ones already started
             raise TrackingError(f"train.report_to {name} could not start its run ({type(err).__name__}: {err}); {START_HINTS[name]}") from err
@@ -219,6 +230,22 @@ def build_tracker(name: str, out: Path, run_name: str, resume_step: int | None):
     return tracker
 
 
+def store_tensorboard_hparams(writer, values: dict, step: int) -> None:
+    """The hyper-parameters into a TensorBoard run's own event files, at `step` (see the module docstring).
+
+    In place of accelerate's store_init_configuration, whose add_hparams makes a sub-run per start.
+    """
+    from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+
+    session_start = hparams_pb({key: value for key, value in values.items() if value is not None})
+    for value in session_start.value:
+        value.ClearField("tensor")  # as torch's add_hparams writes it: the plugin's metadata only
+    writer.file_writer.add_summary(session_start, step)
+    rows = [f"| {escape_cell(key)} | {escape_cell(value if isinstance(value, str) else json.dumps(value))} |" for key, value in values.items()]
+    writer.add_text("hparams", "\n".join(["| hyper-parameter | value |", "| --- | --- |", *rows]), global_step=step)
+    writer.flush()
+
+
 def flatten_config(tree: dict, prefix: str = "") -> dict[str, bool | int | float | str | None]:
     """{'train': {'lr': 2e-4}} -> {'train.lr': 2e-4}; lists become their text (hyper-parameters are scalars)."""
     flat: dict[str, bool | int | float | str | None] = {}
@@ -239,6 +266,8 @@ def flatten_config(tree: dict, prefix: str = "") -> dict[str, bool | int | float
 SCALAR_KINDS = {None: "train", "eval": "eval", "memory": "memory", "plan_check": "plan"}
 # Keys that describe a record rather than measure something.
 NOT_MEASURES = {"time", "step", "event", "when"}
+# A sample answer's keys, as the columns of the trackers' table: the expected answer beside the model's.
+SAMPLE_COLUMNS = ("prompt", "answer", "reference")
 
 
 def tracker_scalars(record: dict) -> dict[str, float]:
@@ -268,8 +297,8 @@ def tracker_texts(record: dict) -> dict[str, str]:
     if event is None or event in SCALAR_KINDS or event == "summary":
         return {}
     if event == "samples":
-        rows = [f"| {escape_cell(s.get('prompt', ''))} | {escape_cell(s.get('answer', ''))} |" for s in record.get("samples", [])]
-        return {"samples": "\n".join(["| prompt | answer |", "| --- | --- |", *rows])}
+        rows = ["| " + " | ".join(escape_cell(s.get(key, "")) for key in SAMPLE_COLUMNS) + " |" for s in record.get("samples", [])]
+        return {"samples": "\n".join(["| " + " | ".join(SAMPLE_COLUMNS) + " |", "| --- | --- | --- |", *rows])}
     return {f"events/{event}": json.dumps({k: v for k, v in record.items() if k != "time"}, default=str)}
 
 
@@ -285,8 +314,8 @@ def send_record(tracker, record: dict, step: int) -> None:
     if tracker.name not in TEXT_TRACKERS:
         return
     if record.get("event") == "samples" and tracker.name == "wandb":
-        rows = [[step, s.get("prompt", ""), s.get("answer", "")] for s in record.get("samples", [])]
-        tracker.log_table("samples", columns=["step", "prompt", "answer"], data=rows, step=step)
+        rows = [[step, *(s.get(key, "") for key in SAMPLE_COLUMNS)] for s in record.get("samples", [])]
+        tracker.log_table("samples", columns=["step", *SAMPLE_COLUMNS], data=rows, step=step)
         return
     texts = tracker_texts(record)
     if texts:

@@ -13,7 +13,18 @@ import yaml
 
 from qlora_lite.cli import main
 from qlora_lite.errors import PlotError
-from qlora_lite.training.plot import build_figure, choose_smoothing, plot_run, read_curves, read_run_settings, smooth, smooth_loss
+from qlora_lite.training.plot import (
+    Curves,
+    build_figure,
+    choose_smoothing,
+    describe_run,
+    format_age,
+    plot_run,
+    read_curves,
+    read_run_settings,
+    smooth,
+    smooth_loss,
+)
 from qlora_lite.training.tracking import MetricsLog, read_records
 
 pytest.importorskip("matplotlib")
@@ -71,13 +82,44 @@ def test_curves_png_is_written_with_four_panels_holding_the_logged_values(tmp_pa
     assert list(loss_lines) == ["train (every 10 steps)", "train, smoothed (EMA 0.33 of log loss)", "eval (held-out data)"]
     assert loss_lines["train (every 10 steps)"] == ([r["step"] for r in steps], [r["loss"] for r in steps])
     assert loss_lines["eval (held-out data)"] == ([0, 100, 200, 300], [4.971, 0.005, 0.0025, 0.5 / 300])
+    eval_line = loss_ax.get_lines()[2]
+    assert (eval_line.get_linestyle(), eval_line.get_marker()) == ("None", "o")  # measurements as dots: no line drawn between two evals
     smoothed = loss_lines["train, smoothed (EMA 0.33 of log loss)"][1]
     assert len(smoothed) == 30 and smoothed[0] == pytest.approx(steps[0]["loss"]) and smoothed[-1] == pytest.approx(steps[-1]["loss"], rel=0.01)  # no lag left at the end
-    assert lines_by_label(lr_ax).popitem()[1][1] == [r["lr"] for r in steps]
+    assert lines_by_label(lr_ax).popitem()[1] == ([r["step"] for r in steps], [r["lr"] for r in steps])
     grad_lines = lines_by_label(grad_ax)
     assert list(grad_lines) == ["grad norm", "clipped to 1 (train.max_grad_norm)"] and grad_lines["grad norm"][1] == [r["grad_norm"] for r in steps]
     assert len(speed_ax.get_lines()) == 1 and speed_ax.get_ylim()[0] == 0
-    assert loss_ax.get_xlim() == (0, 300)  # the whole run's length, so a running run shows how far it got
+    # the whole run's length, so a running run shows how far it got, with 2% to each side: a dot at step 0 or 300 is drawn whole
+    assert [ax.get_xlim() for ax in figure.axes] == [(-6, 306)] * 4
+
+
+def test_the_learning_rate_is_drawn_as_logged_from_its_first_logged_step_marked(tmp_path):
+    run = tmp_path / "warm"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"max_steps": 300, "warmup_steps": 10, "lr_scheduler": "cosine", "log_every": 10}}))
+    log = MetricsLog(run / "metrics.jsonl")
+    steps = [1, *range(10, 310, 10)]  # fit() logs step 1 too: the warm-up's first LR, 1/11 of the peak
+    lrs = [3e-3 / 11, *(3e-3 * (0.5 + 0.5 * math.cos(math.pi * max(step - 11, 0) / 290)) for step in steps[1:])]
+    for step, lr in zip(steps, lrs):
+        log.write({"step": step, "loss": 1.0, "lr": lr, "grad_norm": 1.0, "tokens_per_s": 100.0})
+    lr_ax = build_figure(read_curves(read_records(run / "metrics.jsonl")), read_run_settings(run)).axes[1]
+    [line] = lr_ax.get_lines()
+    # Only what was logged: no point at step 0 (no step ran at LR 0; the schedule in config.yaml may have changed on resume).
+    assert (list(line.get_xdata()), list(line.get_ydata())) == (steps, lrs)
+    assert (line.get_marker(), line.get_markevery()) == ("o", [0])  # the first logged point as a dot, clear of the axis at step 0
+    assert lr_ax.get_xlim()[0] == -6
+
+
+def test_the_title_writes_each_kind_of_number_in_one_format():
+    curves = Curves(steps=[1200], eval_steps=[0, 1200], eval_loss=[4.0, 0.0147], exact_match=[(0, 0.0), (1200, 0.5)], last_time=1000.0)
+    title = describe_run(curves, {"run_name": "big", "max_steps": 3200}, now=1000.0 + 3 * 3600 + 12 * 60 + 20)
+    # losses with 4 significant digits, steps with thousands separators, exact match in whole percent, ages in whole units
+    assert title == "big: step 1,200 of 3,200, not finished, last record 3 h 12 min ago\neval loss 4.000 -> 0.01470, exact match 0% -> 50%"
+    for loss, text in ((0.00004321, "0.00004321"), (0.5 / 300, "0.001667"), (0.99996, "1.000"), (12.0, "12.00"), (4.971, "4.971")):
+        assert describe_run(Curves(eval_steps=[0], eval_loss=[loss], status="finished"), {"run_name": "r"}) == f"r: step 0, finished\neval loss {text}"
+    ages = (12.4, 89, 90, 5399, 5400, 3 * 3600 + 12 * 60 + 20, 2 * 86400 + 4 * 3600 + 100)
+    assert [format_age(seconds) for seconds in ages] == ["12 s", "89 s", "2 min", "90 min", "1 h 30 min", "3 h 12 min", "2 days 4 h"]
 
 
 def test_a_running_run_with_a_half_written_line_and_no_eval_is_drawn(tmp_path):

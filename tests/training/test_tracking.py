@@ -9,11 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from qlora_lite.config import RecipeConfig
+from qlora_lite.config import RecipeConfig, config_to_dict
 from qlora_lite.errors import TrackingError
-from qlora_lite.training.tracking import MetricsLog, check_trackers_installed, flatten_config, open_run_log, read_records, tracker_scalars, tracker_texts
+from qlora_lite.training.tracking import (
+    MetricsLog,
+    check_trackers_installed,
+    flatten_config,
+    open_run_log,
+    read_records,
+    tracker_scalars,
+    tracker_texts,
+)
 from tests.helpers import read_tensorboard
 
 MEMORY = {
@@ -43,7 +50,7 @@ def write_run(log: MetricsLog, steps: range, loss_offset: float = 0.0) -> None:
     for step in steps:
         log.write({"step": step, "loss": 3.0 / step + loss_offset, "lr": 1e-3 * (1 - step / 100), "grad_norm": 0.1 * step + 0.01, "tokens_per_s": 20000.0 + step / 7})
     log.write({"event": "eval", "step": steps[-1], "eval_loss": 0.0147, "exact_match": 1.0})
-    log.write({"event": "samples", "step": steps[-1], "samples": [{"prompt": "rot13(ABCDE) =", "answer": "NOPQR"}]})
+    log.write({"event": "samples", "step": steps[-1], "samples": [{"prompt": "rot13(ABCDE) =", "answer": "NOPQS", "reference": "NOPQR"}]})
     log.write({**MEMORY, "when": "end", "device_memory": {"kind": "cpu process RSS", "rss_gib": 0.66, "peak_rss_gib": 0.7}})
 
 
@@ -69,8 +76,10 @@ def test_record_kinds_map_to_tracker_tags():
     assert tracker_scalars({"event": "plan_check", "estimated_peak_gib": 0.76, "note": "cpu"}) == {"plan/estimated_peak_gib": 0.76}
     for text_only in ({"event": "note", "step": 3, "note": "x"}, {"event": "environment", "python": "3.11"}, {"event": "summary", "steps": 300, "final_eval_loss": 0.01}):
         assert tracker_scalars(text_only) == {}
-    samples = tracker_texts({"event": "samples", "step": 5, "samples": [{"prompt": "a|b", "answer": "c\nd"}, {"prompt": "e", "answer": "f"}]})
-    assert samples == {"samples": "| prompt | answer |\n| --- | --- |\n| a\\|b | c<br>d |\n| e | f |"}
+    samples = [{"prompt": "a|b", "answer": "c\nd", "reference": "c d"}, {"prompt": "e", "answer": "f"}]  # a record of old: no reference
+    assert tracker_texts({"event": "samples", "step": 5, "samples": samples}) == {
+        "samples": "| prompt | answer | reference |\n| --- | --- | --- |\n| a\\|b | c<br>d | c d |\n| e | f |  |"
+    }
     assert json.loads(tracker_texts({"event": "note", "step": 3, "note": "x", "time": 1.0})["events/note"]) == {"event": "note", "step": 3, "note": "x"}
     assert tracker_texts({"event": "summary", "steps": 3}) == {} and tracker_texts(step) == {}
 
@@ -100,10 +109,33 @@ def test_tensorboard_event_files_hold_the_values_of_metrics_jsonl(tmp_path):
         # TensorBoard stores scalars as float32: exactly the float32 nearest to metrics.jsonl's number.
         assert got[tag] == [(step, float(np.float32(value))) for step, value in points], tag
     texts = read_tensorboard(folder, texts=True)
-    assert sorted(texts) == ["events/environment/text_summary", "samples/text_summary"]
-    assert texts["samples/text_summary"] == [(50, "| prompt | answer |\n| --- | --- |\n| rot13(ABCDE) = | NOPQR |")]
-    hparams = yaml.safe_load(next(folder.glob("*/hparams.yml")).read_text())
+    assert sorted(texts) == ["events/environment/text_summary", "hparams/text_summary", "samples/text_summary"]
+    # the expected answer beside the model's, so a wrong answer shows as one
+    assert texts["samples/text_summary"] == [(50, "| prompt | answer | reference |\n| --- | --- | --- |\n| rot13(ABCDE) = | NOPQS | NOPQR |")]
+    hparams = read_tensorboard_hparams(folder)
     assert hparams["train.lr"] == 3e-3 and hparams["lora.target_modules"] == '["q_proj", "v_proj"]' and hparams["train.run_name"] == "lr-3e-3"
+    assert hparams["model.gradient_checkpointing"] is True and "data.eval_path" not in hparams  # a bool stays one; None is left out
+    [(step, table)] = texts["hparams/text_summary"]
+    lines = table.splitlines()
+    assert step == 0 and lines[:2] == ["| hyper-parameter | value |", "| --- | --- |"] and len(lines) == 2 + len(flatten_config(config_to_dict(cfg)))
+    assert "| train.lr | 0.003 |" in lines and '| lora.target_modules | ["q_proj", "v_proj"] |' in lines and "| data.eval_path | null |" in lines
+
+
+def read_tensorboard_hparams(folder: Path) -> dict:
+    """The hyper-parameters TensorBoard's HParams tab shows for a run folder (its session start info)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    info = metadata.parse_session_start_info_plugin_data(content)
+    return {key: getattr(value, value.WhichOneof("kind")) for key, value in info.hparams.items()}
+
+
+def tensorboard_runs(root: Path) -> list[str]:
+    """The runs TensorBoard lists under `root`: every folder holding an event file."""
+    return sorted(str(path.parent.relative_to(root)) for path in root.rglob("events.out.tfevents.*"))
 
 
 def test_tensorboard_resume_hides_the_killed_runs_steps_past_the_checkpoint(tmp_path):
@@ -123,6 +155,26 @@ def test_tensorboard_resume_hides_the_killed_runs_steps_past_the_checkpoint(tmp_
     assert steps == [(10, 0.3), (20, 0.15), (30, 0.1), (40, 49.0), (50, 59.0)]
     got = read_tensorboard(out / "trackers" / "tensorboard" / "run-b")  # no run_name: the folder's name
     assert got["train/loss"] == [(s, float(np.float32(v))) for s, v in steps]
+
+
+def test_tensorboard_shows_a_run_and_its_resumes_as_one_run_with_its_hyper_parameters(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run-i"
+    cfg = make_cfg(out, ["tensorboard"])
+    log = open_run_log(out, cfg)
+    write_run(log, range(10, 60, 10))
+    log.close()
+    cfg.train.lr = 1e-3  # a resume may change the LR for the rest of the run
+    log = open_run_log(out, cfg, resume_step=30)
+    log.write({"step": 40, "loss": 0.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0})
+    log.close()
+
+    root = out / "trackers" / "tensorboard"
+    assert tensorboard_runs(root) == ["run-i", "run-i"]  # two event files (start, resume) of one run, no sub-run
+    assert [p.name for p in (root / "run-i").iterdir() if p.is_dir()] == []
+    assert read_tensorboard_hparams(root / "run-i")["train.lr"] == 3e-3  # the HParams tab: the start's values
+    tables = read_tensorboard(root / "run-i", texts=True)["hparams/text_summary"]
+    assert [(step, "| train.lr | 0.003 |" in table, "| train.lr | 0.001 |" in table) for step, table in tables] == [(0, True, False), (30, False, True)]
 
 
 def read_wandb_records(path: Path) -> list:
@@ -194,7 +246,8 @@ def test_wandb_offline_writes_its_run_folder_with_the_values_of_metrics_jsonl(tm
     expected = expected_series(read_records(out / "metrics.jsonl"))
     assert got == expected  # wandb keeps float64: the very numbers of metrics.jsonl
     assert len(got["train/loss"]) == 5 and got["eval/eval_loss"] == [(0, 4.971), (50, 0.0147)]
-    assert list((runs[0] / "files" / "media" / "table").glob("samples_50_*.table.json"))  # the sample answers, as a table
+    [table] = (runs[0] / "files" / "media" / "table").glob("samples_50_*.table.json")  # the sample answers, as a table
+    assert json.loads(table.read_text()) == {"columns": ["step", "prompt", "answer", "reference"], "data": [[50, "rot13(ABCDE) =", "NOPQS", "NOPQR"]]}
 
 
 def test_wandb_without_a_login_is_a_one_line_error_naming_both_fixes(tmp_path, wandb_offline, monkeypatch):
