@@ -45,14 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training.distributed import read_world
+    from .training.distributed import read_world, wait_for_rank_zero_to_report
     from .training.fit import fit
 
-    if not read_world().is_main:
+    main = read_world().is_main
+    if not main:
         # Under torchrun every process runs this command: rank 0 alone reports (its errors, and
         # any other process's, still go to stderr).
         sys.stdout = open(os.devnull, "w")
-    cfg = load_recipe(args.recipe, args.overrides)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+    except QloraLiteError as err:
+        if not main:  # every process reads the same recipe, so rank 0 says what is wrong with it
+            err.quiet = True
+            wait_for_rank_zero_to_report()
+        raise
     summary = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     print(format_summary(summary))
     return 0
@@ -415,11 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except QloraLiteError as err:
         # A stopped run (SIGINT, SIGTERM) is not an error: it says where it stopped and exits 130 / 143.
-        code = getattr(err, "exit_code", 2)
-        rank = os.environ.get("RANK", "0")
-        where = f"rank {rank}: " if rank != "0" else ""  # under torchrun each process reports its own error
-        print(f"{where}error: {err}" if code == 2 else f"{where}{err}", file=sys.stderr)
-        return code
+        if not err.quiet:  # quiet: rank 0 prints this same line (or has printed it)
+            print(err.format_line(int(os.environ.get("RANK", "0"))), file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, merging): nothing half-written is kept
         print("interrupted", file=sys.stderr)
         return 130

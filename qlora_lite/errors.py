@@ -11,9 +11,20 @@ from __future__ import annotations
 
 
 class QloraLiteError(Exception):
-    """An error the user can act on; the message names the cause and the fix."""
+    """An error the user can act on; the message names the cause and the fix.
+
+    `quiet` is set on the processes other than rank 0 of a distributed run when rank 0 prints
+    the same line (training/distributed.one_error_for_all): each process exits with the code,
+    the user reads the line once.
+    """
 
     exit_code = 2
+    quiet = False
+
+    def format_line(self, rank: int = 0) -> str:
+        """The one line the user reads: `error: <message>` (a stopped run's message alone), with `rank N: ` before it off rank 0."""
+        where = f"rank {rank}: " if rank else ""
+        return f"{where}error: {self}" if self.exit_code == 2 else f"{where}{self}"
 
 
 # --- the recipe and the data ------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -96,6 +97,19 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
         # loss; a distinct pad still keeps batches readable. unk is the usual spare token.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     return tok
+
+
+def save_tokenizer(tokenizer, folder: Path, sources: list[Path]) -> None:
+    """The tokenizer's files into folder, and the SentencePiece `tokenizer.model` of the first source folder that has one.
+
+    save_pretrained of a fast tokenizer writes tokenizer.json but not tokenizer.model, and llama.cpp's
+    converter reads a SentencePiece vocabulary from the latter (without it, it rebuilds one that
+    tokenizes differently): every folder training or merge writes carries it, so each one exports.
+    """
+    tokenizer.save_pretrained(str(folder))
+    for source in sources:
+        if (Path(source) / "tokenizer.model").is_file() and not (Path(folder) / "tokenizer.model").is_file():
+            shutil.copyfile(Path(source) / "tokenizer.model", Path(folder) / "tokenizer.model")
 
 
 def load_base_model(

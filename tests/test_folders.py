@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qlora_lite.folders import write_atomically
@@ -28,3 +30,38 @@ def test_failed_write_leaves_the_old_folder_and_no_temp(tmp_path):
         write_atomically(final, fail)
     assert (final / "a.txt").read_text() == "kept" and not (final / "half.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_written_files_and_folders_follow_the_umask(tmp_path):
+    """Issue 22: safetensors wrote adapters -rw------- and mkdtemp made drwx------ folders under umask 022."""
+    import os
+    import stat
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    def write(tmp):
+        save_file({"w": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))
+        Path(tempfile.mkdtemp(dir=tmp, prefix="sub")).joinpath("f.txt").write_text("x")
+
+    previous = os.umask(0o022)
+    try:
+        final = write_atomically(tmp_path / "out", write)
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(final).as_posix().split("/")[0] + ("/" if p.is_dir() else ""): stat.S_IMODE(p.stat().st_mode) for p in final.rglob("*")}
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+    assert sorted(modes.values()) == [0o644, 0o644, 0o755] and modes["adapter_model.safetensors"] == 0o644
+
+
+def test_an_unwritable_folder_is_named_before_anything_is_written(tmp_path):
+    from qlora_lite.folders import find_write_problem
+
+    assert find_write_problem(tmp_path / "new" / "deeper") is None and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    assert find_write_problem(tmp_path / "file" / "out") == f"{tmp_path / 'file'} is a file, not a folder"
+    assert find_write_problem(Path("/proc/qlora-out/deeper")) in [
+        f"cannot create /proc/qlora-out ({reason})" for reason in ("the file system of /proc takes no new folders", "permission denied")
+    ]
+    assert find_write_problem(Path("/proc")) in [f"cannot create files in /proc ({reason})" for reason in ("the file system of /proc takes no new files", "permission denied")]

@@ -39,13 +39,13 @@ from tqdm.auto import tqdm
 from ..config import LoRAConfig, ModelConfig, QuantConfig
 from ..data.formats import find_end_of_turn_id
 from ..errors import AdapterError, ExportError, ShardError
-from ..folders import write_atomically
+from ..folders import find_write_problem, write_atomically
 from ..memory import read_peak_rss_bytes
 from ..methods.folder import PROMPT_INFO_NAME, find_base_model, read_adapter_json, read_adapter_weights
 from ..methods.lora import LORA_METHOD, attach_adapter, check_adapter_fits, collect_lora_pairs, compute_delta, read_adapter_config
 from ..methods.selective import SELECTIVE_METHOD, attach_selective, check_selective_fits, read_selective
 from ..methods.table import find_saved_method
-from ..quant import DTYPES, dequantize_weight, is_4bit_linear, load_base_model, load_tokenizer, set_4bit_compute_dtype
+from ..quant import DTYPES, dequantize_weight, is_4bit_linear, load_base_model, load_tokenizer, save_tokenizer, set_4bit_compute_dtype
 from ..safetensors_io import SAFETENSORS_DTYPES, ShardWriter, iter_tensors, read_header, write_tensors
 from .verify import MERGE_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
 
@@ -254,6 +254,9 @@ def check_out_dir(out_dir: Path, overwrite: bool, protected: list) -> None:
             raise ExportError(f"--out {out_dir} would replace {path}, an input of this merge; choose another folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} is a file; choose a folder name")
+    problem = find_write_problem(out_dir)
+    if problem:
+        raise ExportError(f"--out {out_dir} cannot be written: {problem}; choose a folder you can write")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"--out {out_dir} exists and is not empty; choose a new folder or pass --overwrite to replace it")
 
@@ -530,8 +533,7 @@ def write_model_files(base_path: str, tokenizer_dir: Path, out_dtype: str, tmp: 
     """config.json (dtype updated, no quantization_config), generation_config.json, the tokenizer, and the adapter's qlora_lite.json.
 
     A SentencePiece `tokenizer.model` is copied as well (from the tokenizer's folder, else the
-    base's): save_pretrained of a fast tokenizer does not write it, and llama.cpp's converter
-    reads a SentencePiece vocabulary from it (without it, it rebuilds one that tokenizes differently).
+    base's; quant.save_tokenizer says why).
     qlora_lite.json records the format the adapter was trained on, which `generate --format auto`
     and `export-gguf` (its chat template) read.
     """
@@ -549,10 +551,7 @@ def write_model_files(base_path: str, tokenizer_dir: Path, out_dtype: str, tmp: 
     else:
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(tmp))).save_pretrained(str(tmp))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)), str(tokenizer_dir))
-    tokenizer.save_pretrained(str(tmp))
-    for folder in (tokenizer_dir, Path(base_path)):
-        if (folder / "tokenizer.model").is_file() and not (tmp / "tokenizer.model").is_file():
-            shutil.copyfile(folder / "tokenizer.model", tmp / "tokenizer.model")
+    save_tokenizer(tokenizer, tmp, [tokenizer_dir, Path(base_path)])
     if adapter_dir is not None and (adapter_dir / PROMPT_INFO_NAME).is_file():
         shutil.copyfile(adapter_dir / PROMPT_INFO_NAME, tmp / PROMPT_INFO_NAME)
     add_eos_ids(tmp / "generation_config.json", [tokenizer.eos_token_id, find_end_of_turn_id(tokenizer)])

@@ -29,6 +29,7 @@ from ..methods.folder import write_prompt_info
 from ..methods.lora import save_adapter_state
 from ..methods.table import save_method
 from ..planner import estimate_optimizer_bytes
+from ..quant import save_tokenizer
 from .distributed import World, load_optimizer_state
 from .objective import TrainingModule
 
@@ -89,11 +90,11 @@ def save_trained(module: TrainingModule, cfg: RecipeConfig, folder: Path, base_p
     write_prompt_info(folder, cfg.data.format)  # `generate` formats prompts the way training did
 
 
-def save_adapter_extras(cfg: RecipeConfig, tokenizer, folder: Path) -> None:
-    """Beside the final adapter: the tokenizer it was trained with (generation and merge need it)."""
+def save_adapter_extras(cfg: RecipeConfig, tokenizer, folder: Path, base_path: str) -> None:
+    """Beside the final adapter: the tokenizer it was trained with (generation, merge and export-gguf need it)."""
     if cfg.data.format == "chat" and not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so generation prompts the way training did
-    tokenizer.save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder, [Path(base_path)])
 
 
 def capture_rng() -> dict:
@@ -207,6 +208,7 @@ LEGACY_SETTINGS = {
 
 
 def fill_legacy_settings(saved: dict) -> dict:
+    """A checkpoint's recipe as today's would say it: the settings added since it was written filled in."""
     filled = {section: dict(values) if isinstance(values, dict) else values for section, values in saved.items()}
     for section, defaults in LEGACY_SETTINGS.items():
         for key, value in defaults.items():

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import RecipeConfig
-from ..errors import DistributedError
+from ..errors import DistributedError, QloraLiteError
 from ..methods.prompt_tuning import unwrap_base
 from .objective import TrainingModule
 
@@ -225,6 +227,54 @@ def broadcast_parameters(params: list[torch.Tensor]) -> None:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+# How long a process other than rank 0 waits before it exits on an error rank 0 reports: torchrun stops
+# every process as soon as one ends (it looks every 0.1 s), and rank 0's one line must get out first.
+# Not a barrier: a process leaving a gloo barrier first may close it under the other (a traceback again).
+RANK_ZERO_GRACE_S = 2.0
+
+
+def wait_for_rank_zero_to_report() -> None:
+    time.sleep(RANK_ZERO_GRACE_S)
+
+
+@contextmanager
+def one_error_for_all(world: World) -> Iterator[None]:
+    """Every process runs the block; when any raises a QloraLiteError, every process raises one, and rank 0 alone prints it.
+
+    A recipe, data or checkpoint error found on one process would otherwise leave the others
+    waiting at their next collective until the first one's exit breaks it ("Connection closed by
+    peer", a traceback per process). After the block the processes compare outcomes (one
+    all-gather): the first error, by rank, is the run's; rank 0 raises it (a process's own error
+    keeps its class; another's is named with its rank), the others raise it quietly.
+
+    The block must make no collective call: a process that raised skips the rest of it, and its
+    all-gather here would meet another process's collective inside the block.
+    """
+    error: QloraLiteError | None = None
+    try:
+        yield
+    except QloraLiteError as err:
+        if not is_initialized():
+            raise
+        error = err
+    if not is_initialized():
+        return
+    reports = gather_objects(None if error is None else str(error))
+    failed = next((rank for rank, report in enumerate(reports) if report is not None), None)
+    if failed is None:
+        return
+    if failed == world.rank and error is not None:
+        agreed = error
+    else:
+        agreed = DistributedError(reports[failed] if failed == 0 else f"rank {failed}: {reports[failed]}")
+    if world.is_main:
+        print(agreed.format_line(), file=sys.stderr, flush=True)
+    else:
+        wait_for_rank_zero_to_report()
+    agreed.quiet = True  # said above, once
+    raise agreed
 
 
 # ---------------------------------------------------------------------------- sharded state, whole on rank 0

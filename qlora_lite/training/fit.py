@@ -91,6 +91,7 @@ class Progress:
     last_checkpoint: Path | None = None
     window_tokens: int = 0  # tokens trained since the last logged step
     window_start: float = field(default_factory=time.perf_counter)  # training time only: eval and checkpoints are left out
+    bar: tqdm | None = None  # the loop's progress bar, while it runs
 
 
 def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -117,8 +118,8 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
 
         # --- 6. the loop: accumulate grad_accum_steps micro-batches, clip, step; log, evaluate, checkpoint
         train = cfg.train
-        bar = tqdm(total=train.max_steps, initial=progress.step, desc="train", dynamic_ncols=True, disable=not run.world.is_main)
-        stop = StopRequest(run.out)
+        progress.bar = bar = tqdm(total=train.max_steps, initial=progress.step, desc="train", dynamic_ncols=True, disable=not run.world.is_main)
+        stop = StopRequest(run.out, announce=run.world.is_main)
         engine.runner.train()
         with stop.listening():
             while progress.step < train.max_steps:
@@ -129,7 +130,8 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
                 # One collective: the step's loss over all processes, and whether any was asked to stop
                 # (a signal may reach them at different steps; they must stop at the same one).
                 step_loss, stop_votes = sum_across([step_loss, float(stop.signum is not None)], run.device)
-                if progress.step % train.log_every == 0 or progress.step == train.max_steps:
+                # Step 1 too: the warm-up's first learning rate is on the curves, whatever log_every is.
+                if progress.step % train.log_every == 0 or progress.step in (1, train.max_steps):
                     log_step(run, progress, log, bar, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm})
                 bar.update(1)
                 if run.data.eval and train.eval_every and progress.step % train.eval_every == 0 and progress.step < train.max_steps:
@@ -141,6 +143,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
                     bar.close()
                     stop_run(run, engine, progress, log, stop.signum or signal.SIGTERM)  # a process with no signal stops with its peers
         bar.close()
+        progress.bar = None
 
         # --- 7. finish: the final eval, the adapter, the memory report, the summary, the curves
         return finish(run, engine, progress, log)
@@ -241,7 +244,7 @@ def finish(run: Run, engine: Engine, progress: Progress, log: MetricsLog | NullL
 
         def write_adapter(tmp: Path) -> None:
             save_trained(engine.module, run.cfg, tmp, run.base_path, gathered)
-            save_adapter_extras(run.cfg, run.tokenizer, tmp)
+            save_adapter_extras(run.cfg, run.tokenizer, tmp, run.base_path)
 
         write_or_explain(run.out / "adapter", write_adapter, engine.checkpoint_bytes, run.out)
         report = build_memory_report(engine.model, run.device)
@@ -333,7 +336,7 @@ def evaluate_now(run: Run, engine: Engine, progress: Progress, log: MetricsLog |
     if with_task_metric and cfg.train.exact_match_examples:
         examples = eval_examples[: cfg.train.exact_match_examples]
         result["exact_match"] = exact_match(evaluator, run.tokenizer, examples, run.device, run.world, lockstep=run.sharded)
-    print(f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
+    print_beside_bar(progress.bar, f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
     log.write({"event": "eval", **result})
     if cfg.train.sample_prompts and cfg.data.format != "text":  # a plain text has no prompt to answer
         # The same first eval prompts at every eval: how the answers change as the model learns.
@@ -343,6 +346,18 @@ def evaluate_now(run: Run, engine: Engine, progress: Progress, log: MetricsLog |
     engine.runner.train()
     progress.window_start += time.perf_counter() - started
     return result
+
+
+def print_beside_bar(bar: tqdm | None, line: str) -> None:
+    """A line of the run's report on a line of its own, above the progress bar.
+
+    On a terminal tqdm redraws the bar below it. Into a file (a log holding stdout and stderr), the bar
+    only ever returns to the start of its line, so that line is ended first: the report line is not glued to it.
+    """
+    if bar is not None and not bar.disable and not getattr(bar.fp, "isatty", lambda: False)():
+        bar.fp.write("\n")
+        bar.fp.flush()
+    tqdm.write(line)
 
 
 def save_checkpoint_now(run: Run, engine: Engine, progress: Progress) -> Path:
@@ -370,4 +385,6 @@ def stop_run(run: Run, engine: Engine, progress: Progress, log: MetricsLog | Nul
     if progress.last_checkpoint is None or progress.last_checkpoint.name != checkpoint_name(progress.step):
         save_checkpoint_now(run, engine, progress)
     log.write({"event": "stopped", "step": progress.step, "signal": signal.Signals(signum).name, "checkpoint": str(progress.last_checkpoint)})
-    raise TrainingStopped(f"stopped at step {progress.step}; checkpoint {progress.last_checkpoint}; continue with --resume", signum)
+    stopped = TrainingStopped(f"stopped at step {progress.step}; checkpoint {progress.last_checkpoint}; continue with --resume", signum)
+    stopped.quiet = not run.world.is_main  # every process stops at this step; rank 0 says so
+    raise stopped

@@ -19,11 +19,23 @@ from accelerate import Accelerator
 from ..config import RecipeConfig
 from ..data.cache import PreparedData, prepare_datasets
 from ..errors import TrainingError
+from ..folders import find_write_problem
 from ..model_paths import resolve_model_path
 from ..planner import choose_micro_batch
 from ..quant import load_tokenizer, read_prequantized_storage, resolve_compute_dtype
 from .checkpoints import find_latest_checkpoint, read_trainer_state
-from .distributed import World, check_devices, check_launch, check_recipe, describe_device, gather_objects, is_sharded, read_world, select_device
+from .distributed import (
+    World,
+    check_devices,
+    check_launch,
+    check_recipe,
+    describe_device,
+    gather_objects,
+    is_sharded,
+    one_error_for_all,
+    read_world,
+    select_device,
+)
 from .tracking import check_trackers_installed
 
 
@@ -54,11 +66,11 @@ def prepare_run(cfg: RecipeConfig, resume: bool, overwrite: bool) -> Run:
     """Every check and preparation that needs no model: nothing is written to output_dir yet.
 
     Under torchrun or accelerate launch every process runs it; rank 0 builds what is cached on
-    disk (the demo base, the tokenized data) first, the others then read it.
+    disk (the demo base, the tokenized data) first, the others then read it. An error on any
+    process stops all of them with one line, printed once (distributed.one_error_for_all).
     """
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).expanduser()  # relative: from where the command runs, as every folder setting
     world = read_world()
-    check_output_dir(out, resume, overwrite)
     device = select_device(world)
     if device.type == "cpu" and cfg.train.cpu_threads:
         # Tiny matrices gain nothing from a second thread, and spinning threads stall badly
@@ -72,25 +84,40 @@ def prepare_run(cfg: RecipeConfig, resume: bool, overwrite: bool) -> Run:
 
     # The processes: one, or N started by torchrun / accelerate launch, checked before anything loads.
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
-    check_launch(accelerator.num_processes, world)
-    check_devices(gather_objects(describe_device(device)))
     compute_dtype = resolve_compute_dtype(cfg.quant.compute_dtype, device)
+    with one_error_for_all(world):
+        # Writes nothing: every cheap check comes before the first write. Rank 0 alone tries the folder
+        # (a probe from each process would race the others'); the others learn its answer.
+        check_output_dir(out, resume, overwrite, try_writing=world.is_main)
+        check_launch(accelerator.num_processes, world)
+    devices = gather_objects(describe_device(device))  # a collective: never inside a block a process may leave early
+    with one_error_for_all(world):
+        check_devices(devices)
 
-    # The data, read and checked before the model: a bad record costs seconds, not a model load.
-    with accelerator.main_process_first():
-        base_path = resolve_model_path(cfg.model)
-        storage = read_prequantized_storage(base_path) if cfg.quant.load_in_4bit else None
-        check_recipe(cfg, world, mixed_precision, compute_dtype, storage)
-        check_trackers_installed(cfg.train.report_to)
-        tokenizer = load_tokenizer(cfg.model, base_path)
-        # Tokenized once into a memory-mapped cache on disk; a later run or a resume only opens it.
-        data = prepare_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
+    # The base and the data, read and checked before the model: a bad record costs seconds, not a model load.
+    # Rank 0 first, since it builds what is cached on disk (the demo base, the tokenized data); then the others.
+    for first in (True, False):
+        with one_error_for_all(world):
+            if world.is_main == first:
+                base_path, tokenizer, data = read_base_and_data(cfg, world, mixed_precision, compute_dtype)
     run = Run(cfg, out, world, device, accelerator, is_sharded(cfg, world), compute_dtype, base_path, tokenizer, data)
-    size_batches(run)
-    # Read the checkpoint before anything is loaded or written: a resume that cannot work fails in seconds.
-    run.checkpoint = find_latest_checkpoint(out) if resume else None
-    run.state = read_trainer_state(run.checkpoint, cfg, world.size) if run.checkpoint else None
+    with one_error_for_all(world):
+        size_batches(run)
+        # Read the checkpoint before anything is loaded or written: a resume that cannot work fails in seconds.
+        run.checkpoint = find_latest_checkpoint(out) if resume else None
+        run.state = read_trainer_state(run.checkpoint, cfg, world.size) if run.checkpoint else None
     return run
+
+
+def read_base_and_data(cfg: RecipeConfig, world: World, mixed_precision: str, compute_dtype: torch.dtype) -> tuple[str, Any, PreparedData]:
+    """The base's path (the demo base built on first use) and tokenizer, the settings they allow, and the tokenized data."""
+    base_path = resolve_model_path(cfg.model)
+    storage = read_prequantized_storage(base_path) if cfg.quant.load_in_4bit else None
+    check_recipe(cfg, world, mixed_precision, compute_dtype, storage)
+    check_trackers_installed(cfg.train.report_to)
+    tokenizer = load_tokenizer(cfg.model, base_path)
+    # Tokenized once into a memory-mapped cache on disk; a later run or a resume only opens it.
+    return base_path, tokenizer, prepare_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
 
 
 def size_batches(run: Run) -> None:
@@ -117,14 +144,21 @@ def resolve_mixed_precision(name: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_output_dir(out: Path, resume: bool, overwrite: bool, try_writing: bool = True) -> None:
     """Refuse to train over a finished or checkpointed run unless asked to resume it or start over.
 
     A run that stopped before its first checkpoint (a data error, a crash) left nothing to
     resume, so running it again simply starts over. Writes nothing.
     """
+    if resume and overwrite:
+        raise TrainingError(
+            f"--resume continues the run in {out} and --overwrite deletes it to start over; pass one of them"
+        )
     if out.exists() and not out.is_dir():
         raise TrainingError(f"output_dir {out} is a file, not a folder; choose another folder with output_dir=... or move the file away")
+    problem = find_write_problem(out) if try_writing else None
+    if problem:
+        raise TrainingError(f"output_dir {out} cannot be written: {problem}; choose a folder you can write with output_dir=...")
     has_checkpoint = find_latest_checkpoint(out) is not None
     finished = (out / "adapter").exists()
     if resume and not has_checkpoint:

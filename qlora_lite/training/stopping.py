@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingError, TrainingStopped
+from .checkpoints import find_latest_checkpoint
 
 # Fault injection for the resume test: SIGKILL this process right after the given optimizer step.
 KILL_AT_STEP_ENV = "QLORA_LITE_KILL_AT_STEP"
@@ -26,21 +27,23 @@ class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM (schedulers, `timeout`, `docker stop`, spot preemption) during training.
 
     The first signal only records itself: fit() finishes the optimizer step, writes a
-    checkpoint and stops. A second Ctrl-C stops at once.
+    checkpoint and stops. A second Ctrl-C stops at once. Under torchrun every process gets the
+    signal (torchrun passes it on); only the one that `announces` (rank 0) says so.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, announce: bool = True) -> None:
         self.out = out
+        self.announce = announce
         self.signum: int | None = None
 
     def handle(self, signum: int, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise TrainingStopped(
-                f"stopped at once by a second Ctrl-C; the newest checkpoint in {self.out / 'checkpoints'} is kept; continue with --resume",
-                signum,
-            )
+            stopped = TrainingStopped(f"stopped at once by a second Ctrl-C; {describe_what_is_kept(self.out)}", signum)
+            stopped.quiet = not self.announce
+            raise stopped
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
     @contextmanager
     def listening(self) -> Iterator["StopRequest"]:
@@ -53,6 +56,14 @@ class StopRequest:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def describe_what_is_kept(out: Path) -> str:
+    """What a run stopped now leaves to continue from, as it really is on disk."""
+    latest = find_latest_checkpoint(out)
+    if latest is None:
+        return "no checkpoint had been written yet: run the same command again to start over"
+    return f"the newest checkpoint, {latest}, is kept; continue from it with --resume"
 
 
 def check_finite(loss: torch.Tensor, step: int, last_checkpoint: Path | None) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -432,3 +433,17 @@ def test_merge_refuses_adapters_that_are_not_weights(tiny_llama_dir, tmp_path, c
     assert cli.main(["merge", str(tmp_path / "bottleneck"), "--out", str(tmp_path / "merged")]) == 2
     assert "cannot be folded" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/qlora-merged", "/sys/kernel/qlora-merged"])
+def test_merge_into_a_folder_that_cannot_be_written_is_one_line(tiny_llama_dir, tmp_path, out, capsys):
+    """Issue 22: `merge --out` on /proc or /sys raised from folders.write_atomically, with a traceback."""
+    from qlora_lite import cli
+
+    make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    capsys.readouterr()  # the adapter's own loading bars
+    code = cli.main(["merge", str(tmp_path / "adapter"), "--out", out])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith(f"error: --out {out} cannot be written: cannot create {out} (") and err.endswith("); choose a folder you can write\n")
+    assert not Path(out).exists()

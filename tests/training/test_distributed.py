@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -239,10 +240,14 @@ def test_sigterm_to_torchrun_stops_both_processes_at_one_step_with_a_checkpoint(
     while time.monotonic() < deadline and (not log.exists() or log.read_text().count('"loss"') < 3):
         time.sleep(0.5)
     launcher.send_signal(signal.SIGTERM)
-    launcher.communicate(timeout=120)
+    _, stderr = launcher.communicate(timeout=120)
     stopped = [m for m in metrics(out) if m.get("event") == "stopped"]
     assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"  # rank 0 alone logs; both stopped at its step
     step = stopped[0]["step"]
+    # Said once, not once per process (issue 22): torchrun's own SignalException report follows, and it exits 1.
+    assert stderr.count("SIGTERM: stopping after this step with a checkpoint") == 1
+    assert stderr.count(f"stopped at step {step}; checkpoint {out / 'checkpoints' / f'step-{step:07d}'}; continue with --resume") == 1
+    assert "rank 1: stopped" not in stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:07d}"]
     resumed = torchrun([*overrides(data, tiny_llama_dir, out, **{"train.max_steps": step + 2, "train.save_every": 1000, "train.eval_every": 0}), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -264,7 +269,7 @@ def test_a_launch_where_each_process_trains_alone_is_stopped(runs, tiny_llama_di
     done = torchrun(overrides(data, tiny_llama_dir, tmp_path / "alone"), probes="alone", probe_dir=tmp_path)
     assert done.returncode != 0
     message = "error: the launcher started 2 processes (WORLD_SIZE=2) but this one sees 1"
-    assert message in done.stderr and f"rank 1: {message}" in done.stderr  # each process says it in one line
+    assert done.stderr.count(message) == 1 and "rank 1:" not in done.stderr  # said once (issue 22), by rank 0
     assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr  # (torchrun prints its own)
     assert not (tmp_path / "alone").exists()  # stopped before anything was written
 
@@ -311,3 +316,26 @@ def test_fsdp_settings_that_cannot_work_are_refused_before_loading(extra, mixed_
         check_recipe(cfg, World(2, 0, 0), mixed_precision, torch.float32, storage)
     if values["dist.strategy"] == "fsdp":
         check_recipe(cfg, World(1, 0, 0), mixed_precision, torch.float32, storage)  # one process: fsdp does not apply
+
+
+@pytest.mark.parametrize("mistake", ["record", "recipe", "output"])
+def test_an_error_before_training_ends_every_process_with_one_line(runs, tiny_llama_dir, tmp_path, mistake):
+    """Issue 22: rank 0 printed the line, rank 1 a traceback ending in gloo's "Connection closed by peer"."""
+    _, data, _ = runs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "Repeat.", "output": "a"}) + "\n" + json.dumps({"instruction": "Repeat."}) + "\n")
+    args = {
+        "record": overrides(str(bad), tiny_llama_dir, tmp_path / "run", **{"data.eval_fraction": 0.0}),
+        "recipe": [*overrides(data, tiny_llama_dir, tmp_path / "run"), "train.learning_rate=1e-4"],
+        "output": overrides(data, tiny_llama_dir, Path("/proc/qlora-run")),
+    }[mistake]
+    line = {
+        "record": f"error: train file {bad}, record 1 has no 'output' field",
+        "recipe": "error: unknown recipe key 'train.learning_rate'; did you mean 'train.lr'?",
+        "output": "error: output_dir /proc/qlora-run cannot be written: cannot create /proc/qlora-run (",
+    }[mistake]
+    done = torchrun(args)
+    ours = re.split(r"^[IWE]\d{4} \d\d:\d\d", done.stderr, maxsplit=1, flags=re.M)[0]  # torchrun's own report comes after
+    assert done.returncode != 0 and ours.count(line) == 1, done.stderr[-3000:]
+    assert "rank 1:" not in ours and "Traceback" not in ours and "Connection closed" not in ours
+    assert not (tmp_path / "run").exists()

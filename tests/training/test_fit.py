@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +120,37 @@ def test_existing_run_is_not_overwritten_without_flag(tiny_llama_dir, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
     fit(cfg, overwrite=True)
     assert len([m for m in read_metrics(tmp_path / "run") if "loss" in m]) == 1  # the old metrics were replaced
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything_is_touched(tiny_llama_dir, tmp_path):
+    """Issue 22: the pair silently resumed a finished run (and said "pass --overwrite" when there was no checkpoint)."""
+    cfg = load_recipe(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 1, "data.eval_fraction": 0.0}))
+    fit(cfg)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(TrainingError) as err:
+        fit(cfg, resume=True, overwrite=True)
+    assert str(err.value) == f"--resume continues the run in {tmp_path / 'run'} and --overwrite deletes it to start over; pass one of them"
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # no second summary appended
+
+
+# What the kernel answers differs: /proc takes no new folders even from root, other users are refused.
+@pytest.mark.parametrize("folder, problem", [
+    ("/proc/qlora-run", r"cannot create /proc/qlora-run \((the file system of /proc takes no new folders|permission denied)\)"),
+    ("/sys/kernel/qlora", r"cannot create /sys/kernel/qlora \((permission denied|read-only file system)\)"),
+])  # fmt: skip
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_the_model_loads(tiny_llama_dir, tmp_path, monkeypatch, capsys, folder, problem):
+    """Issue 22: /proc gave a FileNotFoundError traceback, /sys a PermissionError one, from prepare_output_dir."""
+    import qlora_lite.training.fit as fit_module
+    from qlora_lite import cli
+
+    monkeypatch.setattr(fit_module, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded before output_dir was checked"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    code = cli.main(["train", str(recipe), *recipe_overrides(tmp_path, tiny_llama_dir, output_dir=folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.fullmatch(f"error: output_dir {folder} cannot be written: {problem}; choose a folder you can write with output_dir=\\.\\.\\.\n", err), err
+    assert not Path(folder).exists()
 
 
 def test_resume_without_checkpoint_is_explained(tiny_llama_dir, tmp_path):
@@ -395,3 +428,44 @@ def test_a_run_reports_to_tensorboard_draws_its_curves_and_records_sample_answer
     assert all(set(s) == {"prompt", "answer", "reference"} and "### Response:" in s["prompt"] for m in samples for s in m["samples"])
     # The curves are drawn at the end.
     assert (run / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_folder_a_run_writes_carries_the_sentencepiece_model_so_it_exports(tmp_path, method):
+    """Issue 22: a method=full run's folder had no tokenizer.model, so export-gguf refused it (merge's folders had one)."""
+    from qlora_lite.tiny import build_sentencepiece_tokenizer, build_tiny_model
+
+    base = tmp_path / "sp-base"
+    tokenizer = build_sentencepiece_tokenizer(["Repeat the word. cat dog sun tree book fish bird moon star rain lamp door"] * 10, base, vocab_size=150)
+    build_tiny_model(base, architecture="llama", vocab_size=len(tokenizer))
+    extra = {"method": method, "quant.load_in_4bit": method != "full", "train.max_steps": 1, "data.eval_fraction": 0.0}
+    fit(load_recipe(None, recipe_overrides(tmp_path, base, **extra)))
+    written = tmp_path / "run" / "adapter"
+    assert (written / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    assert (written / ("config.json" if method == "full" else "adapter_config.json")).is_file()
+
+
+def test_eval_lines_start_their_own_line_in_a_log_that_holds_the_progress_bar_too(tiny_llama_dir, tmp_path):
+    """Issue 22: with stdout and stderr in one file, `...tok_s=8909]step 100: eval_loss 0.0135` glued eval lines to the bar."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    overrides = recipe_overrides(tmp_path, tiny_llama_dir, **{"train.max_steps": 4, "train.eval_every": 2, "train.log_every": 1})
+    result = subprocess.run(
+        [sys.executable, "-m", "qlora_lite", "train", str(recipe), *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    lines = [line.split("\r")[-1] for line in result.stdout.split("\n")]  # what a terminal or `less -r` shows of each line
+    evals = [line for line in result.stdout.split("\n") if "eval_loss" in line and not line.startswith("  ")]
+    assert [line.partition(":")[0] for line in evals] == ["step 0", "step 2", "step 4"], evals
+    assert all(line.startswith("step ") for line in evals)
+    assert sum(line.startswith("step ") for line in lines) == 3
+
+
+def test_the_first_step_is_logged_so_the_warmup_shows_on_the_curves(tiny_llama_dir, tmp_path):
+    """Issue 22: with log_every 10 the first logged learning rate was step 10's, and curves.png drew no warm-up."""
+    overrides = {"train.max_steps": 12, "train.log_every": 10, "train.warmup_steps": 4, "train.lr": 1e-3, "data.eval_fraction": 0.0}
+    fit(load_recipe(None, recipe_overrides(tmp_path, tiny_llama_dir, **overrides)))
+    logged = [(m["step"], m["lr"]) for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [step for step, _ in logged] == [1, 10, 12]
+    assert logged[0][1] == pytest.approx(1e-3 * 1 / 5)  # the warm-up's first LR: (step + 1) / (warmup + 1) of the peak
