@@ -13,7 +13,8 @@ GGUF loaded to check it) are llama_cpp.py's, the chat template and Modelfile tem
       4. convert; quantize; set the end-of-turn stop token (gguf-py's gguf_new_metadata.py);
       5. verify: llama.cpp must tokenize probe prompts to transformers' ids (always; it reads
          the vocabulary only), and give the same last-token logits within the type's
-         tolerance (verify.GGUF_REL_TOL; by default for models up to 1B parameters);
+         tolerance (verify.GGUF_REL_TOL; by default for models up to 1B parameters); llama.cpp
+         runs in a child process, so a file it crashes on is a one-line error;
       6. move the file into place (and write an Ollama Modelfile): nothing is left half-written.
 
 What a server needs is in the file: `tokenizer.chat_template` (the alpaca layout for an
@@ -36,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ExportError, GGUFError
+from ..folders import find_write_problem
 from ..methods.folder import CONFIG_NAME, WEIGHTS_NAME, find_base_model, read_adapter_json, read_prompt_info
 from ..methods.lora import LORA_METHOD, lora_scale
 from ..methods.table import find_saved_method
@@ -43,13 +45,15 @@ from .llama_cpp import (
     GGUF_TYPES,
     LLAMA_CPP_PYTHON_VERSION,
     LORA_TYPES,
-    LlamaCppModel,
+    LlamaCppCrash,
     check_architecture,
     convert_lora,
     convert_model,
     find_converter,
+    last_logits_in_child,
     read_binding_version,
     require_binding,
+    tokenize_in_child,
 )
 from .merge import download_base, merge_adapter, numel, read_checkpoint_layout
 from .templates import PromptLayout, build_modelfile, find_prompt_layout
@@ -167,11 +171,11 @@ def export_gguf(
             staged = stage_model_dir(model_dir, work / "stage", tokenizer_dirs, layout)
             end_of_turn = layout.end_of_turn_id if layout.end_of_turn_id != layout.eos_id else None
             written = convert_model(converter, staged, gguf_type, end_of_turn, work)
-            probes = check_tokenization(written, staged, layout)  # always: it reads the vocabulary only
+            probes = check_tokenization(written, staged, layout, out.name)  # always: it reads the vocabulary only
             report.num_probes = len(probes)
             num_parameters = count_parameters(staged)
             if decide_verify(verify, num_parameters):
-                report.max_logit_diff = verify_logits(written, staged, probes)
+                report.max_logit_diff = verify_logits(written, staged, probes, out.name)
                 report.threshold = GGUF_REL_TOL[gguf_type]
                 if report.max_logit_diff > report.threshold:
                     raise GGUFError(
@@ -237,6 +241,10 @@ def check_out_file(out: Path, overwrite: bool, modelfile: Path | None) -> None:
     for path in (out, modelfile):
         if path is not None and path.exists() and not overwrite:
             raise GGUFError(f"{path} exists; choose another --out or pass --overwrite to replace it")
+    # Asked now, not when the file is moved into place after a merge and a conversion that can take minutes.
+    problem = find_write_problem(out.parent)
+    if problem:
+        raise GGUFError(f"--out {out} cannot be written: {problem}; choose a folder you can write")
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -315,51 +323,81 @@ def stage_lora_adapter(adapter_dir: Path, stage: Path) -> Path:
     return stage
 
 
-def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout) -> list[list[int]]:
+def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout, name: str | None = None) -> list[list[int]]:
     """The probe prompts' ids, after checking that llama.cpp tokenizes each as transformers does.
 
     BOS, special tokens and all: the bugs that make an exported model answer differently or
     never stop. The probes are export.PROBE_PROMPTS and a conversation rendered by the chat
-    template written into the file. Loads the GGUF's vocabulary only, so it is cheap at any size.
+    template written into the file. Loads the GGUF's vocabulary only, so it is cheap at any size;
+    in a child process, as llama.cpp aborts on some vocabularies. `name`: the file's name in messages.
     """
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     tokenizer.chat_template = layout.chat_template
     texts = [*PROBE_PROMPTS, tokenizer.apply_chat_template(PROBE_CONVERSATION, add_generation_prompt=True, tokenize=False)]
+
+    def explain(crash: LlamaCppCrash) -> str | None:
+        return explain_tokenizer_crash(crash, tokenizer, texts[crash.step] if crash.step is not None else "".join(texts))
+
+    all_theirs = tokenize_in_child(gguf_path, texts, f"tokenizing the probe prompts of {name or Path(gguf_path).name}", explain)
     probes = []
-    with LlamaCppModel(gguf_path, vocab_only=True) as gguf_model:
-        for text in texts:
-            ids, theirs = tokenizer(text)["input_ids"], gguf_model.tokenize(text)
-            if ids != theirs:
-                at = next((i for i, (a, b) in enumerate(zip(ids, theirs)) if a != b), min(len(ids), len(theirs)))
-                hint = (
-                    "Check the special tokens (BOS/EOS ids in config.json, generation_config.json and the tokenizer)"
-                    if (model_dir / "tokenizer.model").is_file()
-                    else "The model folder has no SentencePiece tokenizer.model, so the "
-                    "converter rebuilt the vocabulary from tokenizer.json: copy the base model's tokenizer.model into the "
-                    "folder, or export from the adapter folder"
-                )
-                raise GGUFError(
-                    f"llama.cpp tokenizes {text[:40]!r} differently from transformers (first difference at token {at}: "
-                    f"{ids[at:at + 3]} vs {theirs[at:at + 3]}), so the GGUF would answer differently; nothing was written. {hint}"
-                )
-            probes.append(ids)
+    for text, theirs in zip(texts, all_theirs):
+        ids = tokenizer(text)["input_ids"]
+        if ids != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(ids, theirs)) if a != b), min(len(ids), len(theirs)))
+            hint = (
+                "Check the special tokens (BOS/EOS ids in config.json, generation_config.json and the tokenizer)"
+                if (model_dir / "tokenizer.model").is_file()
+                else "The model folder has no SentencePiece tokenizer.model, so the "
+                "converter rebuilt the vocabulary from tokenizer.json: copy the base model's tokenizer.model into the "
+                "folder, or export from the adapter folder"
+            )
+            raise GGUFError(
+                f"llama.cpp tokenizes {text[:40]!r} differently from transformers (first difference at token {at}: "
+                f"{ids[at:at + 3]} vs {theirs[at:at + 3]}), so the GGUF would answer differently; nothing was written. {hint}"
+            )
+        probes.append(ids)
     return probes
 
 
-def verify_logits(gguf_path: Path, model_dir: Path, probes: list[list[int]]) -> float:
+def explain_tokenizer_crash(crash: LlamaCppCrash, tokenizer, text: str) -> str | None:
+    """Why llama.cpp crashed tokenizing `text`, when it is the known cause: a character with neither a piece nor a byte token.
+
+    llama.cpp's SentencePiece tokenizer spells a character it has no piece for with byte tokens
+    <0xXX>, and throws std::out_of_range when the vocabulary has none (sentencepiece's default
+    byte_fallback=False); nothing catches it, so the process aborts, a server's too.
+    """
+    vocab = tokenizer.get_vocab()
+    if "out_of_range" not in crash.how or any(f"<0x{byte:02X}>" in vocab for byte in range(256)):
+        return None
+    plain = text
+    for special in tokenizer.get_added_vocab():  # split out of the text as whole tokens, never spelled
+        plain = plain.replace(special, "")
+    missing = [c for c in dict.fromkeys(plain) if c.replace(" ", "\u2581") not in vocab]
+    if not missing:
+        return None
+    return (
+        f"its vocabulary has no byte tokens <0x00>..<0xFF> (a SentencePiece model trained without byte_fallback) and no "
+        f"piece for {', '.join(map(repr, missing[:8]))} (in {text[:40]!r}), and on such text llama.cpp aborts instead of "
+        "writing <unk>, so a llama.cpp server would crash too; nothing was written. Train the model with a tokenizer that "
+        "has byte tokens (SentencePiece byte_fallback=True), or serve it with transformers or vLLM (qlora-lite merge)"
+    )
+
+
+def verify_logits(gguf_path: Path, model_dir: Path, probes: list[list[int]], name: str | None = None) -> float:
     """Max over the probes of |llama.cpp - transformers| on the last token's logits / max(1, max |transformers' logit|).
 
     transformers runs model_dir in fp32, so the difference is the GGUF's rounding (and llama.cpp's
-    kernels), not two roundings compounded.
+    kernels), not two roundings compounded. llama.cpp runs in a child process (a crash is one
+    GGUFError), first, so the two models are never in memory together. `name`: the file's name in messages.
     """
+    doing = f"computing the probe prompts' logits of {name or Path(gguf_path).name}"
+    all_logits = last_logits_in_child(gguf_path, probes, doing)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     worst = 0.0
-    with LlamaCppModel(gguf_path) as gguf_model:
-        for ids in probes:
-            with torch.no_grad():
-                reference = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
-            logits = gguf_model.last_logits(ids)
-            worst = max(worst, float(abs(logits - reference).max()) / max(1.0, float(abs(reference).max())))
+    for ids, logits in zip(probes, all_logits):
+        with torch.no_grad():
+            reference = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
+        worst = max(worst, float(abs(logits - reference).max()) / max(1.0, float(abs(reference).max())))
     return worst
 
 
@@ -370,7 +408,7 @@ def verify_logits(gguf_path: Path, model_dir: Path, probes: list[list[int]]) -> 
 
 def format_gguf_report(report: GGUFReport) -> str:
     what = "GGUF LoRA" if report.lora_only else "GGUF"
-    lines = [f"wrote {report.out} ({what}, {report.gguf_type}, {report.size_bytes / 2**20:,.1f} MiB) with {report.converter}"]
+    lines = [f"wrote {report.out} ({what}, {report.gguf_type}, {format_size(report.size_bytes)}) with {report.converter}"]
     if report.layout is not None and not report.lora_only:
         layout = report.layout
         stops = f"{layout.end_of_turn!r} (id {layout.end_of_turn_id})"
@@ -389,3 +427,18 @@ def format_gguf_report(report: GGUFReport) -> str:
         lines.append(f"  ollama: {report.modelfile}; run: ollama create NAME -f {report.modelfile}")
     lines += [f"  note: {note}" for note in report.notes]
     return "\n".join(lines)
+
+
+def format_size(num_bytes: int) -> str:
+    """The size in the largest binary unit it reaches, one decimal: 812 B, 52.0 KiB, 729.6 KiB, 4.6 GiB.
+
+    In MiB alone a LoRA of tens of KiB read "0.0 MiB" and an 8B model "4,692.1 MiB".
+    """
+    if num_bytes < 1024:
+        return f"{num_bytes} B"
+    value = float(num_bytes)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if round(value, 1) < 1024 or unit == "TiB":  # 1023.96 KiB reads 1.0 MiB, not 1024.0 KiB
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")

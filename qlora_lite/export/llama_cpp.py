@@ -6,24 +6,30 @@ checkout the user points to (`--llama-cpp DIR` or `$QLORA_LITE_LLAMA_CPP`), or e
 llama-cpp-python source distribution of the version we tested (LLAMA_CPP_PYTHON_VERSION, checked by
 its sha256), downloaded once with pip and cached. Quantization types the converter does not write
 (q4_k_m) go through llama.cpp's quantize API in the Python binding, and the binding also loads the
-result to check it (`LlamaCppModel`). Nothing here imports torch: `qlora-lite --help` reads GGUF_TYPES.
+result to check it (`LlamaCppModel`). The export runs both in a child process (this module run with
+`python -m`): llama.cpp aborts its process on some files, and a crash there is one line here, not a
+core dump of qlora-lite. Nothing here imports torch: `qlora-lite --help` reads GGUF_TYPES.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from ..errors import GGUFError
 from ..folders import cache_root
@@ -228,7 +234,7 @@ def convert_model(converter: Converter, staged: Path, gguf_type: str, end_of_tur
     run_script(converter.model_script, [str(staged), "--outfile", str(converted), "--outtype", outtype], str(staged.name))
     if gguf_type in QUANTIZED_TYPES:
         quantized = work / f"quantized-{gguf_type}.gguf"
-        quantize_gguf(converted, quantized, QUANTIZED_TYPES[gguf_type])
+        quantize_gguf(converted, quantized, QUANTIZED_TYPES[gguf_type], f"quantizing the f16 conversion to {gguf_type}")
         converted.unlink()
         converted = quantized
     if end_of_turn_id is not None:
@@ -244,15 +250,23 @@ def convert_model(converter: Converter, staged: Path, gguf_type: str, end_of_tur
     return converted
 
 
-def quantize_gguf(source: Path, dest: Path, ftype: int) -> None:
+def quantize_gguf(source: Path, dest: Path, ftype: int, doing: str | None = None) -> None:
+    """llama.cpp's quantize API on source, run in a child process (see run_in_child); `doing` names it in a crash."""
+    doing = doing or f"quantizing {source.name}"
+    hint = "nothing was written; try --type q8_0 or f16, which the converter writes without llama.cpp's quantize"
+    status = run_in_child({"op": "quantize", "source": str(source), "dest": str(dest), "ftype": ftype}, doing, hint)
+    if status != 0 or not dest.is_file():
+        raise GGUFError(f"llama.cpp's quantize failed on {source.name} (status {status}); try --type q8_0 or f16")
+
+
+def quantize_here(source: str, dest: str, ftype: int) -> int:
+    """llama.cpp's quantize API in this process: its status, 0 when dest was written."""
     llama_cpp = require_binding()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
     with quiet_llama_cpp_logs():
-        status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params))
-    if status != 0 or not dest.is_file():
-        raise GGUFError(f"llama.cpp's quantize failed on {source.name} (status {status}); try --type q8_0 or f16")
+        return llama_cpp.llama_model_quantize(source.encode(), dest.encode(), ctypes.byref(params))
 
 
 def convert_lora(converter: Converter, staged_adapter: Path, staged_base: Path, gguf_type: str, work: Path) -> Path:
@@ -352,7 +366,26 @@ class LlamaCppModel:
         return list(buffer[:count])
 
     def token_text(self, token_id: int) -> str:
+        """The token's text as the vocabulary holds it (a SentencePiece piece keeps its word-start mark); see detokenize."""
         return self.llama_cpp.llama_vocab_get_text(self.vocab, token_id).decode(errors="replace")
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of answer ids as `generate` decodes them (the tokenizer's decode, skip_special_tokens=True).
+
+        llama.cpp's own detokenizer: special tokens (EOS, end of turn) write nothing, and a SentencePiece
+        vocabulary's word-start mark on the first token is no space, as SentencePiece and transformers
+        decode; token_text joined would keep that mark.
+        """
+        llama_cpp = self.llama_cpp
+        tokens = (llama_cpp.llama_token * len(ids))(*ids)
+        room = 16 + 8 * len(ids)
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(room)
+            count = llama_cpp.llama_detokenize(self.vocab, tokens, len(ids), buffer, room, False, False)
+            if count >= 0:
+                return buffer.raw[:count].decode(errors="replace")
+            room = -count  # the room it needs
+        raise GGUFError(f"llama.cpp could not detokenize {len(ids)} tokens")
 
     def is_end_of_generation(self, token_id: int) -> bool:
         """Whether llama.cpp stops generating at this token (EOS, EOT and the like)."""
@@ -399,3 +432,134 @@ class LlamaCppModel:
         status = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(tokens, len(ids)))
         if status != 0:
             raise GGUFError(f"llama.cpp could not evaluate {len(ids)} tokens (status {status}); the context holds 512")
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp in a child process
+# ---------------------------------------------------------------------------------------------
+#
+# llama.cpp ends its process on some files instead of returning an error: a C++ exception nobody
+# catches (a SentencePiece vocabulary without byte tokens throws std::out_of_range on a character it
+# lacks), an assert. In-process that is a core dump of qlora-lite with a gdb backtrace, and the
+# temporary folder left behind; in a child it is a return code, said here in one line. The child is
+# this module run with `python -m`: one JSON request on stdin; on stdout one JSON line per item it
+# starts ({"step": i}, so that a crash says what it was doing), then {"answer": ...} or {"error": "..."}.
+
+
+@dataclass
+class LlamaCppCrash:
+    """How a child running llama.cpp ended without an answer."""
+
+    how: str  # describe_crash's words: "SIGABRT, std::out_of_range: unordered_map::at"
+    step: int | None  # the index of the item (text, probe) it had started, if any
+
+
+def run_in_child(request: dict, doing: str, hint: str, explain: Callable[[LlamaCppCrash], str | None] | None = None) -> Any:
+    """serve_request(request) in a child process: its answer, its GGUFError raised here, or a crash as one GGUFError.
+
+    The crash's line: "llama.cpp crashed (HOW) while DOING: CAUSE", the cause being explain(crash) when
+    it knows one, else hint (which says what to do).
+    """
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # else ggml's crash handler attaches gdb: 0.7 s, and 80 lines of backtrace
+    env.pop("PYTHONFAULTHANDLER", None)  # its Python traceback would bury llama.cpp's last words on stderr
+    # The child imports this very qlora_lite, however the parent found it (an install, a checkout on sys.path).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "qlora_lite.export.llama_cpp"], input=json.dumps(request), capture_output=True, text=True,
+        errors="replace", env=env, check=False,
+    )  # fmt: skip
+    lines = []
+    for line in result.stdout.splitlines():
+        with contextlib.suppress(ValueError):
+            lines.append(json.loads(line))
+    last = lines[-1] if lines else {}
+    if result.returncode == 0 and "answer" in last:
+        return last["answer"]
+    if result.returncode == 0 and "error" in last:
+        raise GGUFError(last["error"])
+    step = next((line["step"] for line in reversed(lines) if "step" in line), None)
+    crash = LlamaCppCrash(describe_crash(result.returncode, result.stderr), step)
+    raise GGUFError(f"llama.cpp crashed ({crash.how}) while {doing}: {(explain(crash) if explain else None) or hint}")
+
+
+def describe_crash(returncode: int, stderr: str) -> str:
+    """A crashed child's end in a few words: the signal (or exit code), and llama.cpp's last line on stderr."""
+    if returncode < 0:
+        try:
+            how = signal.Signals(-returncode).name
+        except ValueError:
+            how = f"signal {-returncode}"
+    else:
+        how = f"exit code {returncode}"
+    # An uncaught C++ exception: "terminate called after throwing an instance of 'T'" then "  what():  message".
+    thrown = re.search(r"throwing an instance of '([^']+)'\s*\n\s*what\(\):\s*(.*)", stderr)
+    if thrown:
+        words = f"{thrown.group(1)}: {thrown.group(2).strip()}"
+    else:
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        words = lines[-1] if lines else ""
+    return f"{how}, {words[:200]}" if words else how
+
+
+def tokenize_in_child(
+    path: str | Path, texts: list[str], doing: str, explain: Callable[[LlamaCppCrash], str | None] | None = None
+) -> list[list[int]]:
+    """LlamaCppModel(path, vocab_only=True).tokenize of each text, in a child process; a crash's step is the text's index."""
+    hint = (
+        "nothing was written, and a llama.cpp server would likely crash on this file too; report it to llama.cpp "
+        f"(tested: {LLAMA_CPP_COMMIT[:7]}) with the model's tokenizer files"
+    )
+    return run_in_child({"op": "tokenize", "path": str(path), "texts": texts}, doing, hint, explain)
+
+
+def last_logits_in_child(path: str | Path, probes: list[list[int]], doing: str):
+    """LlamaCppModel(path).last_logits of each probe, in a child process: float32 numpy arrays, bit for bit."""
+    import numpy as np
+
+    hint = (
+        "nothing was written, and a llama.cpp server would likely crash on this file too; try another --type, or report "
+        f"it to llama.cpp (tested: {LLAMA_CPP_COMMIT[:7]}) with the model's config.json"
+    )
+    answer = run_in_child({"op": "last_logits", "path": str(path), "probes": probes}, doing, hint)
+    return [np.frombuffer(base64.b64decode(text), dtype="<f4") for text in answer]
+
+
+def serve_request(request: dict, announce: Callable[[int], None]) -> Any:
+    """What the child does for one request (run_in_child's); announce(i) before item i."""
+    if request["op"] == "quantize":
+        return quantize_here(request["source"], request["dest"], request["ftype"])
+    if request["op"] == "tokenize":
+        with LlamaCppModel(request["path"], vocab_only=True) as model:
+            ids = []
+            for i, text in enumerate(request["texts"]):
+                announce(i)
+                ids.append(model.tokenize(text))
+            return ids
+    if request["op"] == "last_logits":
+        with LlamaCppModel(request["path"]) as model:
+            answer = []
+            for i, ids in enumerate(request["probes"]):
+                announce(i)
+                answer.append(base64.b64encode(model.last_logits(ids).astype("<f4").tobytes()).decode())  # exact floats
+            return answer
+    raise ValueError(f"unknown request {request['op']!r}")
+
+
+def main() -> None:
+    """The child: one request from stdin, the answer on stdout; whatever llama.cpp prints goes to stderr."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # llama.cpp's (C) prints on stdout would mix into the answer
+
+    def send(message: dict) -> None:
+        answers.write(json.dumps(message) + "\n")
+        answers.flush()  # a step must be out before llama.cpp may crash
+
+    request = json.load(sys.stdin)
+    try:
+        send({"answer": serve_request(request, lambda step: send({"step": step}))})
+    except GGUFError as err:
+        send({"error": str(err)})
+
+
+if __name__ == "__main__":
+    main()

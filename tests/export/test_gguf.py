@@ -28,8 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from qlora_lite import cli
 from qlora_lite.data.formats import DEFAULT_CHAT_TEMPLATE
 from qlora_lite.errors import GGUFError
-from qlora_lite.export.gguf import export_gguf
-from qlora_lite.export.llama_cpp import LlamaCppModel, ensure_tested_converter
+from qlora_lite.export.gguf import GGUFReport, export_gguf, format_gguf_report
+from qlora_lite.export.llama_cpp import LlamaCppModel, describe_crash, ensure_tested_converter, tokenize_in_child
 from qlora_lite.export.templates import PromptLayout, build_alpaca_template, build_modelfile, render_pieces, split_template
 from qlora_lite.tiny import build_sentencepiece_tokenizer, build_tiny_model
 
@@ -102,16 +102,21 @@ def demo_gguf(demo_run, demo_merged, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def generate_answers(demo_run, held_out):
-    """What `qlora-lite generate ADAPTER_DIR --input WORD INSTRUCTION` answers: (prompt ids, new ids) per record."""
-    from qlora_lite.generate import GenerationSettings, build_prompt_ids, generate_ids, open_switcher
+    """What `qlora-lite generate ADAPTER_DIR --input WORD INSTRUCTION` answers: (prompt ids, new ids, text) per record.
+
+    The text as generate_answer makes it from the new ids (cut at the stop token, decoded without special tokens).
+    """
+    from qlora_lite.generate import GenerationSettings, build_prompt_ids, collect_eos_ids, cut_at_stop, generate_ids, open_switcher
 
     switcher = open_switcher({"adapter": demo_run})
     switcher.use("adapter")
     settings = GenerationSettings(max_new_tokens=16)
+    stop_ids = collect_eos_ids(switcher.tokenizer, switcher.active_model)
     answers = []
     for record in held_out:
         ids = build_prompt_ids(record["instruction"], "alpaca", switcher.tokenizer, input_text=record["input"])
-        answers.append((ids, generate_ids(switcher.active_model, switcher.tokenizer, ids, settings)))
+        new = generate_ids(switcher.active_model, switcher.tokenizer, ids, settings)
+        answers.append((ids, new, switcher.tokenizer.decode(cut_at_stop(new, stop_ids), skip_special_tokens=True)))
     return answers
 
 
@@ -131,22 +136,24 @@ def merged_last_logits(merged_dir: Path, prompts: list[list[int]]) -> list[np.nd
 def test_demo_gguf_answers_held_out_prompts_as_generate_does(demo_gguf, generate_answers, held_out, gguf_type):
     from qlora_lite.demo import format_demo_prompt
 
-    same, right = 0, 0
+    same, same_text, right = 0, 0, 0
     with LlamaCppModel(demo_gguf[gguf_type].out) as model:
-        for record, (prompt_ids, answer_ids) in zip(held_out, generate_answers):
+        for record, (prompt_ids, answer_ids, answer_text) in zip(held_out, generate_answers):
             ids = model.tokenize(format_demo_prompt(record))  # the prompt text, as a server receives it
             assert ids == prompt_ids  # BOS, template and word: llama.cpp's SentencePiece tokenizer agrees
             new = model.generate(ids, max_new_tokens=16)
             same += new == answer_ids
-            right += "".join(model.token_text(i) for i in new[:-1]).replace("\u2581", " ").strip() == record["output"]
+            # llama.cpp's text of its answer, decoded as generate decodes: no word-start space, no EOS
+            same_text += model.detokenize(new) == answer_text
+            right += model.detokenize(new) == record["output"]
             assert new[-1] == 3 and model.is_end_of_generation(new[-1])  # it stops at EOS, as trained
     assert same == len(held_out), f"{same} of {len(held_out)} answers equal generate's (greedy)"
-    assert right == len(held_out)
+    assert same_text == len(held_out) and right == len(held_out)
 
 
 @needs_llama_cpp
 def test_demo_gguf_logits_equal_transformers(demo_gguf, demo_merged, generate_answers):
-    prompts = [ids for ids, _ in generate_answers]
+    prompts = [ids for ids, *_ in generate_answers]
     reference = merged_last_logits(demo_merged, prompts)
     largest = max(float(abs(r).max()) for r in reference)
     for gguf_type, atol in (("f16", F16_ATOL), ("q8_0", Q8_0_ATOL)):
@@ -206,7 +213,11 @@ def test_lora_gguf_on_base_gguf_equals_merged_gguf(demo_run, demo_gguf, generate
     base = export_gguf(base_dir, tmp_path / "base-f16.gguf", "f16", prompt_format="alpaca")
     lora = export_gguf(demo_run, tmp_path / "lora-f16.gguf", "f16", lora_only=True)
     assert lora.lora_only and lora.size_bytes < base.size_bytes / 4
-    prompts = [ids for ids, _ in generate_answers[:20]]
+    # Under 1 MiB the size reads in KiB (it was "0.0 MiB"): the demo's LoRA is about 50 KiB.
+    assert lora.size_bytes < 2**20 and format_gguf_report(lora).splitlines()[0] == (
+        f"wrote {lora.out} (GGUF LoRA, f16, {lora.size_bytes / 2**10:.1f} KiB) with {lora.converter}"
+    )
+    prompts = [ids for ids, *_ in generate_answers[:20]]
     with LlamaCppModel(demo_gguf["f16"].out) as merged:
         expected = [merged.last_logits(ids) for ids in prompts]
     with LlamaCppModel(base.out, lora_path=lora.out) as served:
@@ -215,7 +226,7 @@ def test_lora_gguf_on_base_gguf_equals_merged_gguf(demo_run, demo_gguf, generate
         answers = [served.generate(ids, max_new_tokens=16) for ids in prompts]
     print(f"LoRA GGUF on base GGUF vs merged GGUF: max |logit difference| {diff:.3g}")
     assert diff <= LORA_ATOL
-    assert answers == [new for _, new in generate_answers[:20]]
+    assert answers == [new for _, new, _ in generate_answers[:20]]
     with LlamaCppModel(base.out) as plain:  # without the LoRA the base does not know the format: the adapter matters
         assert max(float(abs(plain.last_logits(ids) - e).max()) for ids, e in zip(prompts, expected)) > 1
 
@@ -441,6 +452,118 @@ def test_existing_file_is_refused_then_replaced_with_overwrite(sp_llama_dir, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
+@pytest.fixture(scope="session")
+def no_byte_fallback_dir(tmp_path_factory):
+    """A tiny Llama whose SentencePiece tokenizer has no byte tokens and no capitals or punctuation.
+
+    Trained with sentencepiece's default byte_fallback=False on lowercase text, so it writes <unk> for
+    'T' and 'F' of the first probe prompt; converted and saved as tiny.build_sentencepiece_tokenizer does.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    from qlora_lite.tiny import SPECIAL_TOKENS, convert_sentencepiece_bpe
+
+    folder = tmp_path_factory.mktemp("no-byte-fallback")
+    pad, unk, bos, eos = SPECIAL_TOKENS
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 10), model_writer=model, model_type="bpe",
+        vocab_size=60, hard_vocab_limit=False, byte_fallback=False, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_piece=pad, unk_piece=unk, bos_piece=bos, eos_piece=eos, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    convert_sentencepiece_bpe(folder / "tokenizer.model", []).save_pretrained(str(folder))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "TokenizersBackend"  # as build_sentencepiece_tokenizer saves it
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    vocab = tokenizer.get_vocab()
+    assert "<0x54>" not in vocab and "T" not in vocab and "F" not in vocab  # no byte tokens, no capitals
+    build_tiny_model(folder, architecture="llama", vocab_size=len(tokenizer))
+    return folder
+
+
+@needs_llama_cpp
+def test_llama_cpp_crash_is_one_line_and_leaves_nothing(no_byte_fallback_dir, tmp_path, capsys):
+    # llama.cpp throws std::out_of_range on a character with neither a piece nor a byte token, which aborts
+    # its process: the checks run llama.cpp in a child process, so export-gguf lives to say why.
+    out = tmp_path / "out" / "model-f16.gguf"
+    assert cli.main(["export-gguf", str(no_byte_fallback_dir), "--out", str(out)]) == 2
+    assert read_error(capsys) == (
+        "error: llama.cpp crashed (SIGABRT, std::out_of_range: unordered_map::at) while tokenizing the probe prompts of "
+        "model-f16.gguf: its vocabulary has no byte tokens <0x00>..<0xFF> (a SentencePiece model trained without "
+        "byte_fallback) and no piece for 'T', 'F' (in 'The capital of France is'), and on such text llama.cpp aborts "
+        "instead of writing <unk>, so a llama.cpp server would crash too; nothing was written. Train the model "
+        "with a tokenizer that has byte tokens (SentencePiece byte_fallback=True), or serve it with transformers or vLLM "
+        "(qlora-lite merge)\n"
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@needs_llama_cpp
+def test_llama_cpp_child_passes_errors_back(tmp_path):
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(GGUFError) as caught:
+        tokenize_in_child(tmp_path / "cut.gguf", ["hello"], "tokenizing the probe prompts of cut.gguf")
+    assert str(caught.value) == f"llama.cpp could not load {tmp_path / 'cut.gguf'}; is it a complete GGUF model file?"
+
+
+@pytest.mark.parametrize(
+    "returncode, stderr, expected",
+    [
+        (-6, "terminate called after throwing an instance of 'std::out_of_range'\n  what():  unordered_map::at\n", "SIGABRT, std::out_of_range: unordered_map::at"),
+        (-11, "", "SIGSEGV"),
+        (1, "Traceback (most recent call last):\n  ...\nMemoryError\n\n", "exit code 1, MemoryError"),
+        (-6, "llama-vocab.cpp:123: GGML_ASSERT(x) failed\n", "SIGABRT, llama-vocab.cpp:123: GGML_ASSERT(x) failed"),
+        (-99, "", "signal 99"),
+    ],
+)
+def test_describe_crash(returncode, stderr, expected):
+    assert describe_crash(returncode, stderr) == expected
+
+
+LINUX_ONLY = pytest.mark.skipif(not Path("/proc/self").is_dir() or not Path("/sys/kernel").is_dir(), reason="needs Linux's /proc and /sys")
+
+
+@needs_llama_cpp
+@LINUX_ONLY
+@pytest.mark.parametrize(
+    "out, created, reasons",
+    [
+        # /proc takes no new entries even from root (ENOENT); other users are refused (EACCES).
+        ("/proc/qlora-run/x.gguf", "/proc/qlora-run", ["the file system of /proc takes no new folders", "permission denied"]),
+        ("/sys/kernel/qlora/x.gguf", "/sys/kernel/qlora", ["permission denied", "read-only file system"]),
+        ("/proc/x.gguf", "files in /proc", ["the file system of /proc takes no new files", "permission denied"]),
+    ],
+)
+def test_out_that_cannot_be_written_is_one_line(sp_llama_dir, capsys, out, created, reasons):
+    assert cli.main(["export-gguf", str(sp_llama_dir), "--out", out]) == 2
+    assert read_error(capsys) in [f"error: --out {out} cannot be written: cannot create {created} ({r}); choose a folder you can write\n" for r in reasons]
+    assert not Path(out).exists() and (Path(out).parent == Path("/proc") or not Path(out).parent.exists())
+    assert not (Path(out).parent.exists() and list(Path(out).parent.glob(".x.gguf.*")))  # no work folder either
+
+
+@needs_llama_cpp
+def test_q4_k_m_is_quantized_by_llama_cpp(sp_llama_dir, tmp_path):
+    # q4_k_m is the one type made by llama.cpp's quantize API (in a child process, as the checks).
+    report = export_gguf(sp_llama_dir, tmp_path / "m-q4_k_m.gguf", "q4_k_m", prompt_format="text")
+    assert report.max_logit_diff <= report.threshold == 0.25
+    with LlamaCppModel(report.out) as model:
+        assert model.metadata("general.file_type") == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-q4_k_m.gguf"]
+
+
+@pytest.mark.parametrize(
+    "size, shown",
+    [(812, "812 B"), (53_248, "52.0 KiB"), (1_048_575, "1.0 MiB"), (747_110, "729.6 KiB"), (15_032_385_536, "14.0 GiB"), (4_920_000_000, "4.6 GiB")],
+)
+def test_report_size_reads_right_at_any_scale(size, shown):
+    report = GGUFReport(Path("a.gguf"), "f16", size, "llama.cpp 0c1e570", lora_only=True)
+    assert format_gguf_report(report) == f"wrote a.gguf (GGUF LoRA, f16, {shown}) with llama.cpp 0c1e570"
+
+
 @needs_llama_cpp
 @pytest.mark.parametrize(
     "args, message",
@@ -491,3 +614,17 @@ def test_converter_download_failure_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(GGUFError, match=r"could not download llama.cpp's converter .* pass --llama-cpp DIR .*QLORA_LITE_LLAMA_CPP"):
         ensure_tested_converter(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # no half-extracted converter
+
+
+@needs_llama_cpp
+def test_the_folder_a_full_fine_tuning_run_writes_exports(sp_llama_dir, tmp_path):
+    """Issue 22: export-gguf refused it ("The model folder has no SentencePiece tokenizer.model ..."): training did not copy it."""
+    from qlora_lite.config import load_recipe
+    from qlora_lite.training.fit import fit
+    from tests.helpers import recipe_overrides
+
+    extra = {"method": "full", "quant.load_in_4bit": False, "train.max_steps": 1, "data.eval_fraction": 0.0, "train.exact_match_examples": 0}
+    fit(load_recipe(None, recipe_overrides(tmp_path, sp_llama_dir, **extra)))
+    report = export_gguf(tmp_path / "run" / "adapter", tmp_path / "full-f16.gguf", "f16")
+    assert report.layout.data_format == "alpaca" and report.num_probes == 4
+    assert report.max_logit_diff <= report.threshold == 1e-2
