@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -354,7 +354,20 @@ class AdapterSwitcher:
         Returns:
             The answer's text.
         """
-        prompt_ids = build_prompt_ids(prompt, self.prompt_format(adapter, fmt), self.tokenizer, input_text, system)
+        prompt_ids = self.prompt_ids(prompt, adapter=adapter, fmt=fmt, input_text=input_text, system=system)
+        return self.answer_ids(prompt_ids, adapter=adapter, settings=settings, stream=stream)
+
+    def prompt_ids(self, prompt: str, *, adapter: str | None, fmt: str = "auto", input_text: str = "", system: str = "") -> list[int]:
+        """The prompt's token ids as this adapter (None: the base) was trained on them; nothing is generated.
+
+        Raises:
+            GenerationError: The adapter is unknown, the prompt is empty, or input_text / system
+                have no place in the adapter's prompt format (see build_prompt_ids).
+        """
+        return build_prompt_ids(prompt, self.prompt_format(adapter, fmt), self.tokenizer, input_text, system)
+
+    def answer_ids(self, prompt_ids: list[int], *, adapter: str | None, settings: GenerationSettings | None = None, stream: bool = False) -> str:
+        """The named adapter's (None: the base's) answer to prompt ids from ``prompt_ids``."""
         self.use(adapter)
         return generate_answer(self.active_model, self.tokenizer, prompt_ids, settings or GenerationSettings(), stream)
 
@@ -437,30 +450,58 @@ def collect_named_adapters(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 def route_prompt(line: str, names: list[str]) -> tuple[str | None, str]:
     """Split ``NAME: prompt`` into (adapter name or None for ``base``, prompt).
 
-    With a single adapter, a line without a known prefix goes to it whole.
+    With a single adapter, a line that does not start like a prefix goes to it whole. A line that
+    does (a word and a colon, ``dmo: hello``) but names no adapter is refused, however many are
+    loaded: it is far more likely a mistyped name than a prompt, and sending it on would answer
+    the wrong question silently. A prompt that really starts that way is written ``NAME: Note: ...``.
 
     Raises:
-        GenerationError: Several adapters are loaded and the line names none of them.
+        GenerationError: The line starts with a word and a colon that names no adapter, or several
+            adapters are loaded and the line names none of them.
     """
     match = ROUTED_PROMPT.match(line)
-    if match and match.group("name") in (*names, BASE_NAME):
+    shown = shorten(line)
+    if match:
         name = match.group("name")
-        return (None if name == BASE_NAME else name), match.group("prompt")
+        if name in (*names, BASE_NAME):
+            return (None if name == BASE_NAME else name), match.group("prompt")
+        fix = f"'{names[0]}: '" if len(names) == 1 else f"its adapter's name, e.g. '{(names or [BASE_NAME])[0]}: '"
+        raise GenerationError(
+            f"prompt {shown!r} starts with '{name}:', which names no adapter; known: {format_names(names)} "
+            f"(a prompt that really starts with a word and a colon: prefix it with {fix})"
+        )
     if len(names) == 1:
         return names[0], line
-    shown = line if len(line) <= 60 else line[:57] + "..."
     raise GenerationError(
         f"prompt {shown!r} names no adapter; start each line with one of {format_names(names)} and a colon, "
         f"e.g. '{BASE_NAME}: {shown}'"
     )
 
 
-def read_prompt_lines(stream: TextIO) -> Iterator[str]:
-    """Prompts from a text stream, one per line, blank lines skipped (read lazily, so a terminal works)."""
-    for line in stream:
-        line = line.rstrip("\r\n")
-        if line.strip():
-            yield line
+def shorten(line: str) -> str:
+    """A prompt as an error message quotes it: at most 60 characters."""
+    return line if len(line) <= 60 else line[:57] + "..."
+
+
+def read_prompt_lines(stream: TextIO) -> Iterable[str]:
+    """Prompts from a text stream, one per line, blank lines skipped.
+
+    A file or a pipe (not a terminal) is read whole into a list, so that answer_prompts checks
+    every line before it answers any: a bad line 40 fails before 39 answers were printed. A
+    terminal is read lazily, a line at a time as it is typed (reading it whole would wait for
+    Ctrl-D before the first answer); there is nothing ahead to check, so each line is checked
+    when it comes.
+    """
+    prompts = (line for line in (raw.rstrip("\r\n") for raw in stream) if line.strip())
+    # A terminal: lazily, each line checked as it is typed. A file or pipe: whole, every line checked before any answer.
+    return prompts if is_terminal(stream) else list(prompts)
+
+
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def answer_prompts(
@@ -476,14 +517,37 @@ def answer_prompts(
 
     Routed: each prompt starts ``NAME:`` (``base:`` for no adapter) and its answer is preceded
     by ``[NAME]``. Otherwise every prompt goes to the only adapter (or to the base when there is none).
+
+    Each line is routed and turned into prompt ids (its adapter's format, --input / --system
+    allowed there, not empty) before anything is printed for it. Prompts given as a collection
+    (a list: a PROMPT argument, or stdin from a file or pipe, see read_prompt_lines) are all
+    checked before the first is answered; an iterator (a terminal) is checked line by line as it comes.
+
+    Raises:
+        GenerationError: A line names no adapter, or its prompt does not fit its adapter's format.
     """
+    planned: Iterable[tuple[str | None, list[int]]] = (plan_prompt(switcher, line, fmt, routed, input_text, system) for line in prompts)
+    if isinstance(prompts, Collection):
+        planned = list(planned)  # every line checked before the first answer
     answered = 0
-    for line in prompts:
+    for adapter, prompt_ids in planned:
         if routed:
-            adapter, prompt = route_prompt(line, switcher.names)
             print(f"[{adapter or BASE_NAME}] ", end="", flush=True)
-        else:
-            adapter, prompt = (switcher.names[0] if switcher.names else None), line
-        switcher.generate(prompt, adapter=adapter, settings=settings, fmt=fmt, stream=True, input_text=input_text, system=system)
+        switcher.answer_ids(prompt_ids, adapter=adapter, settings=settings, stream=True)
         answered += 1
     return answered
+
+
+def plan_prompt(switcher: AdapterSwitcher, line: str, fmt: str, routed: bool, input_text: str, system: str) -> tuple[str | None, list[int]]:
+    """(adapter or None for the base, prompt ids) for one line, or the error the line would meet when answered.
+
+    Routed, an error about the prompt quotes the line, since lines go to adapters with different formats.
+    """
+    if not routed:
+        adapter = switcher.names[0] if switcher.names else None
+        return adapter, switcher.prompt_ids(line, adapter=adapter, fmt=fmt, input_text=input_text, system=system)
+    adapter, prompt = route_prompt(line, switcher.names)
+    try:
+        return adapter, switcher.prompt_ids(prompt, adapter=adapter, fmt=fmt, input_text=input_text, system=system)
+    except GenerationError as err:
+        raise GenerationError(f"prompt {shorten(line)!r}: {err}") from err

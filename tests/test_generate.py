@@ -16,7 +16,18 @@ from qlora_lite.config import LoRAConfig, ModelConfig, QuantConfig, load_recipe
 from qlora_lite.data.formats import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX
 from qlora_lite.data.tokenizing import tokenize_example
 from qlora_lite.errors import AdapterError, GenerationError
-from qlora_lite.generate import AdapterSwitcher, GenerationSettings, build_generate_kwargs, build_prompt_ids, generate_ids, open_switcher, resolve_prompt_format, route_prompt
+from qlora_lite.generate import (
+    AdapterSwitcher,
+    GenerationSettings,
+    answer_prompts,
+    build_generate_kwargs,
+    build_prompt_ids,
+    generate_ids,
+    open_switcher,
+    read_prompt_lines,
+    resolve_prompt_format,
+    route_prompt,
+)
 from qlora_lite.methods.folder import PROMPT_INFO_NAME, read_prompt_info, write_prompt_info
 from qlora_lite.methods.lora import apply_lora, load_adapter, lora_layers, save_adapter
 from qlora_lite.methods.prompt_tuning import SoftPromptModel, load_soft_prompt
@@ -400,9 +411,41 @@ def test_auto_format_follows_training_then_the_tokenizer(tokenizer, tmp_path):
 def test_route_prompt_by_name_prefix():
     assert route_prompt("math: 2 + 2?", ["math", "sql"]) == ("math", "2 + 2?")
     assert route_prompt("base: hello", ["math", "sql"]) == (None, "hello")
-    assert route_prompt("Note: keep it short", ["math"]) == ("math", "Note: keep it short")  # one adapter takes all
-    with pytest.raises(GenerationError, match=r"names no adapter; start each line with one of math, sql, base and a colon"):
-        route_prompt("Note: keep it short", ["math", "sql"])
+    assert route_prompt("keep it short", ["math"]) == ("math", "keep it short")  # one adapter takes a line with no prefix
+    assert route_prompt("math: Note: keep it short", ["math"]) == ("math", "Note: keep it short")  # a colon after the prefix is text
+    with pytest.raises(GenerationError) as err:
+        route_prompt("keep it short", ["math", "sql"])
+    assert str(err.value) == "prompt 'keep it short' names no adapter; start each line with one of math, sql, base and a colon, e.g. 'base: keep it short'"
+
+
+@pytest.mark.parametrize(
+    "line, names, message",
+    [
+        # one adapter: a mistyped prefix is not sent to it with the typo left in the prompt
+        ("dmo: hello", ["demo"], ("prompt 'dmo: hello' starts with 'dmo:', which names no adapter; known: demo, base "
+                                  "(a prompt that really starts with a word and a colon: prefix it with 'demo: ')")),
+        ("Note: keep it short", ["math"], ("prompt 'Note: keep it short' starts with 'Note:', which names no adapter; known: math, base "
+                                           "(a prompt that really starts with a word and a colon: prefix it with 'math: ')")),
+        ("  dmo : hello", ["demo"], ("prompt '  dmo : hello' starts with 'dmo:', which names no adapter; known: demo, base "
+                                     "(a prompt that really starts with a word and a colon: prefix it with 'demo: ')")),
+        # several adapters: the same rule, the fix names the first one as the example
+        ("Note: keep it short", ["math", "sql"], ("prompt 'Note: keep it short' starts with 'Note:', which names no adapter; known: math, sql, base "
+                                                  "(a prompt that really starts with a word and a colon: prefix it with its adapter's name, e.g. 'math: ')")),
+    ],
+)
+def test_route_prompt_refuses_a_prefix_that_names_no_adapter(line, names, message):
+    with pytest.raises(GenerationError) as err:
+        route_prompt(line, names)
+    assert str(err.value) == message
+
+
+def test_read_prompt_lines_reads_a_file_or_pipe_whole_and_a_terminal_line_by_line():
+    assert read_prompt_lines(io.StringIO("a: one\n\n   \nb: two\r\n")) == ["a: one", "b: two"]  # a list: all read before any answer
+    terminal = TerminalInput("a: one\nb: two\n")
+    lines = read_prompt_lines(terminal)
+    assert terminal.tell() == 0  # nothing read yet: a terminal's lines are read as they are typed
+    assert next(lines) == "a: one" and terminal.tell() == len("a: one\n")
+    assert list(lines) == ["b: two"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +504,97 @@ def test_cli_routes_each_prompt_to_its_adapter(tiny_llama_dir, adapter_dirs, exp
     assert len({expected_answers[(n, "Name a colour.")] for n in ("a", "b", None)}) == 3
 
 
+class TerminalInput(io.StringIO):
+    """Stdin as a terminal: isatty() is true, so lines are read (and checked) one at a time as they come."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of one CLI run."""
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_one_named_adapter_refuses_a_mistyped_prefix_before_answering(tiny_llama_dir, adapter_dirs, expected_answers, capsys, monkeypatch):
+    """With --adapter (routed), `dmo: hello` for an adapter named demo is an error, not a prompt `dmo: hello` to demo;
+    a line with no prefix still goes to the only adapter, and without --adapter `Note: ...` is just text."""
+    argv = ["generate", "--base", str(tiny_llama_dir), "--adapter", f"demo={adapter_dirs['a']}", "--no-4bit", "--max-new-tokens", "5"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a colour.\ndmo: hello\n"))
+    assert run_cli(argv, capsys) == (
+        2,
+        "",  # the first line was not answered: every line is checked before any is answered
+        (
+            "error: prompt 'dmo: hello' starts with 'dmo:', which names no adapter; known: demo, base "
+            "(a prompt that really starts with a word and a colon: prefix it with 'demo: ')\n"
+        ),
+    )
+    assert run_cli([*argv, "dmo: hello"], capsys)[:2] == (2, "")  # a PROMPT argument is checked the same way
+
+    # no prefix: the only adapter; its name as prefix keeps a word and a colon in the prompt
+    switcher = open_switcher({"demo": adapter_dirs["a"]}, str(tiny_llama_dir), load_in_4bit=False)
+    note = switcher.generate("Note: be brief", adapter="demo", settings=GenerationSettings(max_new_tokens=5))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a colour.\ndemo: Note: be brief\n"))
+    assert run_cli(argv, capsys) == (0, f"[demo] {expected_answers[('a', 'Name a colour.')]}\n[demo] {note}\n", "")
+
+    # unrouted (a positional ADAPTER_DIR): no prefixes at all, `Note: be brief` is the prompt
+    unrouted = ["generate", str(adapter_dirs["a"]), "--no-4bit", "--max-new-tokens", "5"]
+    assert run_cli([*unrouted, "Note: be brief"], capsys) == (0, note + "\n", "")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Note: be brief\n"))
+    assert run_cli(unrouted, capsys) == (0, note + "\n", "")
+
+
+INPUT_FOR_BASE = (
+    "prompt 'base: Name a colour.': --input is the alpaca format's input field, but prompts are formatted as text; "
+    "drop --input or pass --format alpaca"
+)
+
+
+def test_answer_prompts_checks_every_line_before_answering_any(tiny_llama_dir, adapter_dirs, capsys):
+    """--input belongs to alpaca prompts (adapter a); the base formats prompts as text, so a `base:` line
+    with --input fails, and it fails before the lines ahead of it are answered."""
+    switcher = open_switcher(dict(adapter_dirs), str(tiny_llama_dir), load_in_4bit=False)
+    settings = GenerationSettings(max_new_tokens=5)
+    capsys.readouterr()
+    cases = [
+        (["a: Name a colour.", "base: Name a colour."], {"input_text": "HELLO"}, INPUT_FOR_BASE),
+        (["a: Name a colour.", "b: the quick brown fox", "c: hello"], {},
+         ("prompt 'c: hello' starts with 'c:', which names no adapter; known: a, b, base "
+          "(a prompt that really starts with a word and a colon: prefix it with its adapter's name, e.g. 'a: ')")),
+        (["a: Name a colour.", "b:"], {}, "prompt 'b:': the prompt is empty; pass some text to answer"),
+        (["b: the quick brown fox", "a: Name a colour."], {"system": "Be brief."},
+         ("prompt 'b: the quick brown fox': --system is the chat format's system message, but prompts are formatted as text; "
+          "drop --system or pass --format chat")),
+    ]
+    for lines, options, message in cases:
+        with pytest.raises(GenerationError) as err:
+            answer_prompts(switcher, lines, settings, routed=True, **options)
+        assert str(err.value) == message
+        assert capsys.readouterr().out == "", lines  # not one answer, not even its `[a] ` label
+    # the same lines with --input on alpaca lines only are answered
+    assert answer_prompts(switcher, ["a: Name a colour.", "a: Name a colour."], settings, routed=True, input_text="HELLO") == 2
+    with_input = switcher.generate("Name a colour.", adapter="a", settings=settings, input_text="HELLO")
+    assert capsys.readouterr().out == f"[a] {with_input}\n" * 2
+
+
+def test_cli_checks_all_piped_lines_first_and_a_terminals_lines_as_they_come(tiny_llama_dir, adapter_dirs, expected_answers, capsys, monkeypatch):
+    argv = ["generate", "--base", str(tiny_llama_dir), "--adapter", f"a={adapter_dirs['a']}", "--no-4bit", "--max-new-tokens", "5", "--input", "HELLO"]
+    lines = "a: Name a colour.\nbase: Name a colour.\n"
+    # a file or a pipe: read whole and checked before the first answer
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert run_cli(argv, capsys) == (2, "", f"error: {INPUT_FOR_BASE}\n")
+    # a PROMPT argument: checked before the model answers, so not even the `[base] ` label is printed
+    assert run_cli([*argv, "base: Name a colour."], capsys) == (2, "", f"error: {INPUT_FOR_BASE}\n")
+    # a terminal: nothing to check ahead, each line is checked when it is typed, the earlier answers stand
+    switcher = open_switcher({"a": adapter_dirs["a"]}, str(tiny_llama_dir), load_in_4bit=False)
+    with_input = switcher.generate("Name a colour.", adapter="a", settings=GenerationSettings(max_new_tokens=5), input_text="HELLO")
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", TerminalInput(lines))
+    assert run_cli(argv, capsys) == (2, f"[a] {with_input}\n", f"error: {INPUT_FOR_BASE}\n")
+
+
 def copy_adapter(source, folder, **config_changes):
     """A copy of an adapter folder, with adapter_config.json keys changed (e.g. a base that has moved)."""
     folder.mkdir()
@@ -503,7 +637,12 @@ def test_cli_adapter_with_base_override(tiny_llama_dir, adapter_dirs, expected_a
 def test_cli_errors_name_cause_and_fix(tiny_llama_dir, adapter_dirs, other_base_adapter, tmp_path, capsys, monkeypatch):
     two = ["--adapter", f"a={adapter_dirs['a']}", "--adapter", f"b={adapter_dirs['b']}", "--no-4bit"]
     monkeypatch.setattr("sys.stdin", io.StringIO("c: hello\n"))
-    assert "error: prompt 'c: hello' names no adapter; start each line with one of a, b, base and a colon" in cli_error(["generate", *two], capsys)
+    assert cli_error(["generate", *two], capsys) == (
+        "error: prompt 'c: hello' starts with 'c:', which names no adapter; known: a, b, base "
+        "(a prompt that really starts with a word and a colon: prefix it with its adapter's name, e.g. 'a: ')\n"
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert cli_error(["generate", *two], capsys) == "error: prompt 'hello' names no adapter; start each line with one of a, b, base and a colon, e.g. 'base: hello'\n"
 
     err = cli_error(["generate", "--base", str(tiny_llama_dir), "--adapter", f"wide={other_base_adapter}", "--no-4bit", "hi"], capsys)
     assert "error: adapter 'wide'" in err and "has shape (4, 32) but this base needs (4, 64): the adapter was made for a different base model" in err
