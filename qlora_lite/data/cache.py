@@ -24,7 +24,6 @@ import json
 import operator
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import time
@@ -39,9 +38,9 @@ import pyarrow as pa
 
 from ..config import CHOICES, DataConfig
 from ..errors import DataError
-from ..folders import cache_root
+from ..folders import apply_umask, cache_root
 from .batching import merge_pack, plan_packs
-from .formats import CHAT_READINGS, IGNORE_INDEX, chat_roles, read_chat_messages
+from .formats import CHAT_READINGS, IGNORE_INDEX
 from .records import LOCAL_BUILDERS, load_records, looks_local, split_indices
 from .tokenizing import require_eos_id, tokenize_records
 
@@ -423,7 +422,7 @@ def _write_prepared(
     """Tokenize, split, drop and pack into a temporary folder, then rename it to ``folder``."""
     started = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temporary_folder(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         # Local records are converted afresh into this folder (removed before the rename): the key
         # says their content changed, which datasets' own cache would not see (see load_records).
@@ -482,6 +481,8 @@ def _write_prepared(
         shutil.rmtree(records_dir, ignore_errors=True)
         # Written last: a folder with a manifest is complete, even before the rename.
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        # mkdtemp made tmp 0o700: another user or a serving container could not read the cache.
+        apply_umask(tmp)
         try:
             tmp.rename(folder)
         except OSError:
@@ -490,23 +491,6 @@ def _write_prepared(
             # Another process prepared the same data first; its folder is the same data.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _make_temporary_folder(folder: Path) -> Path:
-    """A new empty folder beside ``folder``, named for it, with a name of its own per writer (ranks may write at once).
-
-    Made by ``mkdir`` with the default mode, so it follows the umask as ``os.makedirs`` does (0o755
-    under umask 022); the rename keeps that mode. ``tempfile.mkdtemp`` made it 0o700, a cache that
-    another user or a serving container could not read. The kernel applies the umask here, so it is
-    never read: reading it means setting it (``os.umask``), which races with the threads of this process.
-    """
-    while True:
-        tmp = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            tmp.mkdir()
-        except FileExistsError:  # another writer drew the same name
-            continue
-        return tmp
 
 
 def _describe_records(name: str, path: str, split: str) -> str:
@@ -554,11 +538,6 @@ def _tokenize_batch(
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
     columns: dict[str, list] = {name: [] for name in _PREPARED_FEATURES}
     examples = tokenize_records(records, indices, fmt, tokenizer, text_field)
-    if fmt == "chat":  # read again for the flags alone: the records passed above, so this raises nothing
-        roles = chat_roles(tokenizer)
-        columns["chat_read_as"] = [read_chat_messages(record, index, roles)[1] for record, index in zip(records, indices)]
-    else:
-        columns["chat_read_as"] = [0] * len(records)
     for whole in examples:
         labels, beyond = whole["labels"][:max_seq_len], whole["labels"][max_seq_len:]
         # Every example ends in a learned token (EOS or end of turn), so any cut loses learned tokens.
@@ -573,6 +552,7 @@ def _tokenize_batch(
         columns["cut_tokens"].append(cut)
         columns["learnable"].append(learnable)
         columns["kept"].append(kept)
+        columns["chat_read_as"].append(whole["chat_read_as"])
     # An Arrow table, not lists: pyarrow converts lists of Python ints element by element, 30 times
     # slower than numpy's fromiter, and datasets would convert them again to infer their type.
     arrays = {name: _to_list_array(values) if name in ("input_ids", "labels") else values for name, values in columns.items()}

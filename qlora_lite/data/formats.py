@@ -84,6 +84,9 @@ CHAT_READINGS = (
 )
 """What ``read_chat_messages`` may have read otherwise than as written; bit ``i`` of its flags is ``CHAT_READINGS[i]``."""
 
+# Built once: read_chat_messages looks a bit up per turn, on the data cache's hot path.
+_READING_BIT = {name: 1 << i for i, name in enumerate(CHAT_READINGS)}
+
 
 def render_example(record: dict, fmt: str, tokenizer: Any, index: int = 0, text_field: str = "text") -> tuple[str, str]:
     """Render one record as (prompt_text, response_text); the loss falls on the response only.
@@ -114,20 +117,27 @@ def render_example(record: dict, fmt: str, tokenizer: Any, index: int = 0, text_
 
 
 def render_segments(
-    record: dict, fmt: str, tokenizer: Any, index: int, text_field: str, end_of_turn: str | None = None
+    record: dict,
+    fmt: str,
+    tokenizer: Any,
+    index: int,
+    text_field: str,
+    end_of_turn: str | None = None,
+    messages: list[dict] | None = None,
 ) -> list[tuple[str, str | None]]:
     """Split a record into consecutive ``(text, end)`` pieces.
 
     ``end`` is None for a masked piece; for a learned piece it is the special token that closes
     it (EOS, or a chat template's end-of-turn token), appended as an id by ``tokenize_example``.
     ``end_of_turn``: the chat end-of-turn token (``find_end_of_turn_token`` or EOS), when the caller
-    has already found it once for many records; None finds it.
+    has already found it once for many records; None finds it. ``messages``: the chat record's turns
+    as ``read_chat_messages`` returns them, when the caller has already read them; None reads them.
     """
     eos_token = getattr(tokenizer, "eos_token", None) or ""
     if fmt == "alpaca":
         return _render_alpaca(record, index, eos_token)
     if fmt == "chat":
-        return _render_chat(record, tokenizer, index, end_of_turn)
+        return _render_chat(record, tokenizer, index, end_of_turn, messages)
     if fmt == "text":
         return [("", None), (_require_text(record, text_field, fmt, index, text_field), eos_token)]
     raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMAT_NEEDS)}")
@@ -144,7 +154,9 @@ def _render_alpaca(record: dict, index: int, eos_token: str) -> list[tuple[str, 
     return [(prompt, None), (output, eos_token)]
 
 
-def _render_chat(record: dict, tokenizer: Any, index: int, end_of_turn: str | None = None) -> list[tuple[str, str | None]]:
+def _render_chat(
+    record: dict, tokenizer: Any, index: int, end_of_turn: str | None = None, messages: list[dict] | None = None
+) -> list[tuple[str, str | None]]:
     """Cut a rendered conversation into masked markup/user text and learned assistant turns.
 
     Multi-turn masking works by rendering growing prefixes of the conversation: for each
@@ -161,7 +173,8 @@ def _render_chat(record: dict, tokenizer: Any, index: int, end_of_turn: str | No
     token gets one appended (the end-of-turn token, else EOS), or the model would never learn to stop. Template text
     after the final turn's end token (usually a newline) is dropped: nothing follows it in training.
     """
-    messages, _ = read_chat_messages(record, index, chat_roles(tokenizer))
+    if messages is None:  # callers over many records read them once, with the roles found once (tokenize_records)
+        messages, _ = read_chat_messages(record, index, chat_roles(tokenizer))
     eos_token = tokenizer.eos_token or ""
     # Rendering the probe conversation costs as much as a record: callers over many records pass it in.
     end_of_turn = end_of_turn or find_end_of_turn_token(tokenizer) or eos_token
@@ -251,13 +264,14 @@ def chat_roles(tokenizer: Any) -> tuple[str, ...]:
     return (*CHAT_ROLES, "tool") if re.search(r"""["']tool["']""", template) else CHAT_ROLES
 
 
-def read_chat_messages(record: dict, index: int, roles: tuple[str, ...] = CHAT_ROLES) -> tuple[list[dict], int]:
+def read_chat_messages(record: dict, index: int, roles: tuple[str, ...]) -> tuple[list[dict], int]:
     """A chat record's turns as ``{role, content}`` with the roles the template knows, and what was read otherwise.
 
     ``messages`` (else ShareGPT's ``conversations``), each turn ``{role, content}`` or ShareGPT's
     ``{from, value}``; an alias of ``CHAT_ROLE_ALIASES`` becomes its role. Returns the turns
     (other keys of a turn kept, for templates that read them) and flags: bit ``i`` set when
-    ``CHAT_READINGS[i]`` was taken, which the data report counts.
+    ``CHAT_READINGS[i]`` was taken, which the data report counts. ``roles``: ``chat_roles(tokenizer)``,
+    which callers over many records find once.
 
     Raises:
         DataError: No turns, a turn without role and text, a role outside ``roles`` and the
@@ -268,7 +282,7 @@ def read_chat_messages(record: dict, index: int, roles: tuple[str, ...] = CHAT_R
     messages = record.get("messages")
     # Records read from one file share their columns: a record without a field has it as None.
     if messages is None and record.get("conversations") is not None:
-        messages, flags = record["conversations"], flags | 1
+        messages, flags = record["conversations"], flags | _READING_BIT["conversations->messages"]
     if messages is None:
         raise DataError(f"record {index} has no 'messages' field (nor ShareGPT's 'conversations') ({needs})")
     if not isinstance(messages, list) or not messages:
@@ -277,7 +291,7 @@ def read_chat_messages(record: dict, index: int, roles: tuple[str, ...] = CHAT_R
     for turn, message in enumerate(messages):
         keys = ("role", "content")
         if isinstance(message, dict) and message.get("role") is None and message.get("from") is not None:
-            keys, flags = ("from", "value"), flags | 2
+            keys, flags = ("from", "value"), flags | _READING_BIT["from/value->role/content"]
         if not isinstance(message, dict) or message.get(keys[0]) is None or keys[1] not in message:
             raise DataError(
                 f"record {index} message {turn} is not a {{role, content}} mapping ({needs}); "
@@ -288,7 +302,7 @@ def read_chat_messages(record: dict, index: int, roles: tuple[str, ...] = CHAT_R
         role = message[keys[0]]
         alias_of = CHAT_ROLE_ALIASES.get(role) if isinstance(role, str) else None  # a number or a list is no role
         if alias_of:
-            flags |= 1 << CHAT_READINGS.index(f"{role}->{alias_of}")
+            flags |= _READING_BIT[f"{role}->{alias_of}"]
         written.append(role)
         rest = {key: value for key, value in message.items() if key not in ("role", "content", "from", "value")}
         turns.append({**rest, "role": alias_of or role, "content": message[keys[1]]})

@@ -12,7 +12,13 @@ from typing import Any
 import tokenizers
 
 from ..errors import DataError
-from .formats import IGNORE_INDEX, find_end_of_turn_token, render_segments
+from .formats import (
+    IGNORE_INDEX,
+    chat_roles,
+    find_end_of_turn_token,
+    read_chat_messages,
+    render_segments,
+)
 
 
 def tokenize_example(
@@ -51,25 +57,29 @@ def tokenize_example(
 
 def tokenize_records(
     records: list[dict], indices: list[int], fmt: str, tokenizer: Any, text_field: str
-) -> list[dict[str, list[int]]]:
+) -> list[dict[str, Any]]:
     """``tokenize_example`` before the cut to ``max_seq_len``, for many records at once.
 
     The texts of all records go to the tokenizer in one call: a fast tokenizer encodes a batch in
     Rust, where one call per text spends most of its time in Python (3 calls per alpaca record
     before, 128 s for 200,000 records). Each piece is still encoded on its own, so the ids equal
-    those of one call per piece.
+    those of one call per piece. Each example also carries ``chat_read_as``: the flags of
+    ``read_chat_messages`` for a chat record (0 for the other formats), which the data report counts.
     """
     eos_id = require_eos_id(tokenizer)
     end_of_turn = (find_end_of_turn_token(tokenizer) or tokenizer.eos_token) if fmt == "chat" else None
+    # Once per batch: chat_roles runs a regex over the whole template.
+    roles = chat_roles(tokenizer) if fmt == "chat" else None
+    # Read and rendered in one loop, so a bad record raises the same first error as rendering alone did.
     rendered = [
-        render_segments(record, fmt, tokenizer, index, text_field, end_of_turn) for record, index in zip(records, indices)
+        _render_record(record, index, fmt, tokenizer, text_field, end_of_turn, roles) for record, index in zip(records, indices)
     ]
-    texts = [text for segments in rendered for text, _ in segments if text]
+    texts = [text for segments, _ in rendered for text, _ in segments if text]
     encoded = iter(_encode_texts(tokenizer, texts) if texts else [])
     end_ids = {tokenizer.eos_token: eos_id}
     bos_id = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     examples = []
-    for segments in rendered:
+    for segments, read_as in rendered:
         input_ids: list[int] = []
         labels: list[int] = []
         # Each piece was tokenized on its own, so the masked/learned boundary falls between ids.
@@ -86,8 +96,19 @@ def tokenize_records(
         if bos_id is not None and input_ids[:1] != [bos_id]:
             input_ids.insert(0, bos_id)
             labels.insert(0, IGNORE_INDEX)
-        examples.append({"input_ids": input_ids, "labels": labels})
+        examples.append({"input_ids": input_ids, "labels": labels, "chat_read_as": read_as})
     return examples
+
+
+def _render_record(
+    record: dict, index: int, fmt: str, tokenizer: Any, text_field: str, end_of_turn: str | None, roles: tuple[str, ...] | None
+) -> tuple[list[tuple[str, str | None]], int]:
+    """A record's pieces (``render_segments``) and its chat reading flags (0 for a format other than chat)."""
+    if roles is None:
+        return render_segments(record, fmt, tokenizer, index, text_field, end_of_turn), 0
+    # Read once: the rendering takes the turns, the data report the flags.
+    messages, read_as = read_chat_messages(record, index, roles)
+    return render_segments(record, fmt, tokenizer, index, text_field, end_of_turn, messages=messages), read_as
 
 
 def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
