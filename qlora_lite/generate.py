@@ -156,12 +156,18 @@ def build_prompt_record(prompt: str, fmt: str, input_text: str = "", system: str
 # ---------------------------------------------------------------------------------------------
 
 
-def build_generate_kwargs(settings: GenerationSettings, tokenizer: Any, model: nn.Module) -> dict[str, Any]:
-    """Arguments for ``model.generate``: greedy or sampling, the KV cache on, stop at EOS or the end of a chat turn."""
+def build_generate_kwargs(
+    settings: GenerationSettings, tokenizer: Any, model: nn.Module, stop_ids: list[int] | None = None
+) -> dict[str, Any]:
+    """Arguments for ``model.generate``: greedy or sampling, the KV cache on, stop at EOS or the end of a chat turn.
+
+    stop_ids: collect_eos_ids(tokenizer, model), when the caller has them already (it renders the
+    chat template, so a caller answering many prompts or cutting the answer after computes them once).
+    """
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_new_tokens,
         "use_cache": True,  # load_base_model turns the cache off for training; decoding needs it
-        "eos_token_id": collect_eos_ids(tokenizer, model),
+        "eos_token_id": collect_eos_ids(tokenizer, model) if stop_ids is None else stop_ids,
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     }
     if settings.temperature == 0:
@@ -190,8 +196,13 @@ def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[int], settings: GenerationSettings, stream: bool = False) -> list[int]:
-    """The new token ids answering the prompt ids (EOS included when it came); with stream, also printed as they come."""
+def generate_ids(
+    model: nn.Module, tokenizer: Any, prompt_ids: list[int], settings: GenerationSettings, stream: bool = False, stop_ids: list[int] | None = None
+) -> list[int]:
+    """The new token ids answering the prompt ids (EOS included when it came); with stream, also printed as they come.
+
+    stop_ids: as build_generate_kwargs takes them (computed here when None).
+    """
     from transformers import TextStreamer
 
     input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
@@ -200,14 +211,15 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt_ids: list[int], settin
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         streamer=streamer,
-        **build_generate_kwargs(settings, tokenizer, model),
+        **build_generate_kwargs(settings, tokenizer, model, stop_ids),
     )  # (1, T + new)
     return output[0, input_ids.shape[1] :].tolist()
 
 
 def generate_answer(model: nn.Module, tokenizer: Any, prompt_ids: list[int], settings: GenerationSettings, stream: bool = False) -> str:
     """The answer's text (no prompt, no special tokens); with stream, printed to stdout token by token as well."""
-    answer_ids = cut_at_stop(generate_ids(model, tokenizer, prompt_ids, settings, stream), collect_eos_ids(tokenizer, model))
+    stop_ids = collect_eos_ids(tokenizer, model)  # once: generation stops at them and the answer is cut at them
+    answer_ids = cut_at_stop(generate_ids(model, tokenizer, prompt_ids, settings, stream, stop_ids), stop_ids)
     return tokenizer.decode(answer_ids, skip_special_tokens=True)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,6 +151,18 @@ def select_device(world: World) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_mixed_precision(name: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on GPUs that have it, fp16 on older GPUs, none on the CPU.
+
+    Beside select_device, since it follows the device this process got; evaluation reads it too.
+    """
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 # ---------------------------------------------------------------------------- the engines
 
 
@@ -241,7 +252,7 @@ def wait_for_rank_zero_to_report() -> None:
 
 @contextmanager
 def one_error_for_all(world: World) -> Iterator[None]:
-    """Every process runs the block; when any raises a QloraLiteError, every process raises one, and rank 0 alone prints it.
+    """Every process runs the block; when any raises a QloraLiteError, every process raises one, and rank 0's alone is printed.
 
     A recipe, data or checkpoint error found on one process would otherwise leave the others
     waiting at their next collective until the first one's exit breaks it ("Connection closed by
@@ -269,11 +280,11 @@ def one_error_for_all(world: World) -> Iterator[None]:
         agreed = error
     else:
         agreed = DistributedError(reports[failed] if failed == 0 else f"rank {failed}: {reports[failed]}")
-    if world.is_main:
-        print(agreed.format_line(), file=sys.stderr, flush=True)
-    else:
+    # Rank 0's error reaches cli.main, which prints its one line; the others stay quiet and give
+    # that line time to get out before their exit makes torchrun stop everyone.
+    agreed.quiet = not world.is_main
+    if not world.is_main:
         wait_for_rank_zero_to_report()
-    agreed.quiet = True  # said above, once
     raise agreed
 
 

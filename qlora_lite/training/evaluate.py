@@ -17,9 +17,8 @@ from ..data.batching import collate_batch
 from ..data.formats import IGNORE_INDEX
 from ..errors import TrainingError
 from ..generate import GenerationSettings, build_generate_kwargs, collect_eos_ids, cut_at_stop
-from .distributed import World, gather_objects, sum_across
+from .distributed import World, gather_objects, resolve_mixed_precision, sum_across
 from .objective import as_training_module, count_targets, unwrap_training_module
-from .setup import resolve_mixed_precision
 
 EVAL_BAR_BATCHES = 20  # evaluations of at least this many batches (per process) show their own progress bar
 
@@ -92,7 +91,7 @@ def generate_answers(model, tokenizer, examples: list[dict], device: torch.devic
         index = indices[round_] if round_ < len(indices) else 0
         prompt_ids, reference_ids = prompts[index]
         settings = GenerationSettings(max_new_tokens=longest if lockstep else len(reference_ids) + 8)
-        kwargs = build_generate_kwargs(settings, tokenizer, inner)
+        kwargs = build_generate_kwargs(settings, tokenizer, inner, stop_ids)
         if lockstep:
             kwargs["eos_token_id"] = None  # every process makes every forward; the answer is cut below
         prompt = torch.tensor([prompt_ids], device=device)

@@ -18,6 +18,8 @@ import math
 import random
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,10 +71,9 @@ from .tracking import MetricsLog, NullLog, open_run_log
 
 @dataclass
 class Engine:
-    """The model as it trains: what the method returned, the module the engine wraps, and its optimizer and schedule."""
+    """The model as it trains: the module the engine wraps, and its optimizer and schedule."""
 
-    model: nn.Module  # the base with the method's layers (or its SoftPromptModel)
-    module: TrainingModule  # the model with the loss in its forward
+    module: TrainingModule  # the model with the loss in its forward; its .model: the base with the method's layers (or its SoftPromptModel)
     runner: nn.Module  # what the loop calls: DDP around the module, the FSDP2 module itself, or the module
     evaluator: nn.Module  # what evaluation calls (FSDP2's root: it gathers the shards; DDP's inner module)
     optimizer: torch.optim.Optimizer
@@ -92,6 +93,13 @@ class Progress:
     window_tokens: int = 0  # tokens trained since the last logged step
     window_start: float = field(default_factory=time.perf_counter)  # training time only: eval and checkpoints are left out
     bar: tqdm | None = None  # the loop's progress bar, while it runs
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the block's time out of the tokens/s window: evals and checkpoints are not training."""
+        started = time.perf_counter()
+        yield
+        self.window_start += time.perf_counter() - started
 
 
 def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -118,7 +126,7 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
 
         # --- 6. the loop: accumulate grad_accum_steps micro-batches, clip, step; log, evaluate, checkpoint
         train = cfg.train
-        progress.bar = bar = tqdm(total=train.max_steps, initial=progress.step, desc="train", dynamic_ncols=True, disable=not run.world.is_main)
+        progress.bar = tqdm(total=train.max_steps, initial=progress.step, desc="train", dynamic_ncols=True, disable=not run.world.is_main)
         stop = StopRequest(run.out, announce=run.world.is_main)
         engine.runner.train()
         with stop.listening():
@@ -132,17 +140,17 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
                 step_loss, stop_votes = sum_across([step_loss, float(stop.signum is not None)], run.device)
                 # Step 1 too: the warm-up's first learning rate is on the curves, whatever log_every is.
                 if progress.step % train.log_every == 0 or progress.step in (1, train.max_steps):
-                    log_step(run, progress, log, bar, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm})
-                bar.update(1)
+                    log_step(run, progress, log, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm})
+                progress.bar.update(1)
                 if run.data.eval and train.eval_every and progress.step % train.eval_every == 0 and progress.step < train.max_steps:
                     evaluate_now(run, engine, progress, log)
                 if train.save_every and (progress.step % train.save_every == 0 or progress.step == train.max_steps):
                     save_checkpoint_now(run, engine, progress)
                 maybe_kill_for_test(progress.step)
                 if stop_votes:  # SIGINT / SIGTERM arrived: this step is done, keep it and go
-                    bar.close()
+                    progress.bar.close()
                     stop_run(run, engine, progress, log, stop.signum or signal.SIGTERM)  # a process with no signal stops with its peers
-        bar.close()
+        progress.bar.close()
         progress.bar = None
 
         # --- 7. finish: the final eval, the adapter, the memory report, the summary, the curves
@@ -163,12 +171,18 @@ def open_log(run: Run, resume: bool, overwrite: bool) -> MetricsLog | NullLog:
         # On resume it forgets the killed run's steps past the checkpoint: the resumed run redoes them.
         log = open_run_log(run.out, run.cfg, resume_step=run.state["step"] if run.state else None)
     barrier()  # nobody reads output_dir before rank 0 has cleared and prepared it
-    log.write({"event": "data", **run.data.stats})  # how the data was prepared: records, kept, dropped, tokens, cache hit
+    if run.world.is_main:  # the others' NullLog would drop the lines, and probing the environment opens a CUDA context on every GPU
+        write_data_and_environment(run, log)
+    return log
+
+
+def write_data_and_environment(run: Run, log: MetricsLog | NullLog) -> None:
+    """metrics.jsonl's first lines: how the data was prepared, and the environment the run trains in."""
+    log.write({"event": "data", **run.data.stats})  # records, kept, dropped, tokens, cache hit
     # What `qlora-lite doctor` reports (versions, tested set, GPU/CPU), so a run can be reproduced;
     # a resumed run adds its own line, since it may run on another machine.
     strategy = run.cfg.dist.strategy if run.world.is_distributed else None
     log.write({"event": "environment", **collect_environment(), "processes": run.world.size, "strategy": strategy})
-    return log
 
 
 def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
@@ -213,7 +227,7 @@ def build_engine(run: Run, model: nn.Module) -> Engine:
     checkpoint_bytes = estimate_checkpoint_bytes(trainable, train.optimizer)
     if run.world.is_main:
         warn_if_disk_is_short(run.out, run.cfg, checkpoint_bytes)
-    return Engine(model, module, runner, evaluator, optimizer, scheduler, trainable, checkpoint_bytes)
+    return Engine(module, runner, evaluator, optimizer, scheduler, trainable, checkpoint_bytes)
 
 
 def restore_progress(run: Run, engine: Engine, log: MetricsLog | NullLog) -> Progress:
@@ -247,13 +261,12 @@ def finish(run: Run, engine: Engine, progress: Progress, log: MetricsLog | NullL
             save_adapter_extras(run.cfg, run.tokenizer, tmp, run.base_path)
 
         write_or_explain(run.out / "adapter", write_adapter, engine.checkpoint_bytes, run.out)
-        report = build_memory_report(engine.model, run.device)
+        report = build_memory_report(engine.module.model, run.device)
         print(format_memory_report(report, "end"))
         log.write({"event": "memory", "when": "end", **report})
         log.write({"event": "plan_check", **check_plan_against_peak(run.cfg, run.base_path, run.device, run.world.size)})
     summary["adapter_dir"] = str(run.out / "adapter")
-    log.write(summary)
-    log.close()
+    log.write(summary)  # fit's finally closes the log (the trackers), as it does however the run ends
     if run.world.is_main and plot_run(run.out):  # curves.png; without matplotlib a one-line note
         print(f"curves: {run.out / 'curves.png'}")
     barrier()  # the adapter is on disk before any process returns
@@ -314,14 +327,14 @@ def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: floa
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def log_step(run: Run, progress: Progress, log: MetricsLog | NullLog, bar: tqdm, values: dict[str, float]) -> None:
+def log_step(run: Run, progress: Progress, log: MetricsLog | NullLog, values: dict[str, float]) -> None:
     """A metrics line for this step (loss, lr, grad_norm, tokens/s over every process) and the progress bar's numbers."""
     elapsed = time.perf_counter() - progress.window_start
     tokens = sum_across([progress.window_tokens], run.device)[0]
     record = {"step": progress.step, **values, "tokens_per_s": tokens / max(elapsed, 1e-9)}
     log.write(record)
     epoch = progress.micro_batches_seen * run.per_micro_batch / len(run.data.train)  # passes over the data so far
-    bar.set_postfix(
+    progress.bar.set_postfix(
         epoch=f"{epoch:.2f}", loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
         mem=format_memory_short(run.device),
     )  # fmt: skip
@@ -331,20 +344,19 @@ def log_step(run: Run, progress: Progress, log: MetricsLog | NullLog, bar: tqdm,
 def evaluate_now(run: Run, engine: Engine, progress: Progress, log: MetricsLog | NullLog, with_task_metric: bool = False) -> dict:
     """The eval loss (and at the start and end, exact match), logged with the sample answers; its time is left out of tokens/s."""
     cfg, eval_examples, evaluator = run.cfg, run.data.eval, engine.evaluator
-    started = time.perf_counter()
-    result = {"step": progress.step, "eval_loss": evaluate_loss(evaluator, eval_examples, cfg, run.tokenizer.pad_token_id, run.device, run.world)}
-    if with_task_metric and cfg.train.exact_match_examples:
-        examples = eval_examples[: cfg.train.exact_match_examples]
-        result["exact_match"] = exact_match(evaluator, run.tokenizer, examples, run.device, run.world, lockstep=run.sharded)
-    print_beside_bar(progress.bar, f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
-    log.write({"event": "eval", **result})
-    if cfg.train.sample_prompts and cfg.data.format != "text":  # a plain text has no prompt to answer
-        # The same first eval prompts at every eval: how the answers change as the model learns.
-        prompts = eval_examples[: cfg.train.sample_prompts]
-        samples = generate_answers(evaluator, run.tokenizer, prompts, run.device, run.world, lockstep=run.sharded)
-        log.write({"event": "samples", "step": progress.step, "samples": samples})
-    engine.runner.train()
-    progress.window_start += time.perf_counter() - started
+    with progress.paused():
+        result = {"step": progress.step, "eval_loss": evaluate_loss(evaluator, eval_examples, cfg, run.tokenizer.pad_token_id, run.device, run.world)}
+        if with_task_metric and cfg.train.exact_match_examples:
+            examples = eval_examples[: cfg.train.exact_match_examples]
+            result["exact_match"] = exact_match(evaluator, run.tokenizer, examples, run.device, run.world, lockstep=run.sharded)
+        print_beside_bar(progress.bar, f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
+        log.write({"event": "eval", **result})
+        if cfg.train.sample_prompts and cfg.data.format != "text":  # a plain text has no prompt to answer
+            # The same first eval prompts at every eval: how the answers change as the model learns.
+            prompts = eval_examples[: cfg.train.sample_prompts]
+            samples = generate_answers(evaluator, run.tokenizer, prompts, run.device, run.world, lockstep=run.sharded)
+            log.write({"event": "samples", "step": progress.step, "samples": samples})
+        engine.runner.train()
     return result
 
 
@@ -362,21 +374,20 @@ def print_beside_bar(bar: tqdm | None, line: str) -> None:
 
 def save_checkpoint_now(run: Run, engine: Engine, progress: Progress) -> Path:
     """A checkpoint of this step: every process takes part (FSDP gathers the shards, RNG states are collected), rank 0 writes."""
-    started = time.perf_counter()
-    gathered = gather_trainable_state(engine.module) if run.sharded else None
-    optimizer_state = gather_optimizer_state(engine.module, engine.optimizer.optimizer) if run.sharded else engine.optimizer.state_dict()
-    rng_by_rank = gather_objects(capture_rng())
-    path = run.out / "checkpoints" / checkpoint_name(progress.step)
-    if run.world.is_main:
-        trainer_state = build_trainer_state(
-            run.cfg, progress.step, progress.micro_batches_seen, progress.first_eval, optimizer_state, engine.scheduler,
-            run.accelerator, rng_by_rank, run.sharded,
-        )  # fmt: skip
-        write = lambda folder: save_trained(engine.module, run.cfg, folder, run.base_path, gathered)  # noqa: E731
-        path = save_checkpoint(run.out, write, run.cfg, trainer_state, engine.checkpoint_bytes)
-    barrier()  # a checkpoint is complete for every process before any goes on (or is killed)
-    progress.last_checkpoint = path
-    progress.window_start += time.perf_counter() - started
+    with progress.paused():
+        gathered = gather_trainable_state(engine.module) if run.sharded else None
+        optimizer_state = gather_optimizer_state(engine.module, engine.optimizer.optimizer) if run.sharded else engine.optimizer.state_dict()
+        rng_by_rank = gather_objects(capture_rng())
+        path = run.out / "checkpoints" / checkpoint_name(progress.step)
+        if run.world.is_main:
+            trainer_state = build_trainer_state(
+                run.cfg, progress.step, progress.micro_batches_seen, progress.first_eval, optimizer_state, engine.scheduler,
+                run.accelerator, rng_by_rank, run.sharded,
+            )  # fmt: skip
+            write = lambda folder: save_trained(engine.module, run.cfg, folder, run.base_path, gathered)  # noqa: E731
+            path = save_checkpoint(run.out, write, run.cfg, trainer_state, engine.checkpoint_bytes)
+        barrier()  # a checkpoint is complete for every process before any goes on (or is killed)
+        progress.last_checkpoint = path
     return path
 
 

@@ -34,6 +34,7 @@ from .distributed import (
     is_sharded,
     one_error_for_all,
     read_world,
+    resolve_mixed_precision,
     select_device,
 )
 from .tracking import check_trackers_installed
@@ -133,15 +134,6 @@ def size_batches(run: Run) -> None:
         )
     if cfg.train.epochs is not None:
         cfg.train.max_steps = steps_for_epochs(cfg, n_examples, world.size)
-
-
-def resolve_mixed_precision(name: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on GPUs that have it, fp16 on older GPUs, none on the CPU."""
-    if name != "auto":
-        return name
-    if device.type != "cuda":
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool, try_writing: bool = True) -> None:
