@@ -19,6 +19,7 @@ from .config import ModelConfig, QuantConfig
 from .errors import ModelLoadError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # a saved tensor's dtype back to its config name
 
 # bitsandbytes 0.50, on import on an AVX512-BF16 CPU, warns that it could not load the
 # kernels-community CPU gemm and asks for `pip install kernels`. That kernel only serves the packed

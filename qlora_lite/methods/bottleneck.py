@@ -36,18 +36,17 @@ the base's weights; serve it as base + adapter. PEFT has no such adapter type; t
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import CHOICES, BottleneckConfig
 from ..errors import BottleneckError
-from ..quant import DTYPES
+from ..quant import DTYPE_NAMES, DTYPES
 from .folder import CONFIG_NAME, FORMAT_VERSION, read_adapter_json, read_adapter_weights, read_method_config, write_adapter_files
-from .lora import LinearWrapper
-from .method import Method, copy_into_parameters, modify_in_place
+from .method import LinearWrapper, Method, copy_into_parameters, modify_in_place, replace_submodule
 
 PEFT_TYPE = "BOTTLENECK"
 # placement -> the output projections (module path suffixes) whose outputs get an adapter.
@@ -57,6 +56,7 @@ PLACEMENT_TARGETS = {
     "both": ("self_attn.o_proj", "mlp.down_proj"),
 }
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+CONFIG_FIELDS = {"size": int, "placement": str, "activation": str, "dtype": str}  # adapter_config.json key -> type
 
 
 class BottleneckAdapter(nn.Module):
@@ -133,12 +133,13 @@ def find_bottleneck_targets(model: nn.Module, placement: str) -> list[str]:
     return [name for name in modules if name in chosen]
 
 
-def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig) -> list[str]:
+def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, targets: list[str] | None = None) -> list[str]:
     """Freeze the model and put a fresh (identity) bottleneck adapter after each target layer.
 
     Args:
         model: a plain or 4-bit Llama-style causal LM.
         cfg: size, placement (attn, mlp or both), activation and dtype of the adapters.
+        targets: the layers to wrap, when check_bottleneck_fits has just found them; None finds them here.
 
     Returns:
         The wrapped module paths, e.g. `model.layers.0.self_attn.o_proj`.
@@ -149,17 +150,15 @@ def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig) -> list[str]:
         raise BottleneckError(f"bottleneck.activation: {cfg.activation!r} is not one of {', '.join(ACTIVATIONS)}")
     if cfg.dtype not in DTYPES:
         raise BottleneckError(f"bottleneck.dtype: {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    targets = find_bottleneck_targets(model, cfg.placement)
+    targets = targets if targets is not None else find_bottleneck_targets(model, cfg.placement)
     model.requires_grad_(False)
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
+        base = model.get_submodule(name)
         device = next(base.parameters()).device
         adapter = BottleneckAdapter(base.out_features, cfg.size, cfg.activation, DTYPES[cfg.dtype], device)
         layer = LayerWithAdapter(base, adapter)
         layer.train(model.training)
-        setattr(parent, child, layer)
+        replace_submodule(model, name, layer)
     return targets
 
 
@@ -171,8 +170,7 @@ def remove_bottleneck(model: nn.Module) -> list[str]:
     """Put the original layers back where apply_bottleneck wrapped them. Returns their paths."""
     removed = []
     for name, layer in bottleneck_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+        replace_submodule(model, name, layer.base_layer)
         removed.append(name)
     return removed
 
@@ -207,7 +205,7 @@ def save_bottleneck(model: nn.Module, cfg: BottleneckConfig, out_dir: str | Path
             f"the model's adapters have size={found[0]}, activation={found[1]!r}, placement={found[2]!r} but the config says "
             f"size={cfg.size}, activation={cfg.activation!r}, placement={cfg.placement!r}; save with the config they were made with"
         )
-    dtype = next(name for name, dtype in DTYPES.items() if dtype == first.down.weight.dtype)
+    dtype = DTYPE_NAMES[first.down.weight.dtype]
     config = {
         "peft_type": PEFT_TYPE,
         "qlora_lite_format": FORMAT_VERSION,
@@ -222,9 +220,9 @@ def save_bottleneck(model: nn.Module, cfg: BottleneckConfig, out_dir: str | Path
     return write_adapter_files(out_dir, bottleneck_state_dict(model), config)
 
 
-def read_bottleneck_config(adapter_dir: str | Path) -> BottleneckConfig:
-    """adapter_config.json of a bottleneck adapter as a BottleneckConfig, its values checked."""
-    raw = read_method_config(adapter_dir, PEFT_TYPE, {"size": int, "placement": str, "activation": str, "dtype": str})
+def read_bottleneck_json(adapter_dir: str | Path) -> dict[str, Any]:
+    """adapter_config.json of a bottleneck adapter as a dict, its fields and values checked."""
+    raw = read_method_config(adapter_dir, PEFT_TYPE, CONFIG_FIELDS)
     for key in ("placement", "activation", "dtype"):
         if raw[key] not in CHOICES[f"bottleneck.{key}"]:
             raise BottleneckError(
@@ -233,6 +231,12 @@ def read_bottleneck_config(adapter_dir: str | Path) -> BottleneckConfig:
             )
     if raw["size"] <= 0:
         raise BottleneckError(f"{Path(adapter_dir) / CONFIG_NAME}: size must be positive, got {raw['size']}; the file is corrupt")
+    return raw
+
+
+def read_bottleneck_config(adapter_dir: str | Path) -> BottleneckConfig:
+    """adapter_config.json of a bottleneck adapter as a BottleneckConfig, its values checked."""
+    raw = read_bottleneck_json(adapter_dir)
     return BottleneckConfig(size=raw["size"], placement=raw["placement"], activation=raw["activation"], dtype=raw["dtype"])
 
 
@@ -241,8 +245,9 @@ def read_bottleneck(adapter_dir: str | Path, allow_pickle: bool = False) -> tupl
     cfg = read_bottleneck_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir, allow_pickle)
     saved = {t.dtype for t in weights.values()}
-    if len(saved) == 1 and (name := next((n for n, d in DTYPES.items() if d in saved), None)):
-        cfg.dtype = name
+    # Mixed or unknown dtypes keep the config's dtype: copy_into_parameters casts the tensors to it.
+    if len(saved) == 1 and (only := saved.pop()) in DTYPE_NAMES:
+        cfg.dtype = DTYPE_NAMES[only]
     return cfg, weights
 
 
@@ -264,16 +269,17 @@ def load_bottleneck(model: nn.Module, adapter_dir: str | Path, trainable: bool =
 
 def attach_bottleneck(model: nn.Module, cfg: BottleneckConfig, weights: dict[str, torch.Tensor], trainable: bool = False) -> nn.Module:
     """Wrap the target layers in adapters holding these tensors (after checking all of them fit); returns the model."""
-    check_bottleneck_fits(model, cfg, weights)
-    apply_bottleneck(model, replace(cfg))
+    targets = check_bottleneck_fits(model, cfg, weights)
+    apply_bottleneck(model, cfg, targets)
     copy_into_parameters(model, weights, trainable)
     return model
 
 
-def check_bottleneck_fits(model: nn.Module, cfg: BottleneckConfig, weights: dict[str, torch.Tensor]) -> None:
-    """The file must hold exactly the four tensors of every target layer, with this base's shapes."""
+def check_bottleneck_fits(model: nn.Module, cfg: BottleneckConfig, weights: dict[str, torch.Tensor]) -> list[str]:
+    """The target layer paths, after checking the file holds exactly the four tensors of each, with this base's shapes."""
+    targets = find_bottleneck_targets(model, cfg.placement)
     want: dict[str, tuple[int, ...]] = {}
-    for path in find_bottleneck_targets(model, cfg.placement):
+    for path in targets:
         hidden = model.get_submodule(path).out_features
         shapes = {"down.weight": (cfg.size, hidden), "down.bias": (cfg.size,), "up.weight": (hidden, cfg.size), "up.bias": (hidden,)}
         want.update({f"{path}.adapter.{key}": shape for key, shape in shapes.items()})
@@ -294,6 +300,7 @@ def check_bottleneck_fits(model: nn.Module, cfg: BottleneckConfig, weights: dict
             f"adapter lacks {len(missing)} tensors this base needs, e.g. {missing[0]}: the file is incomplete, "
             "or the adapter was made for a base with fewer layers"
         )
+    return targets
 
 
 # --- the bottleneck-adapter entry in the table of methods (table.py) ------------------------------

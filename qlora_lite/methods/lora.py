@@ -26,9 +26,9 @@ from torch import nn
 
 from ..config import LoRAConfig
 from ..errors import AdapterError, LoRAError
-from ..quant import DTYPES, is_4bit_linear
+from ..quant import DTYPE_NAMES, DTYPES, is_4bit_linear
 from .folder import CONFIG_NAME, PEFT_PREFIX, read_adapter_json, read_adapter_weights, write_adapter_files
-from .method import Method, copy_into_parameters, modify_in_place
+from .method import LinearWrapper, Method, copy_into_parameters, modify_in_place, replace_submodule
 
 PEFT_TYPE = "LORA"
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -55,25 +55,6 @@ NEUTRAL_PEFT_OPTIONS = {
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     """What B A is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA (as PEFT computes it)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-class LinearWrapper(nn.Module):
-    """A module standing in for the linear layer `base_layer` it wraps: same features and weight."""
-
-    base_layer: nn.Module
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # transformers reads `.weight` of some projections (dtype checks, tied weights).
-        return self.base_layer.weight
 
 
 class LoRALinear(LinearWrapper):
@@ -211,14 +192,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, targets: list[str] | None = No
     model.requires_grad_(False)
     dtype = DTYPES[cfg.dtype]
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
+        base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise LoRAError(f"{name} already carries a LoRA adapter; load one adapter per base model instance")
         layer = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, dtype)
         layer.train(model.training)  # a new module starts in train mode: keep an eval model's dropout off
-        setattr(parent, child, layer)
+        replace_submodule(model, name, layer)
     return targets
 
 
@@ -227,9 +206,7 @@ def remove_lora(model: nn.Module) -> list[str]:
     removed = []
     for name, layer in lora_layers(model).items():
         layer.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        replace_submodule(model, name, layer.base_layer)
         removed.append(name)
     return removed
 
@@ -324,7 +301,7 @@ def read_lora_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> tu
     cfg, _ = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
     saved = next(iter(weights.values())).dtype if weights else None
-    cfg.dtype = next((name for name, dtype in DTYPES.items() if dtype == saved), cfg.dtype)
+    cfg.dtype = DTYPE_NAMES.get(saved, cfg.dtype)
     return cfg, weights
 
 

@@ -58,6 +58,32 @@ def remove_nothing(model: nn.Module) -> None:
     """The method adds no layers to the base."""
 
 
+class LinearWrapper(nn.Module):
+    """A module standing in for the linear layer `base_layer` it wraps: same features and weight."""
+
+    base_layer: nn.Module
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads `.weight` of some projections (dtype checks, tied weights).
+        return self.base_layer.weight
+
+
+def replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` in the place of the module at dotted `path` (e.g. `model.layers.0.mlp.down_proj`)."""
+    parent_path, _, child = path.rpartition(".")
+    # A top-level child has parent_path "", and get_submodule("") is the model itself: no special case.
+    setattr(model.get_submodule(parent_path), child, new)
+
+
 def copy_into_parameters(model: nn.Module, weights: Weights, trainable: bool) -> None:
     """Each tensor into the model's parameter of the same name (cast to its dtype), trained or frozen as asked."""
     params = dict(model.named_parameters())

@@ -29,7 +29,7 @@ from torch import nn
 from ..config import PromptConfig
 from ..data.formats import IGNORE_INDEX
 from ..errors import PromptTuningError
-from ..quant import DTYPES
+from ..quant import DTYPE_NAMES, DTYPES
 from .folder import CONFIG_NAME, WEIGHTS_NAME, read_adapter_json, read_adapter_weights, write_adapter_files
 from .method import Method
 
@@ -281,11 +281,6 @@ def save_soft_prompt(model: SoftPromptModel, cfg: PromptConfig, out_dir: str | P
     return write_adapter_files(out_dir, {PROMPT_KEY: model.prompt}, config)
 
 
-def is_soft_prompt(adapter_dir: str | Path) -> bool:
-    """True when the folder's adapter_config.json says peft_type PROMPT_TUNING."""
-    return read_adapter_json(adapter_dir).get("peft_type") == PEFT_TYPE
-
-
 def read_prompt_config(adapter_dir: str | Path) -> tuple[PromptConfig, dict[str, Any]]:
     """Parse a PROMPT_TUNING adapter_config.json into our PromptConfig (plus the raw dict).
 
@@ -334,9 +329,9 @@ def read_soft_prompt(adapter_dir: str | Path, allow_pickle: bool = False) -> tup
             f"{adapter_dir}: {PROMPT_KEY} has shape {tuple(prompt.shape)} but adapter_config.json says "
             f"num_virtual_tokens x token_dim = {want}; the folder is inconsistent, re-save the adapter"
         )
-    if prompt.dtype not in DTYPES.values():
+    if prompt.dtype not in DTYPE_NAMES:
         prompt = prompt.float()
-    cfg.dtype = next(name for name, dtype in DTYPES.items() if dtype == prompt.dtype)
+    cfg.dtype = DTYPE_NAMES[prompt.dtype]
     return cfg, prompt
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from .method import Method, copy_into_parameters, modify_in_place
 
 PEFT_TYPE = "SELECTIVE"
 SHOWN_NAMES = 16  # parameter names listed when a pattern matches nothing
+CONFIG_FIELDS = {"patterns": list, "unquantized_modules": list, "parameters": list}  # adapter_config.json key -> type
 
 
 def apply_selective(model: nn.Module, cfg: SelectiveConfig) -> list[str]:
@@ -165,9 +167,14 @@ def load_selective(model: nn.Module, adapter_dir: str | Path, trainable: bool = 
     return cfg
 
 
+def read_selective_json(adapter_dir: str | Path) -> dict[str, Any]:
+    """adapter_config.json of a selective adapter as a dict, every field it needs present and of its type."""
+    return read_method_config(adapter_dir, PEFT_TYPE, CONFIG_FIELDS)
+
+
 def read_selective(adapter_dir: str | Path, allow_pickle: bool = False) -> tuple[SelectiveConfig, dict[str, torch.Tensor]]:
     """The adapter's config and tensors (by parameter name), checked to agree with each other."""
-    raw = read_method_config(adapter_dir, PEFT_TYPE, {"patterns": list, "unquantized_modules": list, "parameters": list})
+    raw = read_selective_json(adapter_dir)
     cfg = SelectiveConfig(patterns=list(raw["patterns"]), unquantized_modules=list(raw["unquantized_modules"]))
     weights = read_adapter_weights(adapter_dir, allow_pickle=allow_pickle)
     if sorted(weights) != sorted(raw["parameters"]):
