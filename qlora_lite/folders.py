@@ -35,12 +35,11 @@ def find_write_problem(folder: Path) -> str | None:
     root): the first missing folder on the way is made and removed, or a file is made in the folder.
     """
     target = Path(os.path.abspath(folder))
-    existing = target
+    existing, missing = target, None  # missing: the first folder to create under existing, if any
     while not existing.exists():
-        existing = existing.parent
+        existing, missing = existing.parent, existing
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
-    missing = next((parent for parent in [target, *target.parents] if parent.parent == existing), None) if target != existing else None
     try:
         if missing is not None:
             missing.mkdir()

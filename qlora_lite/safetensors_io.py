@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -28,6 +29,7 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a larger header means a corrupt file
+SAFE_INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor name -> shard file
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,16 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         for entry in entries:
             if entry.dtype not in SAFETENSORS_DTYPES:
                 raise ShardError(f"{path}: tensor {entry.name} has dtype {entry.dtype}, which qlora-lite cannot merge")
-            buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
-            f.seek(data_start + entry.start)
-            if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
-                raise ShardError(f"{path} is truncated: tensor {entry.name} runs past the end of the file")
-            yield entry.name, buffer.view(SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
+            yield entry.name, _read_entry(f, path, entry, data_start)
+
+
+def _read_entry(f: BinaryIO, path: str | Path, entry: TensorEntry, data_start: int) -> torch.Tensor:
+    """entry's bytes from the open file f, read into fresh memory and viewed as its dtype and shape (a dtype we know)."""
+    buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+    f.seek(data_start + entry.start)
+    if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
+        raise ShardError(f"{path} is truncated: tensor {entry.name} runs past the end of the file")
+    return buffer.view(SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
 class ShardWriter:
@@ -132,9 +139,5 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
         raise ShardError(f"{path} has no tensor {name}")
     if entry.dtype not in SAFETENSORS_DTYPES:
         raise ShardError(f"{path}: tensor {name} has dtype {entry.dtype}, which qlora-lite cannot read")
-    buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
     with open(path, "rb") as f:
-        f.seek(data_start + entry.start)
-        if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
-            raise ShardError(f"{path} is truncated: tensor {name} runs past the end of the file")
-    return buffer.view(SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
+        return _read_entry(f, path, entry, data_start)

@@ -47,15 +47,15 @@ from .llama_cpp import (
     LORA_TYPES,
     LlamaCppCrash,
     check_architecture,
+    check_binding_installed,
     convert_lora,
     convert_model,
     find_converter,
     last_logits_in_child,
     read_binding_version,
-    require_binding,
     tokenize_in_child,
 )
-from .merge import download_base, merge_adapter, numel, read_checkpoint_layout
+from .merge import download_base, merge_adapter, read_checkpoint_layout
 from .templates import PromptLayout, build_modelfile, find_prompt_layout
 from .verify import GGUF_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
 
@@ -118,7 +118,7 @@ def export_gguf(
         allow_pickle: Accept an adapter whose weights are only in adapter_model.bin.
     """
     source, out = Path(source), Path(out)
-    require_binding()
+    check_binding_installed()
     check_gguf_type(gguf_type, lora_only)
     is_adapter = (source / CONFIG_NAME).is_file()
     if lora_only and ollama:
@@ -253,7 +253,7 @@ def find_adapter_base(adapter_dir: Path, base: str | None) -> str:
 
 
 def count_parameters(model_dir: Path) -> int:
-    return sum(numel(shape) for shape in read_checkpoint_layout(str(model_dir)).shapes.values())
+    return read_checkpoint_layout(str(model_dir)).num_parameters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,13 +323,14 @@ def stage_lora_adapter(adapter_dir: Path, stage: Path) -> Path:
     return stage
 
 
-def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout, name: str | None = None) -> list[list[int]]:
+def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout, name: str) -> list[list[int]]:
     """The probe prompts' ids, after checking that llama.cpp tokenizes each as transformers does.
 
     BOS, special tokens and all: the bugs that make an exported model answer differently or
     never stop. The probes are export.PROBE_PROMPTS and a conversation rendered by the chat
     template written into the file. Loads the GGUF's vocabulary only, so it is cheap at any size;
-    in a child process, as llama.cpp aborts on some vocabularies. `name`: the file's name in messages.
+    in a child process, as llama.cpp aborts on some vocabularies. `name`: the file's name in messages
+    (gguf_path is a temporary file).
     """
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     tokenizer.chat_template = layout.chat_template
@@ -338,7 +339,7 @@ def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout, n
     def explain(crash: LlamaCppCrash) -> str | None:
         return explain_tokenizer_crash(crash, tokenizer, texts[crash.step] if crash.step is not None else "".join(texts))
 
-    all_theirs = tokenize_in_child(gguf_path, texts, f"tokenizing the probe prompts of {name or Path(gguf_path).name}", explain)
+    all_theirs = tokenize_in_child(gguf_path, texts, f"tokenizing the probe prompts of {name}", explain)
     probes = []
     for text, theirs in zip(texts, all_theirs):
         ids = tokenizer(text)["input_ids"]
@@ -383,14 +384,15 @@ def explain_tokenizer_crash(crash: LlamaCppCrash, tokenizer, text: str) -> str |
     )
 
 
-def verify_logits(gguf_path: Path, model_dir: Path, probes: list[list[int]], name: str | None = None) -> float:
+def verify_logits(gguf_path: Path, model_dir: Path, probes: list[list[int]], name: str) -> float:
     """Max over the probes of |llama.cpp - transformers| on the last token's logits / max(1, max |transformers' logit|).
 
     transformers runs model_dir in fp32, so the difference is the GGUF's rounding (and llama.cpp's
     kernels), not two roundings compounded. llama.cpp runs in a child process (a crash is one
-    GGUFError), first, so the two models are never in memory together. `name`: the file's name in messages.
+    GGUFError), first, so the two models are never in memory together. `name`: the file's name in messages
+    (gguf_path is a temporary file).
     """
-    doing = f"computing the probe prompts' logits of {name or Path(gguf_path).name}"
+    doing = f"computing the probe prompts' logits of {name}"
     all_logits = last_logits_in_child(gguf_path, probes, doing)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     worst = 0.0
@@ -439,6 +441,6 @@ def format_size(num_bytes: int) -> str:
     value = float(num_bytes)
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024
-        if round(value, 1) < 1024 or unit == "TiB":  # 1023.96 KiB reads 1.0 MiB, not 1024.0 KiB
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
+        if round(value, 1) < 1024:  # as printed: 1023.96 KiB reads 1.0 MiB, not 1024.0 KiB
+            break
+    return f"{value:.1f} {unit}"  # TiB has no next unit: any larger size reads in TiB

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import re
@@ -81,12 +82,25 @@ class Converter:
         return self.folder / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
 
 
+BINDING_MISSING = f"export-gguf needs llama.cpp's Python binding (llama-cpp-python): {GGUF_EXTRA}"
+
+
+def check_binding_installed() -> None:
+    """Refuse early when the binding is missing, without importing it.
+
+    Importing it loads libllama, and the parent process never calls llama.cpp: the child processes do
+    (run_in_child).
+    """
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise GGUFError(BINDING_MISSING)
+
+
 def require_binding():
     """llama.cpp's Python binding (quantize, and loading a GGUF to check it); the gguf extra brings it."""
     try:
         import llama_cpp
     except ImportError as err:
-        raise GGUFError(f"export-gguf needs llama.cpp's Python binding (llama-cpp-python): {GGUF_EXTRA}") from err
+        raise GGUFError(BINDING_MISSING) from err
     return llama_cpp
 
 
@@ -250,9 +264,8 @@ def convert_model(converter: Converter, staged: Path, gguf_type: str, end_of_tur
     return converted
 
 
-def quantize_gguf(source: Path, dest: Path, ftype: int, doing: str | None = None) -> None:
+def quantize_gguf(source: Path, dest: Path, ftype: int, doing: str) -> None:
     """llama.cpp's quantize API on source, run in a child process (see run_in_child); `doing` names it in a crash."""
-    doing = doing or f"quantizing {source.name}"
     hint = "nothing was written; try --type q8_0 or f16, which the converter writes without llama.cpp's quantize"
     status = run_in_child({"op": "quantize", "source": str(source), "dest": str(dest), "ftype": ftype}, doing, hint)
     if status != 0 or not dest.is_file():
@@ -265,8 +278,8 @@ def quantize_here(source: str, dest: str, ftype: int) -> int:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
-    with quiet_llama_cpp_logs():
-        return llama_cpp.llama_model_quantize(source.encode(), dest.encode(), ctypes.byref(params))
+    quiet_llama_cpp_logs()
+    return llama_cpp.llama_model_quantize(source.encode(), dest.encode(), ctypes.byref(params))
 
 
 def convert_lora(converter: Converter, staged_adapter: Path, staged_base: Path, gguf_type: str, work: Path) -> Path:
@@ -288,14 +301,13 @@ def convert_lora(converter: Converter, staged_adapter: Path, staged_base: Path, 
 _LOG_SINK = None  # the C callback that drops llama.cpp's log lines; kept alive here
 
 
-def quiet_llama_cpp_logs():
-    """Silence llama.cpp's per-load log lines (hundreds) on stderr; its errors reach us as return codes."""
+def quiet_llama_cpp_logs() -> None:
+    """Silence llama.cpp's per-load log lines (hundreds) on stderr, for the rest of the process; its errors reach us as return codes."""
     global _LOG_SINK
     llama_cpp = require_binding()
     if _LOG_SINK is None:
         _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, data: None)
         llama_cpp.llama_log_set(_LOG_SINK, ctypes.c_void_p(0))
-    return contextlib.nullcontext()
 
 
 class LlamaCppModel:
@@ -365,16 +377,12 @@ class LlamaCppModel:
             raise GGUFError(f"llama.cpp could not tokenize {text[:40]!r}")
         return list(buffer[:count])
 
-    def token_text(self, token_id: int) -> str:
-        """The token's text as the vocabulary holds it (a SentencePiece piece keeps its word-start mark); see detokenize."""
-        return self.llama_cpp.llama_vocab_get_text(self.vocab, token_id).decode(errors="replace")
-
     def detokenize(self, ids: list[int]) -> str:
         """The text of answer ids as `generate` decodes them (the tokenizer's decode, skip_special_tokens=True).
 
         llama.cpp's own detokenizer: special tokens (EOS, end of turn) write nothing, and a SentencePiece
         vocabulary's word-start mark on the first token is no space, as SentencePiece and transformers
-        decode; token_text joined would keep that mark.
+        decode; the vocabulary's piece texts joined would keep that mark.
         """
         llama_cpp = self.llama_cpp
         tokens = (llama_cpp.llama_token * len(ids))(*ids)

@@ -46,10 +46,9 @@ from ..methods.lora import LORA_METHOD, attach_adapter, check_adapter_fits, coll
 from ..methods.selective import SELECTIVE_METHOD, attach_selective, check_selective_fits, read_selective
 from ..methods.table import find_saved_method
 from ..quant import DTYPES, dequantize_weight, is_4bit_linear, load_base_model, load_tokenizer, save_tokenizer, set_4bit_compute_dtype
-from ..safetensors_io import SAFETENSORS_DTYPES, ShardWriter, iter_tensors, read_header, write_tensors
+from ..safetensors_io import SAFE_INDEX_NAME, SAFETENSORS_DTYPES, ShardWriter, iter_tensors, read_header, write_tensors
 from .verify import MERGE_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
 
-SAFE_INDEX_NAME = "model.safetensors.index.json"
 SAFE_SINGLE_NAME = "model.safetensors"
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", **{name: name for name in DTYPES}}
 MAX_SHARD_BYTES = 5 * 1024**3  # shard size for --from-4bit output (the default path keeps the base's shards)
@@ -105,7 +104,7 @@ def merge_adapter(
     check_out_dir(out_dir, overwrite, [base_path, adapter_dir])
     checkpoint = read_checkpoint_layout(base_path)
     tokenizer_dir = find_tokenizer_dir(adapter_dir, base_path)
-    num_parameters = sum(numel(shape) for shape in checkpoint.shapes.values())
+    num_parameters = checkpoint.num_parameters
     out_dtype = resolve_out_dtype(dtype, base_path)
     if not from_4bit:
         check_full_precision(checkpoint)
@@ -274,6 +273,11 @@ class CheckpointLayout:
     @property
     def shard_names(self) -> list[str]:
         return sorted(set(self.shard_of.values()))
+
+    @property
+    def num_parameters(self) -> int:
+        """Every tensor's element count summed: the model's size, read from the headers alone."""
+        return sum(numel(shape) for shape in self.shapes.values())
 
 
 def read_checkpoint_layout(base_path: str) -> CheckpointLayout:

@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import PromptTuningError
 from ..quant import load_tokenizer
-from ..safetensors_io import read_header, read_tensor
+from ..safetensors_io import SAFE_INDEX_NAME, read_header, read_tensor
 from .folder import find_base_model
 from .prompt_tuning import read_prompt_config, read_soft_prompt
 
 # Input-embedding tensor names in Hugging Face checkpoints: Llama, Mistral, Qwen, Gemma, Phi-3
 # (embed_tokens), GPT-2 (wte), BLOOM / Falcon (word_embeddings), GPT-NeoX / Pythia (embed_in).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-SAFE_INDEX_NAME = "model.safetensors.index.json"
 
 
 @torch.no_grad()
