@@ -45,7 +45,7 @@ from torch import nn
 from ..config import CHOICES, BottleneckConfig
 from ..errors import BottleneckError
 from ..quant import DTYPE_NAMES, DTYPES
-from .folder import CONFIG_NAME, FORMAT_VERSION, read_adapter_json, read_adapter_weights, read_method_config, write_adapter_files
+from .folder import CONFIG_NAME, FORMAT_VERSION, read_adapter_weights, read_method_config, write_adapter_files
 from .method import LinearWrapper, Method, copy_into_parameters, modify_in_place, replace_submodule
 
 PEFT_TYPE = "BOTTLENECK"
@@ -322,7 +322,7 @@ BOTTLENECK_METHOD = Method(
     save=save_bottleneck,
     count_trainable=count_bottleneck_trainable,
     trainable_dtype=lambda cfg: cfg.dtype,
-    read_config=read_adapter_json,
+    read_config=read_bottleneck_json,
     read=read_bottleneck,
     check_fits=check_bottleneck_fits,
     apply=attach_bottleneck,

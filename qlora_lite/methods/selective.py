@@ -36,7 +36,7 @@ from torch import nn
 from ..config import SelectiveConfig
 from ..errors import SelectiveError
 from ..quant import is_4bit_linear, is_quantized_parameter
-from .folder import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_json, read_adapter_weights, read_method_config, write_adapter_files
+from .folder import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_weights, read_method_config, write_adapter_files
 from .method import Method, copy_into_parameters, modify_in_place
 
 PEFT_TYPE = "SELECTIVE"
@@ -241,7 +241,8 @@ SELECTIVE_METHOD = Method(
     unquantized_modules=lambda cfg: cfg.unquantized_modules,
     count_trainable=count_selective_trainable,
     trains_head=selects_head,
-    read_config=read_adapter_json,
+    # generate reads raw["unquantized_modules"] before loading the base: the reader checks it is there.
+    read_config=read_selective_json,
     saved_unquantized_modules=lambda raw: raw["unquantized_modules"],
     read=read_selective,
     check_fits=check_selective_fits,

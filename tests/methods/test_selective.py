@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from qlora_lite.config import LoRAConfig, SelectiveConfig
 from qlora_lite.errors import AdapterError, SelectiveError
 from qlora_lite.methods.lora import apply_lora, save_adapter
-from qlora_lite.methods.selective import apply_selective, load_selective, save_selective
+from qlora_lite.methods.selective import SELECTIVE_METHOD, apply_selective, load_selective, save_selective
 from qlora_lite.quant import is_4bit_linear
 from qlora_lite.tiny import build_tiny_model
 from tests.helpers import load, logits, snapshot, train_steps
@@ -174,3 +174,16 @@ def test_loader_refuses_other_folders_with_the_cause(tiny_llama_dir, tmp_path):
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(AdapterError, match="corrupt or truncated"):
         load_selective(model, adapter)
+
+
+def test_method_read_config_refuses_a_config_without_unquantized_modules(tiny_llama_dir, tmp_path):
+    # generate reads every adapter's config through Method.read_config before loading the base, then
+    # indexes raw["unquantized_modules"]: a missing key must be a clear AdapterError here, not a KeyError there.
+    model = load(tiny_llama_dir)
+    apply_selective(model, SelectiveConfig())
+    save_selective(model, SelectiveConfig(), tmp_path / "adapter", str(tiny_llama_dir))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    del config["unquantized_modules"]
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="unquantized_modules must be of type list, got None"):
+        SELECTIVE_METHOD.read_config(tmp_path / "adapter")
