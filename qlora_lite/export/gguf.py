@@ -156,7 +156,8 @@ def export_gguf(
     try:
         if lora_only:
             staged_base = stage_model_dir(model_dir, work / "base", tokenizer_dirs, layout)
-            written = convert_lora(converter, stage_lora_adapter(source, work / "adapter"), staged_base, gguf_type, work)
+            staged_adapter = stage_lora_adapter(source, work / "adapter")
+            written = convert_lora(converter, staged_adapter, staged_base, gguf_type, work, f"adapter {source}")
             report.notes.append(
                 f"serve it on the base as GGUF: qlora-lite export-gguf {base_path} --out BASE.gguf --format {layout.data_format}, "
                 f"then llama-server -m BASE.gguf --lora {out}"

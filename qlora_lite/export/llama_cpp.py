@@ -282,13 +282,17 @@ def quantize_here(source: str, dest: str, ftype: int) -> int:
     return llama_cpp.llama_model_quantize(source.encode(), dest.encode(), ctypes.byref(params))
 
 
-def convert_lora(converter: Converter, staged_adapter: Path, staged_base: Path, gguf_type: str, work: Path) -> Path:
-    """A PEFT LoRA folder as a GGUF LoRA (convert_lora_to_gguf.py); llama.cpp scales it by lora_alpha / r."""
+def convert_lora(converter: Converter, staged_adapter: Path, staged_base: Path, gguf_type: str, work: Path, what: str) -> Path:
+    """A PEFT LoRA folder as a GGUF LoRA (convert_lora_to_gguf.py); llama.cpp scales it by lora_alpha / r.
+
+    `what` names the adapter in an error: the user's folder, as staged_adapter is a temporary copy
+    that is removed before the message is read.
+    """
     written = work / "lora.gguf"
     run_script(
         converter.lora_script,
         [str(staged_adapter), "--base", str(staged_base), "--outfile", str(written), "--outtype", gguf_type],
-        f"adapter {staged_adapter}",
+        what,
     )
     return written
 

@@ -588,6 +588,30 @@ def test_not_a_llama_cpp_checkout(sp_llama_dir, tmp_path):
 
 
 @needs_llama_cpp
+def test_lora_converter_failure_names_the_users_adapter(sp_llama_dir, tmp_path):
+    # The converter reads a staged copy of the adapter in a temporary folder that is gone by the time the
+    # message is read: the message names the folder the user passed. A stand-in checkout whose LoRA
+    # converter fails makes the failure without a real conversion.
+    from qlora_lite.config import LoRAConfig
+    from qlora_lite.methods.lora import apply_lora, save_adapter
+
+    checkout = tmp_path / "llama.cpp"
+    (checkout / "gguf-py").mkdir(parents=True)
+    (checkout / "convert_hf_to_gguf.py").write_text("print('TEXT models:\\n  - LlamaForCausalLM\\nMMPROJ models:')\n")
+    (checkout / "convert_lora_to_gguf.py").write_text("import sys\nsys.exit('ERROR: cannot read this adapter')\n")
+    model = AutoModelForCausalLM.from_pretrained(str(sp_llama_dir), dtype=torch.float32)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear", dtype="float32")
+    apply_lora(model, cfg)
+    save_adapter(model, cfg, tmp_path / "adapter", str(sp_llama_dir))
+    with pytest.raises(GGUFError) as caught:
+        export_gguf(tmp_path / "adapter", tmp_path / "out" / "lora.gguf", lora_only=True, llama_cpp_dir=checkout)
+    assert str(caught.value) == (
+        f"llama.cpp's converter failed on adapter {tmp_path / 'adapter'}: ERROR: cannot read this adapter; nothing was written"
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@needs_llama_cpp
 def test_tested_converter_is_cached_with_only_its_parts():
     converter = ensure_tested_converter()
     assert sorted(p.name for p in converter.folder.iterdir()) == [
