@@ -44,14 +44,15 @@ _API: dict[str, str] = {
     "IGNORE_INDEX": "data.formats",
     # training's pieces
     "compute_causal_lm_loss": "training.loss", "build_optimizer": "training.optim", "evaluate_loss": "training.evaluate",
+    "ActivationOffload": "training.offload", "apply_tiled_mlp": "training.tiled_mlp",
     # generation
     "build_prompt_ids": "generate", "generate_answer": "generate", "generate_ids": "generate",
     # memory and the planner
     "build_memory_report": "memory", "format_memory_report": "memory", "MemoryMeter": "memory",
     "format_peak_breakdown": "memory", "bytes_by_dtype": "memory", "iter_held_tensors": "memory",
-    "read_rss_bytes": "memory", "read_peak_rss_bytes": "memory", "GIB": "planner", "format_plan": "planner",
+    "read_rss_bytes": "memory", "read_peak_rss_bytes": "memory", "read_available_ram_bytes": "memory", "GIB": "planner", "format_plan": "planner",
     "parse_bytes": "planner", "read_model_config": "planner", "read_device_memory_bytes": "planner",
-    "search_largest": "planner",
+    "search_largest": "planner", "choose_mlp_tile_tokens": "activations",
     # files, tiny models and the demo
     "ShardWriter": "safetensors_io", "write_tensors": "safetensors_io",
     "build_tiny_model": "tiny", "build_tokenizer": "tiny", "build_sentencepiece_tokenizer": "tiny",

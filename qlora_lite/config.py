@@ -38,6 +38,10 @@ class ModelConfig:
     """`sdpa` (default), `eager`, or `flash_attention_2` when installed."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (non-reentrant): slower, far less memory."""
+    activation_offload: bool | str = "auto"
+    """Keep each checkpointed layer's input in pinned host memory from the forward to the backward, copied on a side CUDA stream: `auto` (on where the planner says the step does not fit this GPU without it), `true`, `false`. Needs gradient_checkpointing."""
+    tiled_mlp: bool | str = "auto"
+    """Run each layer's MLP over tiles of hidden_size tokens, so its intermediates exist for one tile at a time (one more MLP forward per step): `auto` (on where the planner says the step does not fit without it), `true`, `false`."""
 
 
 @dataclass
@@ -235,7 +239,7 @@ class DistConfig:
     strategy: str = "ddp"
     """With several processes (torchrun, accelerate launch): `ddp` (each process holds the whole 4-bit base and the adapter) or `fsdp` (FSDP2 shards the base and the adapter across processes: a model that does not fit one GPU). One process ignores it. See "More than one GPU"."""
     cpu_offload: bool = False
-    """With `fsdp`: keep each process's shards (4-bit base, adapter, optimizer state) in CPU RAM and bring them to the GPU one layer at a time; the optimizer steps on the CPU. Slower; a 70B's training step then needs 12.58 GiB per GPU on two (loading still needs the whole base on each GPU first, see "More than one GPU")."""
+    """With `fsdp`: keep each process's shards (4-bit base, adapter, optimizer state) in CPU RAM and bring them to the GPU one layer at a time; the optimizer steps on the CPU. Slower; a 70B's training step then needs 12.59 GiB per GPU on two (loading still needs the whole base on each GPU first, see "More than one GPU")."""
 
 
 @dataclass
@@ -289,6 +293,14 @@ def validate_config(cfg: RecipeConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for key in ("activation_offload", "tiled_mlp"):
+        if isinstance(getattr(cfg.model, key), str) and getattr(cfg.model, key) != "auto":
+            raise ConfigError(f"model.{key} must be auto, true or false, got {getattr(cfg.model, key)!r}")
+    if cfg.model.activation_offload is True and not cfg.model.gradient_checkpointing:
+        raise ConfigError(
+            "model.activation_offload offloads the layer inputs gradient checkpointing keeps: set model.gradient_checkpointing=true, "
+            "or model.activation_offload=false"
+        )
     if cfg.lora.r <= 0:
         raise ConfigError(f"lora.r must be a positive integer, got {cfg.lora.r}; typical values are 8, 16 or 64")
     if not 0.0 <= cfg.lora.dropout < 1.0:

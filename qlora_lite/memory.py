@@ -189,9 +189,23 @@ class Allocation:
     born: int
     """Event number of its creation; -1 for storages alive before the meter started."""
     freed: int | None = None
+    moves: list[tuple[int, bool]] = field(default_factory=list)
+    """(event, on host) each time an offload store moved it between device and host memory (mark_host)."""
 
     def is_alive_at(self, event: int) -> bool:
         return self.born <= event and (self.freed is None or self.freed > event)
+
+    def is_host_at(self, event: int) -> bool:
+        host = False
+        for when, on_host in self.moves:
+            if when > event:
+                break
+            host = on_host
+        return host
+
+    @property
+    def on_host(self) -> bool:
+        return bool(self.moves) and self.moves[-1][1]
 
     @property
     def is_baseline(self) -> bool:
@@ -202,6 +216,19 @@ class Allocation:
 class _Live:
     record: Allocation
     ref: weakref.ref = field(repr=False)
+
+
+_RUNNING_METERS: list[MemoryMeter] = []
+
+
+def mark_host(tensor: torch.Tensor, on_host: bool) -> None:
+    """Tell every running MemoryMeter that tensor's storage now waits in host memory (on_host) or is back on the device.
+
+    Called by training.offload's store: on a GPU for the pinned copies it makes, on the CPU (where
+    nothing is copied) for the very storages it holds, so a CPU step is split as a GPU's would be.
+    """
+    for meter in list(_RUNNING_METERS):
+        meter.move(tensor, on_host)
 
 
 class MemoryMeter(TorchDispatchMode):
@@ -233,6 +260,12 @@ class MemoryMeter(TorchDispatchMode):
     is measured there too; a lock keeps the count consistent across the two threads. A backward
     started outside the block is not measured.
 
+    Device and host: storages an activation offload store holds in host memory (mark_host) count
+    as host bytes, everything else as device bytes; `peak_device_bytes` and `peak_host_bytes` are
+    each one's own peak, `peak_bytes` the peak of their sum, `phase_peaks` the device's peak in each
+    phase the caller marks (start_phase). With a CUDA device filter, the store's pinned host copies
+    are counted (as host) too.
+
     Args:
         baseline: modules, optimizers, tensors, or dicts / lists of them, alive before the block.
         device: count only storages on this device type ("cpu", "cuda"); None counts all.
@@ -245,6 +278,12 @@ class MemoryMeter(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
         self.peak_event = -1
+        self.live_host_bytes = 0
+        self.peak_host_bytes = 0
+        self.peak_device_bytes = 0
+        self.peak_device_event = -1
+        self.phase = "step"
+        self.phase_peaks: dict[str, int] = {"step": 0}  # device bytes at each phase's own peak (start_phase)
         self.baseline_bytes = 0
         self.found_baseline_bytes = 0
         self.end_bytes: int | None = None
@@ -262,9 +301,13 @@ class MemoryMeter(TorchDispatchMode):
         """Peak above what was alive at the start: what the block itself needed."""
         return self.peak_bytes - self.baseline_bytes
 
-    def allocations_at_peak(self, include_baseline: bool = False) -> list[Allocation]:
-        """The storages alive at the peak, largest first."""
-        alive = [a for a in self.allocations if a.is_alive_at(self.peak_event) and (include_baseline or not a.is_baseline)]
+    def allocations_at_peak(self, include_baseline: bool = False, device_only: bool = False) -> list[Allocation]:
+        """The storages alive at the peak (device_only: on the device at the device's own peak), largest first."""
+        event = self.peak_device_event if device_only else self.peak_event
+        alive = [
+            a for a in self.allocations
+            if a.is_alive_at(event) and (include_baseline or not a.is_baseline) and not (device_only and a.is_host_at(event))
+        ]  # fmt: skip
         return sorted(alive, key=lambda a: a.nbytes, reverse=True)
 
     def peak_transient_bytes_where(self, predicate: Callable[[Allocation], bool]) -> int:
@@ -285,10 +328,10 @@ class MemoryMeter(TorchDispatchMode):
             peak = max(peak, live)
         return peak
 
-    def peak_breakdown(self, top: int = 10) -> list[dict]:
-        """Transient bytes alive at the peak grouped by (op, shape, dtype), largest group first."""
+    def peak_breakdown(self, top: int = 10, device_only: bool = False) -> list[dict]:
+        """Transient bytes alive at the peak (device_only: on the device at its own peak) grouped by (op, shape, dtype), largest group first."""
         groups: dict[tuple, dict] = {}
-        for a in self.allocations_at_peak():
+        for a in self.allocations_at_peak(device_only=device_only):
             key = (a.op, a.shape, a.dtype)
             group = groups.setdefault(key, {"op": a.op, "shape": list(a.shape), "dtype": a.dtype, "count": 0, "bytes": 0})
             group["count"] += 1
@@ -302,6 +345,8 @@ class MemoryMeter(TorchDispatchMode):
             "baseline_bytes": self.baseline_bytes,
             "found_baseline_bytes": self.found_baseline_bytes,
             "peak_transient_bytes": self.peak_transient_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "peak_host_bytes": self.peak_host_bytes,
             "end_bytes": self.end_bytes,
             "storages_seen": len(self.allocations),
             "peak_breakdown": self.peak_breakdown(top),
@@ -312,10 +357,12 @@ class MemoryMeter(TorchDispatchMode):
     def __enter__(self) -> "MemoryMeter":
         if self._closed:
             raise RuntimeError("a MemoryMeter measures one block; make a new one for the next")
+        _RUNNING_METERS.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
+        _RUNNING_METERS.remove(self)
         with self._lock:
             self.end_bytes = self.live_bytes
             self._closed = True
@@ -332,10 +379,31 @@ class MemoryMeter(TorchDispatchMode):
             self._track(tensor, op, found=False)
         return out
 
+    def start_phase(self, name: str) -> None:
+        """From now on, device peaks also count toward phase `name` (phase_peaks), e.g. the forward, then the backward."""
+        with self._lock:
+            self.phase = name
+            self.phase_peaks[name] = self.live_bytes - self.live_host_bytes
+
     # --- bookkeeping
 
-    def _track(self, tensor: torch.Tensor, op: str, found: bool) -> None:
-        if self.device_type is not None and tensor.device.type != self.device_type:
+    def move(self, tensor: torch.Tensor, on_host: bool) -> None:
+        """tensor's storage now counts as host (on_host) or device memory; a host copy not seen yet is tracked from now."""
+        with self._lock:
+            live = self._live.get((str(tensor.device), tensor.untyped_storage().data_ptr()))
+            if live is None or live.ref() is not tensor.untyped_storage():
+                if on_host:
+                    self._track(tensor, "offload (host copy)", found=False, host=True)
+                return
+            if live.record.on_host == on_host:
+                return
+            self._event += 1
+            live.record.moves.append((self._event, on_host))
+            self.live_host_bytes += live.record.nbytes if on_host else -live.record.nbytes
+            self._add(0)
+
+    def _track(self, tensor: torch.Tensor, op: str, found: bool, host: bool = False) -> None:
+        if self.device_type is not None and tensor.device.type != self.device_type and not host:
             return
         try:
             storage = tensor.untyped_storage()
@@ -349,7 +417,7 @@ class MemoryMeter(TorchDispatchMode):
             live = self._live.get(key)
             if live is not None and live.ref() is storage:
                 if live.record.nbytes != nbytes:  # an out= op or resize_ grew it in place
-                    self._add(nbytes - live.record.nbytes)
+                    self._add(nbytes - live.record.nbytes, live.record.on_host)
                     live.record.nbytes = nbytes
                 return
             if live is not None:  # its memory was reused before the old storage's callback ran
@@ -358,6 +426,8 @@ class MemoryMeter(TorchDispatchMode):
             born = -1 if op.startswith("baseline") else self._event
             record = Allocation(op, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), str(tensor.device), nbytes, born)
             entry = _Live(record, weakref.ref(storage, lambda _ref, key=key: self._on_storage_freed(key, _ref)))
+            if host:
+                record.moves.append((self._event, True))
             self._live[key] = entry
             self.allocations.append(record)
             if born < 0:
@@ -366,12 +436,21 @@ class MemoryMeter(TorchDispatchMode):
                 # Alive at every earlier moment too: each earlier total grows by nbytes, the peak with them.
                 self.found_baseline_bytes += nbytes
                 self.peak_bytes += nbytes
-            self._add(nbytes)
+                self.peak_device_bytes += nbytes
+                self.phase_peaks = {name: peak + nbytes for name, peak in self.phase_peaks.items()}
+            self._add(nbytes, host)
 
-    def _add(self, nbytes: int) -> None:
+    def _add(self, nbytes: int, host: bool = False) -> None:
         self.live_bytes += nbytes
+        if host:
+            self.live_host_bytes += nbytes
         if self.live_bytes > self.peak_bytes or self.peak_event < 0:
             self.peak_bytes, self.peak_event = max(self.live_bytes, self.peak_bytes), self._event
+        self.peak_host_bytes = max(self.peak_host_bytes, self.live_host_bytes)
+        device = self.live_bytes - self.live_host_bytes
+        self.phase_peaks[self.phase] = max(self.phase_peaks[self.phase], device)
+        if device > self.peak_device_bytes or self.peak_device_event < 0:
+            self.peak_device_bytes, self.peak_device_event = max(device, self.peak_device_bytes), self._event
 
     def _on_storage_freed(self, key: tuple[str, int], ref: weakref.ref) -> None:
         with self._lock:
@@ -384,6 +463,8 @@ class MemoryMeter(TorchDispatchMode):
         self._event += 1
         live.record.freed = self._event
         self.live_bytes -= live.record.nbytes
+        if live.record.on_host:
+            self.live_host_bytes -= live.record.nbytes
 
 
 def count_allocated_bytes(nbytes: int, device: torch.device) -> int:

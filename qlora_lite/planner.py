@@ -58,6 +58,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .activations import (
+    choose_mlp_tile_tokens,
+    compute_element_bytes,
+    estimate_activation_bytes,
+    estimate_mask_bytes,
+    estimate_offload_host_bytes,
+    estimate_recomputed_bytes,
+)
 from .config import ModelConfig, RecipeConfig
 from .errors import PlanError
 from .memory import read_available_ram_bytes
@@ -70,18 +78,6 @@ NF4_BLOCK = 64  # weights per quantization block (bitsandbytes' default for 4-bi
 DOUBLE_QUANT_BLOCK = 256  # first-level scales per second-level block
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context + cuBLAS/cuDNN workspaces, measured ~0.5-0.9 GiB on recent GPUs
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer state for smaller tensors
-# Bytes per token per layer kept for backward without checkpointing, in units of the compute
-# dtype's element size, as multiples of (hidden, kv width, intermediate): the residual stream and
-# norm outputs (~6 hidden), q/k/v after RoPE and the attention output, the MLP's gate, up,
-# activation and product (4 intermediate). Calibrated against saved-tensor bytes on CPU.
-ACTIVATION_TERMS = {"hidden": 6, "kv": 2, "intermediate": 4}
-# With gradient checkpointing, the peak inside the one layer being recomputed and differentiated:
-# its recomputed activations plus the gradients of its MLP and attention alive at once, and the
-# RMSNorms' fp32 copies. Measured with memory.MemoryMeter (one NF4 + bf16-autocast LoRA step on
-# the CPU, 2 x 1024 tokens, 2 layers): a least-squares fit over (hidden, kv, intermediate) =
-# (512, 128, 2048), (768, 768, 1536), (1024, 256, 2816) gave 10.96 hidden + 2.18 kv + 6.08
-# intermediate elements per token; ACTIVATION_TERMS (forward saved tensors only) gave 35-40% less.
-CHECKPOINT_BACKWARD_TERMS = {"hidden": 11, "kv": 2, "intermediate": 6}
 # train.loss hf, bytes per token x vocab at its peak (the backward of the loss), measured with the
 # meter: the fp32 log-softmax saved by the forward, nll_loss's fp32 gradient and log-softmax's fp32
 # gradient. The bf16 logits and their fp32 copy are gone by then (only the loss leaves the model).
@@ -150,6 +146,13 @@ class MemoryPlan:
     load_base_bytes: int = 0  # of which the whole base as one GPU loads it (the weights as loaded of the gpus=1 plan)
     step_fits: bool = True  # total_bytes <= vram_bytes (the training step); `fits` also needs load_peak_bytes <= vram_bytes
     micro_batch_auto: bool = False  # the recipe says train.micro_batch_size auto: micro_batch_size is what training would pick for vram_bytes
+    # Long context (model.activation_offload, model.tiled_mlp), as resolved for this plan.
+    mask_bytes: int = 0  # of activation_bytes, the (micro_batch, 1, T, T) attention mask transformers builds for sdpa and eager
+    activation_offload: bool = False
+    host_ram_bytes: int = 0  # pinned host memory the offloaded layer inputs need
+    mlp_tile_tokens: int = 0  # tokens per tile of the tiled MLP; 0: not tiled
+    longest_context: int = 0  # the longest sequence at micro-batch 1 without activation offload (model.tiled_mlp as set)
+    longest_context_offloaded: int = 0  # the same with activation offload
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,29 +212,50 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
     model = build_meta_model(model_config)
     parts = estimate_static(cfg, model)
 
-    def plan_at(micro_batch: int, seq_len: int) -> MemoryPlan:
-        return assemble(cfg, model_config, parts, micro_batch, seq_len, vram_bytes, gpus)
+    def plan_at(micro_batch: int, seq_len: int, offload: bool = False, tiled: bool = False) -> MemoryPlan:
+        return assemble(cfg, model_config, parts, micro_batch, seq_len, vram_bytes, gpus, offload, tiled)
+
+    def plan_as_set(micro_batch: int, seq_len: int, offload_allowed: bool = True) -> MemoryPlan:
+        """The step with model.tiled_mlp and model.activation_offload as set; `auto` turns one on only where the step does
+        not fit without it: the tiled MLP first (it costs a recompute of the MLP), then the offload (host copies). With
+        several processes offload auto stays off (not yet measured under DDP or FSDP2; `true` turns it on)."""
+        offload_setting, tiled_setting = cfg.model.activation_offload, cfg.model.tiled_mlp
+        offload_auto = offload_setting == "auto" and gpus == 1 and offload_allowed
+        tiles, offload = tiled_setting is True, offload_setting is True and offload_allowed
+        plan = plan_at(micro_batch, seq_len, offload, tiles)
+        for more_tiles, more_offload in ((tiled_setting == "auto", False), (tiled_setting == "auto", offload_auto)):
+            if plan.step_fits or not (more_tiles or more_offload):
+                break
+            candidate = plan_at(micro_batch, seq_len, offload or more_offload, tiles or more_tiles)
+            if candidate.step_fits:
+                return candidate
+        return plan
 
     auto = cfg.train.micro_batch_size == "auto"
     batch = 1 if auto else cfg.train.micro_batch_size
-    plan = plan_at(batch, cfg.train.max_seq_len)
-    # The largest micro-batch and the longest sequence are the step's: loading does not depend on them.
-    largest = search_largest(lambda b: plan_at(b, cfg.train.max_seq_len).step_fits)
+    plan = plan_as_set(batch, cfg.train.max_seq_len)
+    # The largest micro-batch and the longest sequence are the step's: loading does not depend on them. `auto` never
+    # tiles or offloads to buy a larger micro-batch (each slows every step; accumulate instead), only a step that would not fit.
+    largest = search_largest(lambda b: plan_at(b, cfg.train.max_seq_len, cfg.model.activation_offload is True, cfg.model.tiled_mlp is True).step_fits)
     plan.largest_micro_batch = largest
     if auto:
         batch = auto_micro_batch(plan) or 1
-        plan = plan_at(batch, cfg.train.max_seq_len)
+        plan = plan_as_set(batch, cfg.train.max_seq_len)
         plan.largest_micro_batch, plan.micro_batch_auto = largest, True
     # A model cannot attend past its context length, whatever memory would allow.
     plan.context_len = getattr(model_config, "max_position_embeddings", None)
     seq_limit = plan.context_len or 1 << 20
 
     def fits_seq(seq_len: int) -> bool:
-        return plan_at(batch, seq_len).step_fits
+        return plan_as_set(batch, seq_len).step_fits
 
     plan.largest_seq_len = search_largest(fits_seq, step=64, limit=seq_limit)
     if plan.context_len and plan.largest_seq_len and fits_seq(plan.context_len):
         plan.largest_seq_len, plan.seq_len_capped_by_context = plan.context_len, True
+    if cfg.model.gradient_checkpointing:  # at micro-batch 1, the MLP tiled where needed (unless tiled_mlp is false)
+        tiles = cfg.model.tiled_mlp is not False
+        plan.longest_context = search_largest(lambda t: plan_at(1, t, False, tiles).step_fits, step=64, limit=seq_limit)
+        plan.longest_context_offloaded = search_largest(lambda t: plan_at(1, t, True, tiles).step_fits, step=64, limit=seq_limit)
     if get_method(cfg.method).plan_note:
         plan.notes.append(f"method {cfg.method}: {get_method(cfg.method).plan_note}")
     if cfg.train.batching == "grouped" and not cfg.data.packing:
@@ -334,11 +358,6 @@ def find_decoder_layers_prefix(model: nn.Module) -> str | None:
     return None
 
 
-def compute_element_bytes(cfg: RecipeConfig) -> int:
-    """Bytes per value of the unquantized parts: the compute dtype, bf16/fp16 on a GPU for `auto`."""
-    return 4 if cfg.quant.compute_dtype == "float32" else 2
-
-
 def count_quant_constant_bytes(numel: int, double_quant: bool) -> int:
     """Bytes of bitsandbytes' per-block scales and code tables for one NF4 weight of numel values."""
     blocks = math.ceil(numel / NF4_BLOCK)
@@ -347,26 +366,6 @@ def count_quant_constant_bytes(numel: int, double_quant: bool) -> int:
         return blocks * 4 + code
     second = math.ceil(blocks / DOUBLE_QUANT_BLOCK)
     return blocks + code + second * 4 + 256 * 4 + 4  # uint8 scales, their fp32 scales, 8-bit code table, offset
-
-
-def estimate_activation_bytes(model_config, micro_batch: int, seq_len: int, checkpointing: bool, element_bytes: int = 2) -> int:
-    """Bytes kept for the backward pass by the decoder layers (not the logits), at their own peak."""
-    tokens = micro_batch * seq_len
-    layers = model_config.num_hidden_layers
-    if checkpointing:
-        # Each layer's input (one hidden vector per token) is kept; one layer is recomputed and
-        # differentiated at a time.
-        return tokens * (layers * model_config.hidden_size * element_bytes + count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element_bytes))
-    return tokens * layers * count_layer_bytes(model_config, ACTIVATION_TERMS, element_bytes)
-
-
-def count_layer_bytes(model_config, terms: dict[str, int], element_bytes: int) -> int:
-    """Bytes per token of one decoder layer: terms are multiples of (hidden, kv width, intermediate)."""
-    hidden = model_config.hidden_size
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
-    kv = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
-    return element_bytes * (terms["hidden"] * hidden + terms["kv"] * kv + terms["intermediate"] * model_config.intermediate_size)
 
 
 def estimate_loss_bytes(cfg: RecipeConfig, model_config, micro_batch: int, seq_len: int, head_trains: bool = False) -> int:
@@ -396,19 +395,27 @@ def estimate_loss_bytes(cfg: RecipeConfig, model_config, micro_batch: int, seq_l
     return chunk + 2 * labelled * hidden * element + norm + head_grad
 
 
-def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch: int, seq_len: int, vram_bytes: int, gpus: int = 1) -> MemoryPlan:
+def assemble(
+    cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch: int, seq_len: int, vram_bytes: int, gpus: int = 1,
+    offload: bool = False, tiled: bool = False,
+) -> MemoryPlan:  # fmt: skip
     method = get_method(cfg.method)
     virtual = method.virtual_tokens(method.settings(cfg))
     tokens_seq = seq_len + virtual
     element = compute_element_bytes(cfg)
     checkpointing = cfg.model.gradient_checkpointing
-    activations = estimate_activation_bytes(model_config, micro_batch, tokens_seq, checkpointing, element)
+    offload = offload and checkpointing
+    tokens = micro_batch * tokens_seq
+    tile_tokens = choose_mlp_tile_tokens(model_config) if tiled and tokens > choose_mlp_tile_tokens(model_config) else 0
+    activations = estimate_activation_bytes(model_config, micro_batch, tokens_seq, checkpointing, element, offload, tile_tokens)
     loss_cfg = cfg if seq_len == cfg.train.max_seq_len else _with_max_seq_len(cfg, seq_len)
     logits = estimate_loss_bytes(loss_cfg, model_config, micro_batch, tokens_seq, parts.get("head_trains", False))
     # With checkpointing the loss runs (forward and, for hf, backward) before the backward
     # recomputes the last layer, and frees its buffers first: the two peaks never coincide
     # (measured with the meter). Without it every layer's activations are alive during the loss.
-    recomputed = micro_batch * tokens_seq * count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element)
+    mask = estimate_mask_bytes(cfg, micro_batch, tokens_seq)
+    activations += mask  # built before the first layer, read by every one, kept to the end of the backward
+    recomputed = estimate_recomputed_bytes(model_config, tokens, element, tile_tokens)
     overlap = -min(recomputed, logits) if checkpointing else 0
     static = shard_static(cfg, parts, gpus)
     load_peak = estimate_load_peak_bytes(cfg, parts, gpus)
@@ -429,6 +436,8 @@ def assemble(cfg: RecipeConfig, model_config, parts: dict[str, int], micro_batch
         cpu_offload=bool(cpu), cpu_weights_bytes=cpu.get("weights", 0), cpu_trainable_bytes=cpu.get("trainable", 0),
         cpu_gradient_bytes=cpu.get("gradients", 0), cpu_optimizer_bytes=cpu.get("optimizer", 0), cpu_ram_bytes=sum(cpu.values()),
         load_peak_bytes=load_peak, load_base_bytes=parts["nf4"] + parts["constants"] + parts["unquantized"] if load_peak else 0, step_fits=total <= vram_bytes,
+        activation_offload=offload, mlp_tile_tokens=tile_tokens, mask_bytes=mask,
+        host_ram_bytes=estimate_offload_host_bytes(model_config, micro_batch, tokens_seq, element) if offload else 0,
     )  # fmt: skip
 
 
@@ -531,6 +540,7 @@ def search_largest(fits, step: int = 1, limit: int = 1 << 20) -> int:
     low, high = 1, 2
     while high * step <= limit and fits(high * step):
         low, high = high, high * 2
+    high = min(high, limit // step + 1)  # never test past the limit
     while high - low > 1:  # fits(low * step) holds, fits(high * step) does not (or is past the limit)
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid * step) else (low, mid)
@@ -589,6 +599,48 @@ def choose_micro_batch(cfg: RecipeConfig, device: torch.device, base_path: str |
             "smaller model (run qlora-lite plan for the breakdown)"
         )
     return auto_micro_batch(plan), plan
+
+
+@dataclass
+class LongContext:
+    """What a run does for long sequences: model.activation_offload and model.tiled_mlp as the planner resolves them."""
+
+    activation_offload: bool
+    mlp_tile_tokens: int  # 0: the MLP is not tiled
+    host_ram_bytes: int = 0  # pinned host memory the offloaded inputs need
+
+
+def plan_long_context(cfg: RecipeConfig, model_config, vram_bytes: int | None, gpus: int = 1, available_ram_bytes: int | None = None) -> LongContext:
+    """model.activation_offload and model.tiled_mlp resolved for a run, and a step the plan says cannot fit refused.
+
+    vram_bytes: the GPU's memory; None on the CPU, where nothing is refused and `auto` offload stays off (there is no
+    other memory to move to). available_ram_bytes: the host RAM the offloaded inputs may take (checked on a GPU).
+    """
+    plan = plan_memory(cfg, model_config, vram_bytes if vram_bytes is not None else 1 << 60, gpus=gpus)
+    if vram_bytes is not None and not plan.step_fits:
+        raise PlanError(describe_too_long(cfg, plan))
+    offload = plan.activation_offload if vram_bytes is not None else cfg.model.activation_offload is True
+    host = estimate_offload_host_bytes(model_config, plan.micro_batch_size, plan.max_seq_len, compute_element_bytes(cfg)) if offload else 0
+    if offload and vram_bytes is not None and available_ram_bytes is not None and host > available_ram_bytes:
+        raise PlanError(
+            f"model.activation_offload keeps {host / GIB:.1f} GiB of layer inputs in pinned host memory at micro-batch {plan.micro_batch_size} x "
+            f"{plan.max_seq_len} tokens, and this machine has {available_ram_bytes / GIB:.1f} GiB of RAM available; lower train.max_seq_len "
+            "or the micro-batch, or free RAM"
+        )
+    return LongContext(offload, plan.mlp_tile_tokens, host)
+
+
+def describe_too_long(cfg: RecipeConfig, plan: MemoryPlan) -> str:
+    """The one-line refusal of a step the planner says does not fit: the estimate, the longest that fits, and the fix."""
+    at_one = f"at micro-batch 1: {plan.longest_context:,} tokens without activation offload, {plan.longest_context_offloaded:,} with it"
+    fix = "lower train.max_seq_len" + (" or train.micro_batch_size" if plan.micro_batch_size > 1 else "")
+    if cfg.model.activation_offload is False and plan.longest_context_offloaded > plan.longest_context:
+        fix += ", or set model.activation_offload=auto"
+    return (
+        f"train.max_seq_len {plan.max_seq_len:,} at micro-batch {plan.micro_batch_size} needs an estimated {plan.total_bytes / GIB:.1f} GiB "
+        f"and this GPU has {plan.vram_bytes / GIB:.1f} GiB; the longest that fits is {plan.largest_seq_len:,} tokens ({at_one}); {fix} "
+        "(qlora-lite plan shows the breakdown)"
+    )
 
 
 def parse_bytes(text: str) -> int:
@@ -662,7 +714,7 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         ("unsharded gradients", plan.unsharded_gradient_bytes, "one layer's, in the compute dtype and in fp32 for the reduce-scatter"),
         ("gradient buckets", plan.bucket_bytes, "DDP's all-reduce buckets: a second copy of the gradients"),
         ("optimizer state", plan.optimizer_bytes, "two AdamW moments" + shard.get("optimizer state", "")),
-        ("activations", plan.activation_bytes, f"micro-batch {plan.micro_batch_size} x {plan.max_seq_len} tokens" + (" on each GPU" if plan.gpus > 1 else "")),
+        ("activations", plan.activation_bytes, f"micro-batch {plan.micro_batch_size} x {plan.max_seq_len} tokens" + (" on each GPU" if plan.gpus > 1 else "") + describe_long_context(plan)),
         ("logits and loss", plan.logits_bytes, describe_loss(plan)),
         ("not at the same time", plan.overlap_bytes, "the loss's buffers are freed before the backward recomputes a layer"),
         ("CUDA context", plan.cuda_context_bytes, "fixed allowance"),
@@ -684,6 +736,8 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         if plan.load_peak_bytes > plan.vram_bytes:
             loading = f"-> does NOT fit{'' if plan.step_fits else ' either'}: {describe_load_limit(plan)}"
         lines.append(f"  {'loading peak per GPU':<22}{gib(plan.load_peak_bytes)}  {loading}")
+    if plan.activation_offload:
+        lines.append(f"  {'pinned host RAM':<22}{gib(plan.host_ram_bytes)}  the offloaded layer inputs (model.activation_offload)")
     if plan.cpu_offload:
         lines.append(
             f"  {'CPU RAM per process':<22}{gib(plan.cpu_ram_bytes)}  pinned, needed by each of the {plan.gpus} processes (dist.cpu_offload): "
@@ -696,8 +750,22 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         + (" (the model's context length binds, not memory)" if plan.seq_len_capped_by_context else "")
         + (" (the training step's, once loaded)" if plan.step_fits and not plan.fits else "")
     )
+    if plan.longest_context:
+        lines.append(
+            f"  longest context at micro-batch 1: {plan.longest_context:,} tokens without activation offload, "
+            f"{plan.longest_context_offloaded:,} with it" + (f" (the model's context is {plan.context_len:,})" if plan.context_len else "")
+        )
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)
+
+
+def describe_long_context(plan: MemoryPlan) -> str:
+    """What the activations row holds with activation offload and the tiled MLP."""
+    parts = ["each layer's input on the host but 2 (activation offload)"] if plan.activation_offload else []
+    parts += [f"MLP in tiles of {plan.mlp_tile_tokens} tokens"] if plan.mlp_tile_tokens else []
+    if plan.mask_bytes >= GIB // 100:
+        parts.append(f"a T x T attention mask of {plan.mask_bytes / GIB:.2f} GiB (packing or padding under sdpa; flash_attention_2 needs none)")
+    return f"; {', '.join(parts)}" if parts else ""
 
 
 def check_plan_against_peak(cfg: RecipeConfig, base_path: str, device: torch.device, processes: int = 1) -> dict:

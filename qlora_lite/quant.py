@@ -6,9 +6,11 @@ the device and dtype choices, and dequantizing a 4-bit weight back to a dense te
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -198,9 +200,13 @@ def _explain_load_failure(path: str, err: Exception) -> str:
     )
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, checkpoint: Callable | None = None) -> None:
     """Non-reentrant checkpointing, with input gradients on so that LoRA layers inside a
-    checkpointed block still get gradients when every base weight is frozen."""
+    checkpointed block still get gradients when every base weight is frozen.
+
+    checkpoint: the function each decoder layer is checkpointed with instead of torch's
+    (training.offload.ActivationOffload.checkpoint), called as checkpoint(function, *args, use_reentrant=False).
+    """
     kwargs = {"use_reentrant": False}
     # transformers 5.2x renamed it activation_checkpointing_enable and warns (FutureWarning) on the old name.
     if hasattr(model, "activation_checkpointing_enable"):
@@ -208,6 +214,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
+    if checkpoint is not None:
+        # transformers calls module._gradient_checkpointing_func(function, *args) in every layer it checkpoints.
+        for module in model.modules():
+            if hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
 
 
 def is_4bit_linear(module: nn.Module) -> bool:

@@ -25,7 +25,7 @@ FLOORS = {
     "config": 1,
     "folders": 2, "tiny": 2,
     "quant": 3, "safetensors_io": 3,
-    "memory": 4,
+    "memory": 4, "activations": 4,
     "doctor": 5,
     "data": 6,
     "demo": 7,

@@ -14,7 +14,8 @@ from qlora_lite.config import LoRAConfig, load_recipe
 from qlora_lite.errors import PlanError
 from qlora_lite.memory import bytes_by_dtype
 from qlora_lite.methods.lora import apply_lora
-from qlora_lite.planner import GIB, assemble, build_meta_model, estimate_activation_bytes, estimate_static, format_plan, parse_bytes, plan_memory, read_model_config
+from qlora_lite.activations import estimate_activation_bytes
+from qlora_lite.planner import GIB, assemble, build_meta_model, estimate_static, format_plan, parse_bytes, plan_memory, read_model_config
 from qlora_lite.quant import load_base_model
 
 # Activations kept for backward, estimate / measured saved-tensor bytes: measured 0.974 without
@@ -103,10 +104,12 @@ def test_largest_micro_batch_and_sequence_are_the_edge_of_fitting():
     parts = estimate_static(cfg, build_meta_model(config))
     b, s = plan.largest_micro_batch, plan.largest_seq_len
     assert b >= 1 and s >= cfg.train.max_seq_len
+    # auto never tiles or offloads for a larger micro-batch; the longest sequence takes both where it needs them
     assert assemble(cfg, config, parts, b, cfg.train.max_seq_len, 24 * GIB).fits
     assert not assemble(cfg, config, parts, b + 1, cfg.train.max_seq_len, 24 * GIB).fits
-    assert assemble(cfg, config, parts, cfg.train.micro_batch_size, s, 24 * GIB).fits
-    assert not assemble(cfg, config, parts, cfg.train.micro_batch_size, s + 64, 24 * GIB).fits
+    assert not assemble(cfg, config, parts, cfg.train.micro_batch_size, s, 24 * GIB).fits
+    assert assemble(cfg, config, parts, cfg.train.micro_batch_size, s, 24 * GIB, offload=True, tiled=True).fits
+    assert not assemble(cfg, config, parts, cfg.train.micro_batch_size, s + 64, 24 * GIB, offload=True, tiled=True).fits
 
 
 def test_plan_json_has_the_documented_keys(capsys):
@@ -324,7 +327,8 @@ def test_ddp_per_gpu_is_one_gpu_plus_buckets_and_nccl():
 def test_fsdp_per_gpu_bytes_follow_the_formula(gpus, grad_accum):
     from qlora_lite.planner import NCCL_BYTES
 
-    cfg = load_recipe(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}"])
+    # offload off: auto would turn it on for the one-GPU plan (70B does not fit one 24 GiB GPU) and not for the sharded one
+    cfg = load_recipe(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}", "model.activation_offload=false"])
     config = read_model_config(cfg.model.name_or_path)
     one, plan = plan_memory(cfg, config, gpus=1), plan_memory(cfg, config, gpus=gpus)
     n = llama_70b_numbers()
@@ -450,15 +454,15 @@ def test_70b_step_fits_two_24_gib_gpus_with_cpu_offload_but_loading_does_not(cap
     # without offload the per-GPU floor (before activations) is past 24 GiB: no sequence fits
     assert not without.step_fits and not without.fits and without.largest_micro_batch == without.largest_seq_len == 0
     assert round((without.total_bytes - without.activation_bytes - without.logits_bytes - without.overlap_bytes) / GIB, 2) == 24.61
-    # with it the training step fits: 12.58 GiB per GPU at the recipe's 2 x 2048, room for 5 sequences; 19.44 GiB of pinned CPU RAM per process
-    assert two.step_fits and round(two.total_bytes / GIB, 2) == 12.58 and two.largest_micro_batch == 5
+    # with it the training step fits: 12.59 GiB per GPU at the recipe's 2 x 2048, room for 5 sequences; 19.44 GiB of pinned CPU RAM per process
+    assert two.step_fits and round(two.total_bytes / GIB, 2) == 12.59 and two.largest_micro_batch == 5
     assert two.largest_micro_batch >= cfg.train.micro_batch_size and two.largest_seq_len >= cfg.train.max_seq_len
     assert round(two.cpu_ram_bytes / GIB, 2) == 19.44 and round(two.cpu_weights_bytes / GIB, 2) == 17.90
     # but offload moves the shards only once FSDP has made them: loading holds the whole base on each GPU first
     assert round(two.load_peak_bytes / GIB, 2) == 38.58 and two.load_peak_bytes == without.load_peak_bytes and not two.fits
     assert cli.main(["plan", OFFLOAD_RECIPE, "--gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert "estimated peak per GPU 12.58 GiB  -> the training step fits in 24 GiB per GPU (2 GPUs)" in out
+    assert "estimated peak per GPU 12.59 GiB  -> the training step fits in 24 GiB per GPU (2 GPUs)" in out
     assert "loading peak per GPU   38.58 GiB  -> does NOT fit: loading puts the whole 4-bit base (36.80 GiB)" in out
     assert "CPU RAM per process    19.44 GiB  pinned, needed by each of the 2 processes (dist.cpu_offload)" in out
     assert "2 on one machine: 38.88 GiB" in out
@@ -497,7 +501,7 @@ def test_70b_fsdp_recipes_fit_two_80_gib_gpus(recipe, capsys):
     cfg = load_recipe(recipe)
     plan = plan_memory(cfg, vram_bytes=80 * GIB, gpus=2)
     assert plan.fits and plan.step_fits and plan.load_peak_bytes < 80 * GIB
-    assert round(plan.total_bytes / GIB, 2) == (12.58 if cfg.dist.cpu_offload else 28.12)  # 28.12: the 4-card recipe's micro-batch 1 on 2 cards
+    assert round(plan.total_bytes / GIB, 2) == (12.59 if cfg.dist.cpu_offload else 28.12)  # 28.12: the 4-card recipe's micro-batch 1 on 2 cards
     assert cli.main(["plan", recipe, "--gpus", "2", "--vram", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert f"estimated peak per GPU {plan.total_bytes / GIB:5.2f} GiB  -> fits in 80 GiB per GPU (2 GPUs)" in out

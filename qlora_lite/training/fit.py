@@ -62,10 +62,12 @@ from .distributed import (
 from .evaluate import evaluate_loss, exact_match, generate_answers
 from .loss import check_chunked_loss_supported
 from .objective import TrainingModule, count_targets, count_tokens, unwrap_training_module
+from .offload import ActivationOffload
 from .optim import build_optimizer, build_scheduler
 from .plot import plot_run
 from .setup import Run, prepare_output_dir, prepare_run
 from .stopping import StopRequest, check_finite, maybe_kill_for_test, out_of_memory_message
+from .tiled_mlp import apply_tiled_mlp
 from .tracking import MetricsLog, NullLog, open_run_log
 
 
@@ -191,8 +193,11 @@ def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
     method = get_method(cfg.method)
     unquantized = method.unquantized_modules(method.settings(cfg))
     model = load_base_model(cfg.model, cfg.quant, run.device, run.base_path, skip_modules=unquantized, shardable=run.sharded)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)  # on the base, before prompt tuning wraps it
+    if cfg.model.gradient_checkpointing:  # on the base, before prompt tuning wraps it
+        offload = ActivationOffload(run.device) if run.long_context.activation_offload else None
+        enable_gradient_checkpointing(model, offload.checkpoint if offload else None)
+    if run.long_context.mlp_tile_tokens:
+        apply_tiled_mlp(model, run.long_context.mlp_tile_tokens)
     model = load_method(model, cfg, run.checkpoint, trainable=True) if run.checkpoint else attach_method(model, cfg, run.tokenizer)
     if cfg.train.loss == "chunked":
         check_chunked_loss_supported(unwrap_base(model))  # refuse now, not at the first eval

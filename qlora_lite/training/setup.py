@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ from accelerate import Accelerator
 
 from ..config import RecipeConfig
 from ..data.cache import PreparedData, prepare_datasets
-from ..errors import TrainingError
+from ..errors import PlanError, TrainingError
 from ..folders import find_write_problem
+from ..memory import read_available_ram_bytes
 from ..model_paths import resolve_model_path
-from ..planner import choose_micro_batch
+from ..planner import LongContext, choose_micro_batch, plan_long_context, read_device_memory_bytes, read_model_config
 from ..quant import load_tokenizer, read_prequantized_storage, resolve_compute_dtype
 from .checkpoints import find_latest_checkpoint, read_trainer_state
 from .distributed import (
@@ -54,6 +55,7 @@ class Run:
     base_path: str  # the base model, resolved (a folder, a hub id, the built demo base)
     tokenizer: Any
     data: PreparedData  # data.train, data.eval: tokenized examples; data.stats: how they were prepared
+    long_context: LongContext = field(default_factory=lambda: LongContext(False, 0))  # activation offload, MLP tiles
     checkpoint: Path | None = None  # the checkpoint a resume continues from
     state: dict | None = None  # its trainer state (checked against the recipe)
 
@@ -104,6 +106,7 @@ def prepare_run(cfg: RecipeConfig, resume: bool, overwrite: bool) -> Run:
     run = Run(cfg, out, world, device, accelerator, is_sharded(cfg, world), compute_dtype, base_path, tokenizer, data)
     with one_error_for_all(world):
         size_batches(run)
+        run.long_context = resolve_long_context(run)
         # Read the checkpoint before anything is loaded or written: a resume that cannot work fails in seconds.
         run.checkpoint = find_latest_checkpoint(out) if resume else None
         run.state = read_trainer_state(run.checkpoint, cfg, world.size) if run.checkpoint else None
@@ -134,6 +137,25 @@ def size_batches(run: Run) -> None:
         )
     if cfg.train.epochs is not None:
         cfg.train.max_steps = steps_for_epochs(cfg, n_examples, world.size)
+
+
+def resolve_long_context(run: Run) -> LongContext:
+    """model.activation_offload and model.tiled_mlp for this run; on a GPU a step the planner says cannot fit is refused here, before loading."""
+    cfg = run.cfg
+    on_gpu = run.device.type == "cuda"
+    try:
+        model_config = read_model_config(run.base_path)
+    except PlanError:
+        if on_gpu:
+            raise
+        return LongContext(cfg.model.activation_offload is True, 0)  # a CPU run of a model the planner cannot read: nothing to size tiles by
+    vram = read_device_memory_bytes(run.device) if on_gpu else None
+    long_context = plan_long_context(cfg, model_config, vram, run.world.size, read_available_ram_bytes())
+    if run.world.is_main and (long_context.activation_offload or long_context.mlp_tile_tokens):
+        parts = [f"activation offload ({long_context.host_ram_bytes / 2**30:.1f} GiB of host RAM)"] if long_context.activation_offload else []
+        parts += [f"MLP in tiles of {long_context.mlp_tile_tokens} tokens"] if long_context.mlp_tile_tokens else []
+        print(f"long context: {', '.join(parts)}")
+    return long_context
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool, try_writing: bool = True) -> None:
