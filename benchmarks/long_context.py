@@ -60,6 +60,7 @@ def load_side(side: str, model_dir: str, device):
     """The model and the loss function of one side."""
     from qlora_lite import (
         ActivationOffload,
+        apply_lean_rms_norm,
         apply_tiled_mlp,
         attach_method,
         choose_mlp_tile_tokens,
@@ -77,6 +78,7 @@ def load_side(side: str, model_dir: str, device):
         return model, lambda m, batch: m(**batch).loss, None
     cfg = load_recipe(mc.RECIPE, [f"model.name_or_path={model_dir}", "lora.dropout=0"])
     model = load_base_model(cfg.model, cfg.quant, device, model_dir)
+    apply_lean_rms_norm(model)
     store = ActivationOffload(device) if side == "offload" else None
     enable_gradient_checkpointing(model, store.checkpoint if store else None)
     if side == "offload":

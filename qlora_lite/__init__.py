@@ -44,7 +44,7 @@ _API: dict[str, str] = {
     "IGNORE_INDEX": "data.formats",
     # training's pieces
     "compute_causal_lm_loss": "training.loss", "build_optimizer": "training.optim", "evaluate_loss": "training.evaluate",
-    "ActivationOffload": "training.offload", "apply_tiled_mlp": "training.tiled_mlp",
+    "ActivationOffload": "training.offload", "apply_tiled_mlp": "training.tiled_mlp", "apply_lean_rms_norm": "training.rms_norm",
     # generation
     "build_prompt_ids": "generate", "generate_answer": "generate", "generate_ids": "generate",
     # memory and the planner

@@ -24,16 +24,28 @@ from .config import RecipeConfig
 # activation and product (4 intermediate). Calibrated against saved-tensor bytes on CPU.
 ACTIVATION_TERMS = {"hidden": 6, "kv": 2, "intermediate": 4}
 # With gradient checkpointing, the peak inside the one layer being recomputed and differentiated:
-# its recomputed activations plus the gradients of its MLP and attention alive at once, and the
-# RMSNorms' fp32 copies. Measured with memory.MemoryMeter (one NF4 + bf16-autocast LoRA step on
-# the CPU, 2 x 1024 tokens, 2 layers): a least-squares fit over (hidden, kv, intermediate) =
-# (512, 128, 2048), (768, 768, 1536), (1024, 256, 2816) gave 10.96 hidden + 2.18 kv + 6.08
-# intermediate elements per token; ACTIVATION_TERMS (forward saved tensors only) gave 35-40% less.
-CHECKPOINT_BACKWARD_TERMS = {"hidden": 11, "kv": 2, "intermediate": 6}
+# its recomputed activations plus the gradients of its MLP and attention alive at once. Measured
+# with memory.MemoryMeter (one NF4 + bf16-autocast LoRA step on the CPU, chunked loss, 2 layers,
+# micro-batch 1): the device peak's slope between 4,096 and 8,192 tokens, less the 2 checkpointed
+# inputs, fitted over (hidden, kv, intermediate) = (256, 64, 688), (512, 128, 1024), (384, 384,
+# 1536), (256, 256, 2048): 7.03 hidden + 2.00 kv + 6.00 intermediate elements + 244 (the rotary
+# cos/sin, positions, the norms' rstd) per token, exact at all four to 0.1%. That is with
+# training/rms_norm.py's lean RMSNorm; transformers' own keeps fp32 copies of its input and makes
+# seven in its backward (HF_NORM_TERMS more: the 2026-12-01 fit, 2 x 1024 tokens, gave 11 hidden).
+CHECKPOINT_BACKWARD_TERMS = {"hidden": 7, "kv": 2, "intermediate": 6, "fixed": 244}
 # With the tiled MLP (training/tiled_mlp.py) the MLP's intermediates exist for one tile of tokens at a time:
-# per token of the sequence only the hidden- and kv-wide terms remain, and per token of one tile the MLP's.
-TILED_BACKWARD_TERMS = {"hidden": 11, "kv": 2, "intermediate": 0}
-TILE_TERMS = {"hidden": 0, "kv": 0, "intermediate": 6}
+# per token of the sequence only the hidden- and kv-wide terms remain (the same fit with tiles of hidden_size
+# tokens: 7.03 hidden + 2.00 kv + 0 intermediate + 212), and per token of one tile the MLP's.
+TILED_BACKWARD_TERMS = {"hidden": 7, "kv": 2, "intermediate": 0, "fixed": 212}
+TILE_TERMS = {"hidden": 0, "kv": 0, "intermediate": 6, "fixed": 0}
+# Models whose RMSNorm is not Llama's keep transformers' (training/rms_norm.py leaves them): its fp32 copies add
+# hidden-wide terms to the recomputed layer (seven fp32 tensors in its backward: 14 elements at bf16) and to the loss.
+HF_NORM_TERMS = {"hidden": 14, "kv": 0, "intermediate": 0, "fixed": 0}
+# The RMSNorm class of each model_type whose forward is Llama's, the one training/rms_norm.py replaces.
+LEAN_RMS_NORMS = {
+    "llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "ministral": "MinistralRMSNorm", "qwen2": "Qwen2RMSNorm",
+    "qwen3": "Qwen3RMSNorm", "phi3": "Phi3RMSNorm", "smollm3": "SmolLM3RMSNorm",
+}  # fmt: skip
 # Activation offload (training/offload.py) keeps on the device the input of the layer being recomputed and of the one
 # prefetched for it; the other layers' inputs wait in pinned host memory.
 OFFLOAD_DEVICE_LAYERS = 2
@@ -99,4 +111,17 @@ def count_layer_bytes(model_config, terms: dict[str, int], element_bytes: int) -
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or hidden // heads
     kv = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
-    return element_bytes * (terms["hidden"] * hidden + terms["kv"] * kv + terms["intermediate"] * model_config.intermediate_size)
+    terms = add_norm_terms(model_config, terms)
+    return element_bytes * (terms["hidden"] * hidden + terms["kv"] * kv + terms["intermediate"] * model_config.intermediate_size + terms.get("fixed", 0))
+
+
+def has_lean_norm(model_config) -> bool:
+    """True where training replaces the model's RMSNorm by the lean one (training/rms_norm.py)."""
+    return getattr(model_config, "model_type", None) in LEAN_RMS_NORMS
+
+
+def add_norm_terms(model_config, terms: dict[str, int]) -> dict[str, int]:
+    """The recomputed layer's terms, with transformers' RMSNorm copies added where the lean norm does not apply."""
+    if terms is ACTIVATION_TERMS or terms is TILE_TERMS or has_lean_norm(model_config):
+        return terms
+    return {key: value + HF_NORM_TERMS.get(key, 0) for key, value in terms.items()}

@@ -558,6 +558,8 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
             return value
         if typ is str and isinstance(value, str):
             return value
+        if typ is str and isinstance(value, bool) and ("yes" if value else "no") in CHOICES.get(key, ()):
+            return "yes" if value else "no"  # YAML 1.1 reads an unquoted `no` as false: train.mixed_precision: no
     raise ConfigError(f"{key} must be {annotation.replace('|', 'or')}, got {value!r} ({type(value).__name__})")
 
 

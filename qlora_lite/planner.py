@@ -65,6 +65,7 @@ from .activations import (
     estimate_mask_bytes,
     estimate_offload_host_bytes,
     estimate_recomputed_bytes,
+    has_lean_norm,
 )
 from .config import ModelConfig, RecipeConfig
 from .errors import PlanError
@@ -237,7 +238,7 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
     # The largest micro-batch and the longest sequence are the step's: loading does not depend on them. `auto` never
     # tiles or offloads to buy a larger micro-batch (each slows every step; accumulate instead), only a step that would not fit.
     largest = search_largest(lambda b: plan_at(b, cfg.train.max_seq_len, cfg.model.activation_offload is True, cfg.model.tiled_mlp is True).step_fits)
-    plan.largest_micro_batch = largest
+    plan.largest_micro_batch = largest = max(largest, batch if plan.step_fits else 0)  # at least the step as set, autos on where needed
     if auto:
         batch = auto_micro_batch(plan) or 1
         plan = plan_as_set(batch, cfg.train.max_seq_len)
@@ -380,12 +381,13 @@ def estimate_loss_bytes(cfg: RecipeConfig, model_config, micro_batch: int, seq_l
     dropped before the head). The chunked loss's 2 x N x hidden are the labelled hidden states
     (a copy made by the boolean selection) and their gradient, computed in the forward and kept
     for the backward; the head's weight gradient is accumulated there too when it trains.
-    Both paths keep the final norm's fp32 input (NORM_FP32_BYTES x hidden per token).
+    Both paths keep the final norm's fp32 input (NORM_FP32_BYTES x hidden per token), except where training
+    uses the lean RMSNorm (activations.has_lean_norm), which keeps the bf16 input and an fp32 rstd per token.
     """
     element = compute_element_bytes(cfg)
     vocab, hidden = model_config.vocab_size, model_config.hidden_size
     tokens = micro_batch * seq_len
-    norm = tokens * hidden * NORM_FP32_BYTES
+    norm = 0 if has_lean_norm(model_config) else tokens * hidden * NORM_FP32_BYTES
     if cfg.train.loss == "hf":
         return tokens * vocab * LOGIT_BYTES + norm
     labelled = micro_batch * cfg.train.max_seq_len

@@ -517,3 +517,13 @@ def test_an_override_given_twice_on_the_command_line_keeps_the_last_one_unlike_a
     path = write_recipe(tmp_path, "train:\n  lr: 3e-4\n")
     assert load_recipe(path, ["train.lr=1", "train.lr=2"]).train.lr == 2.0
     assert load_recipe(path, ["train.report_to=[wandb]", "train.report_to=tensorboard"]).train.report_to == ["tensorboard"]
+
+
+def test_an_unquoted_no_is_the_choice_no_not_false(tmp_path):
+    # YAML 1.1 reads `no` as false; train.mixed_precision's choices include the word itself.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name_or_path: demo:tiny\ndata:\n  path: x.jsonl\ntrain:\n  mixed_precision: no\n")
+    assert load_recipe(recipe).train.mixed_precision == "no"
+    assert load_recipe(None, ["model.name_or_path=demo:tiny", "data.path=x.jsonl", "train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.loss must be str"):
+        load_recipe(None, ["model.name_or_path=demo:tiny", "data.path=x.jsonl", "train.loss=no"])

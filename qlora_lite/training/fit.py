@@ -65,6 +65,7 @@ from .objective import TrainingModule, count_targets, count_tokens, unwrap_train
 from .offload import ActivationOffload
 from .optim import build_optimizer, build_scheduler
 from .plot import plot_run
+from .rms_norm import apply_lean_rms_norm
 from .setup import Run, prepare_output_dir, prepare_run
 from .stopping import StopRequest, check_finite, maybe_kill_for_test, out_of_memory_message
 from .tiled_mlp import apply_tiled_mlp
@@ -196,6 +197,7 @@ def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
     if cfg.model.gradient_checkpointing:  # on the base, before prompt tuning wraps it
         offload = ActivationOffload(run.device) if run.long_context.activation_offload else None
         enable_gradient_checkpointing(model, offload.checkpoint if offload else None)
+    apply_lean_rms_norm(model)  # Llama's RMSNorm without its fp32 copies: the same outputs, less memory per token
     if run.long_context.mlp_tile_tokens:
         apply_tiled_mlp(model, run.long_context.mlp_tile_tokens)
     model = load_method(model, cfg, run.checkpoint, trainable=True) if run.checkpoint else attach_method(model, cfg, run.tokenizer)
