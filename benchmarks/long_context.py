@@ -48,7 +48,7 @@ import memory_compare as mc
 
 GIB = 1024**3
 KIB = 1024
-SIDES = ("peft", "plain", "offload")
+SIDES = ("peft", "plain", "tiled", "offload")
 RESULT_MARK = "RESULT "
 TARGET_LAYERS, TARGET_TOKENS = 32, 131072
 
@@ -81,13 +81,13 @@ def load_side(side: str, model_dir: str, device):
     apply_lean_rms_norm(model)
     store = ActivationOffload(device) if side == "offload" else None
     enable_gradient_checkpointing(model, store.checkpoint if store else None)
-    if side == "offload":
+    if side in ("tiled", "offload"):
         apply_tiled_mlp(model, choose_mlp_tile_tokens(model.config))
     model = attach_method(model, cfg, tokenizer=None)
     return model, lambda m, batch: compute_causal_lm_loss(m, batch, cfg.train), store
 
 
-def measure(side: str, model_dir: str, micro_batch: int, seq: int, threads: int) -> dict:
+def measure(side: str, model_dir: str, micro_batch: int, seq: int, threads: int, timed_steps: int = 0, cap_gib: float | None = None) -> dict:
     import torch
     from accelerate import Accelerator
 
@@ -97,6 +97,8 @@ def measure(side: str, model_dir: str, micro_batch: int, seq: int, threads: int)
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(threads)
+    elif cap_gib:  # a 24 GB card on a larger GPU: the allocator refuses past the cap, as the small card would
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / torch.cuda.get_device_properties(device).total_memory), device)
     model, compute_loss, store = load_side(side, model_dir, device)
     accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
     model = accelerator.prepare(model)
@@ -132,34 +134,34 @@ def measure(side: str, model_dir: str, micro_batch: int, seq: int, threads: int)
     }  # fmt: skip
     if device.type != "cpu":
         result["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    if timed_steps:  # unmetered steps (the meter's dispatch mode slows every op): the step time to compare sides by
+        times = []
+        for _ in range(timed_steps):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            with accelerator.autocast():
+                loss = compute_loss(model, batch)
+            accelerator.backward(loss)
+            if device.type != "cpu":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        result.update(timed_step_s=times, median_step_s=sorted(times)[len(times) // 2], tokens_per_s=micro_batch * seq / sorted(times)[len(times) // 2])
     return result
 
 
-def run_in_subprocess(side: str, model_dir: Path, micro_batch: int, seq: int, threads: int) -> dict:
+def run_in_subprocess(side: str, model_dir: Path, micro_batch: int, seq: int, args) -> dict:
+    """One measurement in a fresh interpreter, so that nothing of the previous one is alive."""
     command = [
-        sys.executable,
-        __file__,
-        "--measure",
-        side,
-        "--model-dir",
-        str(model_dir),
-        "--micro-batch",
-        str(micro_batch),
-        "--seq",
-        str(seq),
-        "--threads",
-        str(threads),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+        sys.executable, __file__, "--measure", side, "--model-dir", str(model_dir), "--micro-batch", str(micro_batch), "--seq", str(seq),
+        "--threads", str(args.threads), "--timed-steps", str(args.timed_steps), *(["--cap-gib", str(args.cap_gib)] if args.cap_gib else []),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=REPO)
     sys.stderr.write("".join(line + "\n" for line in out.stderr.splitlines()[-16:] if "kernels" not in line))
     line = next((line for line in out.stdout.splitlines() if line.startswith(RESULT_MARK)), None)
     if line is None:
-        return {
-            "side": side,
-            "seq": seq,
-            "failed": f"exit code {out.returncode}: {out.stderr.strip().splitlines()[-1:]}",
-        }
+        last = out.stderr.strip().splitlines()[-1:] or [""]
+        return {"side": side, "seq": seq, "failed": f"exit code {out.returncode}: {last[0][:300]}"}
     return json.loads(line[len(RESULT_MARK) :])
 
 
@@ -207,8 +209,10 @@ def fit_offloaded(runs: list[dict], key: str) -> dict | None:
 
     layer_counts = sorted({r["layers"] for r in runs if key in r})
     top = layer_counts[-1] if layer_counts else 0
-    rows = [(r["tokens"], r[key]) for r in runs if r["layers"] == top and key in r]
-    if len(layer_counts) < 2 or len({T for T, _ in rows}) < 2:
+    # The two longest steps: at 4,096 tokens (one tile of hidden_size tokens) the MLP is not tiled yet.
+    longest = sorted({r["tokens"] for r in runs if r["layers"] == top and key in r})[-2:]
+    rows = [(r["tokens"], r[key]) for r in runs if r["layers"] == top and key in r and r["tokens"] in longest]
+    if len(layer_counts) < 2 or len(longest) < 2:
         return None
     c, a = np.polyfit([T for T, _ in rows], [v for _, v in rows], 1)
     static = {L: next(r["static_gib"] for r in runs if r["layers"] == L) for L in layer_counts}
@@ -300,8 +304,8 @@ def summarize(record: dict, path: Path) -> None:
     record["notes"] = [
         "32 layers and 131,072 tokens are extrapolations from the grid, not measurements: no GPU was lent, and this CPU has 23 GiB of RAM.",
         "A CPU step moves nothing: the offload store relabels what it holds as host memory, so device + host is what a GPU would split.",
-        "offload: a layer more adds only its weights on the device (its input waits on the host), so its 32-layer figure is the fit in T "
-        "at the most layers measured plus the measured static bytes per layer; peft and plain: the bilinear fit.",
+        "offload: a layer more adds only its weights on the device (its input waits on the host), so its 32-layer figure is the line "
+        "through its two longest steps at the most layers measured plus the measured static bytes per layer; peft and plain: the bilinear fit.",
         "offload tiles the MLP in tiles of hidden_size (4,096) tokens: at 4,096 tokens there is one tile, so the per-token slope is fitted over longer steps.",
     ]
     path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
@@ -341,12 +345,15 @@ def main() -> None:
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--append", action="store_true", help="add the runs to the results file of the same name instead of starting it over")
+    parser.add_argument("--timed-steps", type=int, default=0, help="unmetered steps after the metered one, for step times (median)")
+    parser.add_argument("--cap-gib", type=float, default=None, help="CUDA: cap the allocator at this many GiB (torch.cuda.set_per_process_memory_fraction)")
     parser.add_argument("--replan", default=None, help="a results .json: recompute the planner's figures and the fits (after a planner change)")
     parser.add_argument("--measure", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(RESULT_MARK + json.dumps(measure(args.measure, args.model_dir, args.micro_batch, args.seq[0], args.threads)))
+        result = measure(args.measure, args.model_dir, args.micro_batch, args.seq[0], args.threads, args.timed_steps, args.cap_gib)
+        print(RESULT_MARK + json.dumps(result))
         return
 
     import torch
@@ -394,7 +401,7 @@ def main() -> None:
                     record["runs"].append({**base, "skipped": f"not run: needs ~{need / GIB:.0f} GiB, this machine {ram / GIB:.0f} GiB of RAM"})
                     continue
                 print(f"{side}: {layers} layers x {args.micro_batch} x {seq} tokens", file=sys.stderr, flush=True)
-                result = run_in_subprocess(side, folders[layers], args.micro_batch, seq, args.threads)
+                result = run_in_subprocess(side, folders[layers], args.micro_batch, seq, args)
                 record["runs"].append({**base, **result, "planned": plan})
                 path.write_text(json.dumps(record, indent=1) + "\n")
     summarize(record, path.with_suffix(""))

@@ -219,12 +219,13 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
     def plan_as_set(micro_batch: int, seq_len: int, offload_allowed: bool = True) -> MemoryPlan:
         """The step with model.tiled_mlp and model.activation_offload as set; `auto` turns one on only where the step does
         not fit without it: the tiled MLP first (it costs a recompute of the MLP), then the offload (host copies). With
-        several processes offload auto stays off (not yet measured under DDP or FSDP2; `true` turns it on)."""
+        several processes auto stays off (neither is yet measured under DDP or FSDP2; `true` turns them on)."""
         offload_setting, tiled_setting = cfg.model.activation_offload, cfg.model.tiled_mlp
         offload_auto = offload_setting == "auto" and gpus == 1 and offload_allowed
+        tiled_auto = tiled_setting == "auto" and gpus == 1
         tiles, offload = tiled_setting is True, offload_setting is True and offload_allowed
         plan = plan_at(micro_batch, seq_len, offload, tiles)
-        for more_tiles, more_offload in ((tiled_setting == "auto", False), (tiled_setting == "auto", offload_auto)):
+        for more_tiles, more_offload in ((tiled_auto, False), (tiled_auto, offload_auto)):
             if plan.step_fits or not (more_tiles or more_offload):
                 break
             candidate = plan_at(micro_batch, seq_len, offload or more_offload, tiles or more_tiles)
