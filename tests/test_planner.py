@@ -615,8 +615,8 @@ def test_plan_resolves_auto_micro_batch_as_training_would_for_the_given_vram(mon
     assert cli.main(["plan", recipe, "train.micro_batch_size=auto", "--vram", "24GiB"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("train.micro_batch_size auto -> 18: the largest that fits 24.0 GiB\nmemory plan for meta-llama/Llama-3.1-8B:\n")
-    assert f"activations            {plan.activation_bytes / GIB:5.2f} GiB  micro-batch 17 x 2048 tokens" in out
-    assert "longest sequence at micro-batch 17:" in out
+    assert f"activations            {plan.activation_bytes / GIB:5.2f} GiB  micro-batch 18 x 2048 tokens" in out
+    assert "longest sequence at micro-batch 18:" in out
 
 
 def test_plan_of_auto_says_when_the_cap_binds_and_when_nothing_fits(tiny_llama_dir, monkeypatch):
