@@ -80,7 +80,7 @@ SMOKE = {
     ),
     "03_plan_and_merge.ipynb": (
         smoke_03,
-        '{"recipes": [r.stem for r in recipes], "cards": list(CARDS),'
+        '{"recipes": [r.stem for r in recipes], "cards": list(CARDS), "card_sizes": list(CARDS.values()),'
         ' "plans": [[k[0], k[1], p.fits, p.total_bytes, p.largest_micro_batch] for k, p in verdicts.items()],'
         ' "variants": {k: [p.fits, p.total_bytes] for k, p in variant_plans.items()},'
         ' "merge_diff": report.max_logit_diff, "threshold": report.threshold, "quantization_config": "quantization_config" in merged_config,'
@@ -209,22 +209,25 @@ def test_prompt_tuning_counts_trains_inspects_and_swaps(smoke_results, tiny_llam
 
 def test_plan_and_merge_plans_every_recipe_and_merges(smoke_results):
     from qlora_lite.config import load_recipe
-    from qlora_lite.planner import GIB, plan_memory
+    from qlora_lite.planner import GIB, parse_bytes, plan_memory
 
     r = smoke_results("03_plan_and_merge.ipynb")
     planned = [p for p in sorted((REPO / "recipes").glob("*.yaml")) if not load_recipe(p).model.name_or_path.startswith("demo:")]
     # the one-GPU recipes; those for several GPUs carry a dist: section and launch with torchrun (planned per GPU by test_planner)
     shipped = [p.stem for p in planned if "dist" not in yaml.safe_load(p.read_text())]
     several = [p for p in planned if p.stem not in shipped]
-    assert r["recipes"] == shipped == ["llama3.1-8b-alpaca", "mistral-7b-alpaca", "qwen2.5-7b-alpaca"]
+    assert r["recipes"] == shipped == ["llama3.1-8b-128k", "llama3.1-8b-alpaca", "mistral-7b-alpaca", "qwen2.5-7b-alpaca"]
     assert several and all("torchrun --standalone --nproc_per_node" in p.read_text() for p in several)
-    assert len(r["plans"]) == 3 * len(r["cards"])
+    assert len(r["plans"]) == 4 * len(r["cards"])
     for recipe in shipped:
         rows = [row for row in r["plans"] if row[0] == recipe]
-        expected = plan_memory(load_recipe(REPO / "recipes" / f"{recipe}.yaml")).total_bytes
-        assert {row[3] for row in rows} == {expected}, "the notebook's estimate differs from plan_memory's"
+        # per card: model.tiled_mlp and model.activation_offload auto depend on what the card holds
+        expected = [plan_memory(load_recipe(REPO / "recipes" / f"{recipe}.yaml"), vram_bytes=parse_bytes(size)).total_bytes for size in r["card_sizes"]]
+        assert [row[3] for row in rows] == expected, "the notebook's estimate differs from plan_memory's"
         largest = [row[4] for row in rows]  # T4, 24 GB, 80 GB
-        assert largest == sorted(largest) and largest[-1] > largest[0] and all(row[2] for row in rows)
+        assert largest == sorted(largest) and largest[-1] > largest[0]
+        # every recipe fits its 24 GB card and the 80 GB one; the 128k one (16.7 GiB) not a T4's 15 GiB
+        assert [row[2] for row in rows] == [recipe != "llama3.1-8b-128k", True, True]
     variants = r["variants"]
     assert variants["as shipped"][0] and not variants["Llama-3.1-70B"][0]
     assert variants["Llama-3.1-70B"][1] > 37 * GIB

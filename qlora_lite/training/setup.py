@@ -152,7 +152,8 @@ def resolve_long_context(run: Run) -> LongContext:
     vram = read_device_memory_bytes(run.device) if on_gpu else None
     long_context = plan_long_context(cfg, model_config, vram, run.world.size, read_available_ram_bytes())
     if run.world.is_main and (long_context.activation_offload or long_context.mlp_tile_tokens):
-        parts = [f"activation offload ({long_context.host_ram_bytes / 2**30:.1f} GiB of host RAM)"] if long_context.activation_offload else []
+        host = f"{long_context.host_ram_bytes / 2**30:.1f} GiB of pinned host RAM" if on_gpu else "on the CPU nothing moves: there is no other memory"
+        parts = [f"activation offload ({host})"] if long_context.activation_offload else []
         parts += [f"MLP in tiles of {long_context.mlp_tile_tokens} tokens"] if long_context.mlp_tile_tokens else []
         print(f"long context: {', '.join(parts)}")
     return long_context
