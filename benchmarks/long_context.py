@@ -169,8 +169,12 @@ def run_in_subprocess(side: str, model_dir: Path, micro_batch: int, seq: int, ar
 
 
 def planned(side: str, layers: int, tokens: int, model_dir: Path, micro_batch: int = 1) -> dict:
-    """The planner's device bytes (less the CUDA context allowance) and host bytes for this step."""
+    """The planner's device bytes (less the CUDA context allowance) and host bytes for this step; none for the PEFT stack
+    (the planner plans qlora-lite's step, not transformers' loss and PEFT's fp32 casts)."""
     from qlora_lite import load_recipe, plan_memory, read_model_config
+
+    if side == "peft":
+        return {}
 
     offload = str(side == "offload").lower()
     overrides = [
@@ -286,8 +290,50 @@ def format_markdown(record: dict) -> str:
             f"{side} {p_recipe[side]:.2f} GiB" + (f" ({p_recipe['ratios_to_peft'][side]:.2f}x PEFT)" if "ratios_to_peft" in p_recipe else "")
             for side in SIDES if side in p_recipe
         ) + "."]  # fmt: skip
+    timed = [r for r in record["runs"] if r.get("median_step_s")]
+    if timed:
+        lines += ["", "Unmetered step times (the meter's dispatch mode slows every op), median of the timed steps:", "",
+                  "| side | layers | micro-batch x seq | median step s | all s | tokens/s |", "| --- | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+        for r in timed:
+            lines.append(
+                f"| {r['side']} | {r['layers']} | {r['micro_batch']} x {r['seq']} | {r['median_step_s']:.2f} | "
+                f"{', '.join(f'{t:.2f}' for t in r['timed_step_s'])} | {r['tokens_per_s']:.0f} |"
+            )
+        by_side = {(r["side"], r["layers"], r["tokens"]): r["median_step_s"] for r in timed}
+        for (side, layers, tokens), seconds in by_side.items():
+            if side == "offload" and ("tiled", layers, tokens) in by_side:
+                cost = seconds / by_side[("tiled", layers, tokens)] - 1
+                lines += ["", f"Offload's step-time cost ({layers} layers, {tokens} tokens): {cost:+.1%} against the same step without it (goal: at most 5%)."]
+    if record.get("goals"):
+        lines += ["", "Goals (issue 23):", "", *[f"- {goal}" for goal in record["goals"]]]
     lines += ["", *[f"- {note}" for note in record["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def check_goals(record: dict) -> list[str]:
+    """Issue 23's goals, each with its figure and whether it is met."""
+    fits, lines = record["fits"], []
+    offload = (fits.get("offload") or {}).get("measured")
+    if offload:
+        per_token = offload["per_token_kib_at_32_layers"]
+        lines.append(f"device bytes per token with offload and tiles, 32 layers: {per_token:.1f} KiB (goal: at most 140): {'met' if per_token <= 140 else 'missed'}")
+        total = offload["at_32_layers_131072_tokens_gib"] + 0.75  # + the planner's CUDA context allowance
+        lines.append(f"32 layers x 131,072 tokens, device: {total:.2f} GiB with a 0.75 GiB CUDA context (goal: under 24): {'met' if total < 24 else 'missed'}")
+    for side in ("plain", "offload"):
+        measured, planner = (fits.get(side) or {}).get("measured"), (fits.get(side) or {}).get("planner")
+        if measured and planner:
+            ratio = planner["per_token_kib_at_1_layer"] / measured["per_token_kib_at_1_layer"]
+            line = f"{side}: planner / meter, KiB per token {ratio:.3f}"
+            if measured["per_token_kib_per_layer"]:
+                layer_ratio = planner["per_token_kib_per_layer"] / measured["per_token_kib_per_layer"]
+                line += f", per layer {layer_ratio:.3f}"
+                ratio = max(abs(ratio - 1), abs(layer_ratio - 1)) + 1
+            lines.append(line + f" (goal: within 10%): {'met' if abs(ratio - 1) <= 0.10 else 'missed'}")
+    ratios = (record.get("p_recipe") or {}).get("ratios_to_peft", {})
+    if "offload" in ratios:
+        lines.append(f"micro-batch 2 x 2048, 32 layers: offload and tiles {ratios['offload']:.3f}x the PEFT stack's device peak (goal: at most 0.42x): "
+                     f"{'met' if ratios['offload'] <= 0.42 else 'missed'}; without them {ratios.get('plain', float('nan')):.3f}x")  # fmt: skip
+    return lines
 
 
 def summarize(record: dict, path: Path) -> None:
@@ -296,11 +342,12 @@ def summarize(record: dict, path: Path) -> None:
     record["fits"] = {}
     for side in SIDES:
         runs = [r for r in one if r["side"] == side]
-        planned_runs = [{**r, "planner": r["planned"]["device_gib"]} for r in runs]
+        planned_runs = [{**r, "planner": r["planned"]["device_gib"]} for r in runs if r.get("planned")]
         fit = fit_offloaded if side == "offload" else fit_bilinear
         if runs:
-            record["fits"][side] = {"measured": fit(runs, "device_peak_gib"), "planner": fit(planned_runs, "planner")}
+            record["fits"][side] = {"measured": fit(runs, "device_peak_gib"), "planner": fit(planned_runs, "planner") if planned_runs else None}
     record["p_recipe"] = extrapolate_p_recipe(record["runs"])
+    record["goals"] = check_goals(record)
     record["notes"] = [
         "32 layers and 131,072 tokens are extrapolations from the grid, not measurements: no GPU was lent, and this CPU has 23 GiB of RAM.",
         "A CPU step moves nothing: the offload store relabels what it holds as host memory, so device + host is what a GPU would split.",
