@@ -82,14 +82,15 @@ def estimate_activation_bytes(
 
 def estimate_recomputed_bytes(model_config, tokens: int, element_bytes: int, tile_tokens: int = 0) -> int:
     """The peak inside the one layer gradient checkpointing recomputes and differentiates; its MLP tiled when tile_tokens is set."""
+    norms = 0 if has_lean_norm(model_config) else count_layer_bytes(model_config, HF_NORM_TERMS, element_bytes)
     if not tile_tokens or tokens <= tile_tokens:
-        return tokens * count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element_bytes)
-    per_token = count_layer_bytes(model_config, TILED_BACKWARD_TERMS, element_bytes)
+        return tokens * (count_layer_bytes(model_config, CHECKPOINT_BACKWARD_TERMS, element_bytes) + norms)
+    per_token = count_layer_bytes(model_config, TILED_BACKWARD_TERMS, element_bytes) + norms
     return tokens * per_token + tile_tokens * count_layer_bytes(model_config, TILE_TERMS, element_bytes)
 
 
 def estimate_mask_bytes(cfg: RecipeConfig, micro_batch: int, seq_len: int) -> int:
-    """The attention mask of packed sequences: only flash_attention_2 keeps examples apart from position_ids alone; for sdpa
+    """The attention mask transformers builds for packed or padded micro-batches: only flash_attention_2 keeps examples apart from position_ids alone; for sdpa
     and eager, transformers builds a (micro_batch, 1, T, T) mask in the compute dtype (and a boolean one first), kept for the
     whole step. Without packing, a micro-batch of one needs none (sdpa's causal kernel); a padded micro-batch of several
     a boolean (micro_batch, 1, T, T) one."""
@@ -111,7 +112,6 @@ def count_layer_bytes(model_config, terms: dict[str, int], element_bytes: int) -
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or hidden // heads
     kv = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
-    terms = add_norm_terms(model_config, terms)
     return element_bytes * (terms["hidden"] * hidden + terms["kv"] * kv + terms["intermediate"] * model_config.intermediate_size + terms.get("fixed", 0))
 
 
@@ -119,9 +119,3 @@ def has_lean_norm(model_config) -> bool:
     """True where training replaces the model's RMSNorm by the lean one (training/rms_norm.py)."""
     return getattr(model_config, "model_type", None) in LEAN_RMS_NORMS
 
-
-def add_norm_terms(model_config, terms: dict[str, int]) -> dict[str, int]:
-    """The recomputed layer's terms, with transformers' RMSNorm copies added where the lean norm does not apply."""
-    if terms is ACTIVATION_TERMS or terms is TILE_TERMS or has_lean_norm(model_config):
-        return terms
-    return {key: value + HF_NORM_TERMS.get(key, 0) for key, value in terms.items()}

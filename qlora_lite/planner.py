@@ -216,14 +216,14 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
     def plan_at(micro_batch: int, seq_len: int, offload: bool = False, tiled: bool = False) -> MemoryPlan:
         return assemble(cfg, model_config, parts, micro_batch, seq_len, vram_bytes, gpus, offload, tiled)
 
-    def plan_as_set(micro_batch: int, seq_len: int, offload_allowed: bool = True) -> MemoryPlan:
+    def plan_as_set(micro_batch: int, seq_len: int) -> MemoryPlan:
         """The step with model.tiled_mlp and model.activation_offload as set; `auto` turns one on only where the step does
         not fit without it: the tiled MLP first (it costs a recompute of the MLP), then the offload (host copies). With
         several processes auto stays off (neither is yet measured under DDP or FSDP2; `true` turns them on)."""
         offload_setting, tiled_setting = cfg.model.activation_offload, cfg.model.tiled_mlp
-        offload_auto = offload_setting == "auto" and gpus == 1 and offload_allowed
+        offload_auto = offload_setting == "auto" and gpus == 1
         tiled_auto = tiled_setting == "auto" and gpus == 1
-        tiles, offload = tiled_setting is True, offload_setting is True and offload_allowed
+        tiles, offload = tiled_setting is True, offload_setting is True
         plan = plan_at(micro_batch, seq_len, offload, tiles)
         for more_tiles, more_offload in ((tiled_auto, False), (tiled_auto, offload_auto)):
             if plan.step_fits or not (more_tiles or more_offload):
@@ -409,7 +409,8 @@ def assemble(
     checkpointing = cfg.model.gradient_checkpointing
     offload = offload and checkpointing
     tokens = micro_batch * tokens_seq
-    tile_tokens = choose_mlp_tile_tokens(model_config) if tiled and tokens > choose_mlp_tile_tokens(model_config) else 0
+    tile_tokens = choose_mlp_tile_tokens(model_config) if tiled else 0
+    tile_tokens = tile_tokens if tokens > tile_tokens else 0  # one tile or less: the MLP runs whole
     activations = estimate_activation_bytes(model_config, micro_batch, tokens_seq, checkpointing, element, offload, tile_tokens)
     loss_cfg = cfg if seq_len == cfg.train.max_seq_len else _with_max_seq_len(cfg, seq_len)
     logits = estimate_loss_bytes(loss_cfg, model_config, micro_batch, tokens_seq, parts.get("head_trains", False))
@@ -622,8 +623,8 @@ def plan_long_context(cfg: RecipeConfig, model_config, vram_bytes: int | None, g
     plan = plan_memory(cfg, model_config, vram_bytes if vram_bytes is not None else 1 << 60, gpus=gpus)
     if vram_bytes is not None and not plan.step_fits:
         raise PlanError(describe_too_long(cfg, plan))
-    offload = plan.activation_offload if vram_bytes is not None else cfg.model.activation_offload is True
-    host = estimate_offload_host_bytes(model_config, plan.micro_batch_size, plan.max_seq_len, compute_element_bytes(cfg)) if offload else 0
+    # With no memory limit the step fits as set, so auto stays off and only `true` turns offload on.
+    offload, host = plan.activation_offload, plan.host_ram_bytes
     if offload and vram_bytes is not None and available_ram_bytes is not None and host > available_ram_bytes:
         raise PlanError(
             f"model.activation_offload keeps {host / GIB:.1f} GiB of layer inputs in pinned host memory at micro-batch {plan.micro_batch_size} x "
