@@ -20,6 +20,7 @@ from ..config import RecipeConfig
 from ..data.cache import PreparedData, prepare_datasets
 from ..errors import PlanError, TrainingError
 from ..folders import find_write_problem
+from ..activations import choose_mlp_tile_tokens
 from ..memory import read_available_ram_bytes
 from ..model_paths import resolve_model_path
 from ..planner import LongContext, choose_micro_batch, plan_long_context, read_device_memory_bytes, read_model_config
@@ -150,7 +151,14 @@ def resolve_long_context(run: Run) -> LongContext:
             raise
         return LongContext(cfg.model.activation_offload is True, 0)  # a CPU run of a model the planner cannot read: nothing to size tiles by
     vram = read_device_memory_bytes(run.device) if on_gpu else None
-    long_context = plan_long_context(cfg, model_config, vram, run.world.size, read_available_ram_bytes())
+    try:
+        long_context = plan_long_context(cfg, model_config, vram, run.world.size, read_available_ram_bytes())
+    except PlanError:
+        raise
+    except (ValueError, OSError) as err:  # an architecture the meta build cannot make: train as set, as check_plan_against_peak does
+        print(f"note: the planner cannot plan this model ({type(err).__name__}); model.activation_offload and model.tiled_mlp run as set, auto as off")
+        tiles = choose_mlp_tile_tokens(model_config) if cfg.model.tiled_mlp is True else 0
+        return LongContext(cfg.model.activation_offload is True and cfg.model.gradient_checkpointing, tiles)
     if run.world.is_main and (long_context.activation_offload or long_context.mlp_tile_tokens):
         host = f"{long_context.host_ram_bytes / 2**30:.1f} GiB of pinned host RAM" if on_gpu else "on the CPU nothing moves: there is no other memory"
         parts = [f"activation offload ({host})"] if long_context.activation_offload else []

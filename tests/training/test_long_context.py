@@ -159,3 +159,16 @@ def test_bad_long_context_settings_are_one_line(override, words):
 def test_offload_needs_gradient_checkpointing():
     with pytest.raises(ConfigError, match="set model.gradient_checkpointing=true, or model.activation_offload=false"):
         load_recipe(RECIPE_8B, ["model.activation_offload=true", "model.gradient_checkpointing=false"])
+
+
+def test_a_model_the_planner_cannot_build_trains_with_the_settings_as_set(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    cfg = load_recipe(None, recipe_overrides(tmp_path, tiny_llama_dir, **{"model.tiled_mlp": True}))
+
+    def cannot_build(*args, **kwargs):
+        raise ValueError("no meta build for this architecture")
+
+    monkeypatch.setattr(setup, "plan_long_context", cannot_build)
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), base_path=str(tiny_llama_dir), world=SimpleNamespace(size=1, is_main=True))
+    long = setup.resolve_long_context(run)
+    assert (long.activation_offload, long.mlp_tile_tokens) == (False, 64)
+    assert "the planner cannot plan this model (ValueError)" in capsys.readouterr().out
