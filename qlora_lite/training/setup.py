@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from ..activations import choose_mlp_tile_tokens
 from ..config import RecipeConfig
 from ..data.cache import PreparedData, prepare_datasets
 from ..errors import PlanError, TrainingError
 from ..folders import find_write_problem
-from ..activations import choose_mlp_tile_tokens
 from ..memory import read_available_ram_bytes
 from ..model_paths import resolve_model_path
 from ..planner import LongContext, choose_micro_batch, plan_long_context, read_device_memory_bytes, read_model_config
