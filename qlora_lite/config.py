@@ -42,6 +42,8 @@ class ModelConfig:
     """Keep each checkpointed layer's input in pinned host memory from the forward to the backward, copied on a side CUDA stream: `auto` (on where the planner says the step does not fit this GPU without it), `true`, `false`. Needs gradient_checkpointing."""
     tiled_mlp: bool | str = "auto"
     """Run each layer's MLP over tiles of hidden_size tokens, so its intermediates exist for one tile at a time (one more MLP forward per step): `auto` (on where the planner says the step does not fit without it), `true`, `false`."""
+    init_adapter: str | None = None
+    """An adapter folder (a finished run's `adapter/`, in PEFT's format) to start training from instead of a fresh one, e.g. an SFT adapter continued with objective dpo; its method must be the recipe's. With a preference objective the reference is then base + this adapter as it starts."""
 
 
 @dataclass
@@ -149,6 +151,8 @@ DATA_FORMATS: dict[str, str] = {
     "alpaca": "instruction, output; input optional",
     "chat": "messages (or ShareGPT's conversations): a list of {role, content} (or {from, value}) ending with an assistant turn",
     "text": "{text_field}; set data.text_field to the column holding the text",
+    "preference": "prompt, chosen, rejected: strings, or conversations (lists of {role, content}); chosen and rejected may hold the prompt's turns too",
+    "unpaired": "prompt, completion (strings or conversations) and label (true: desirable, false: undesirable)",
 }
 
 
@@ -157,7 +161,7 @@ class DataConfig:
     path: str = ""
     """Local json/jsonl/csv/parquet file or folder, or a hub dataset id."""
     format: str = "alpaca"
-    """`alpaca` (instruction/input/output), `chat` (messages list) or `text` (plain LM)."""
+    """`alpaca` (instruction/input/output), `chat` (messages list), `text` (plain LM), `preference` (prompt/chosen/rejected pairs, for objectives dpo, orpo, simpo) or `unpaired` (prompt/completion/label, for kto)."""
     split: str = "train"
     """Split of a hub dataset (or a multi-split local folder) to train on."""
     eval_path: str | None = None
@@ -235,6 +239,73 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    name: str = "sft"
+    """What a step minimizes: `sft` (the answer's cross-entropy), `dpo`, `orpo`, `simpo` (pairs: data.format preference) or `kto` (data.format unpaired). See "Preference tuning"."""
+    beta: float = 0.1
+    """dpo, kto: strength of the pull toward the reference; orpo: weight of the odds-ratio term (lambda); simpo: reward scale. TRL's default 0.1 for each (the SimPO paper used 2.0 to 10)."""
+    label_smoothing: float = 0.0
+    """dpo, simpo: the share of pairs assumed mislabelled (conservative DPO), in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin gamma."""
+    cpo_alpha: float = 0.0
+    """simpo: weight of an added NLL term on the chosen answers (TRL's CPO-SimPO); 0 is the paper's SimPO (TRL's default for CPO is 1.0)."""
+    desirable_weight: float = 1.0
+    """kto: weight of the desirable examples' losses."""
+    undesirable_weight: float = 1.0
+    """kto: weight of the undesirable examples' losses."""
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What the recipe, the data and the planner must know of an objective; training/objectives/ implements it."""
+
+    formats: tuple[str, ...]
+    """The data formats it trains on."""
+    sequences: int
+    """Sequences per example that a training forward runs with gradients (2: chosen and rejected)."""
+    reference: bool
+    """Whether it compares with a reference policy, whose log-probs are computed once before the first step."""
+    settings: tuple[str, ...]
+    """The objective.* keys it reads."""
+
+
+# The recipe's objectives (objective.name), the one list of their names: each is implemented by one
+# entry of the table of objectives (training/objectives/table.py), which refuses to load otherwise.
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "sft": ObjectiveSpec(("alpaca", "chat", "text"), 1, False, ()),
+    "dpo": ObjectiveSpec(("preference",), 2, True, ("beta", "label_smoothing")),
+    "orpo": ObjectiveSpec(("preference",), 2, False, ("beta",)),
+    "simpo": ObjectiveSpec(("preference",), 2, False, ("beta", "label_smoothing", "simpo_gamma", "cpo_alpha")),
+    "kto": ObjectiveSpec(("unpaired",), 1, True, ("beta", "desirable_weight", "undesirable_weight")),
+}
+
+
+def check_objective(cfg: RecipeConfig) -> None:
+    """The objective's name, its data format, and the ranges of the settings it reads."""
+    objective = cfg.objective
+    if objective.name not in OBJECTIVES:
+        raise ConfigError(f"objective.name: {objective.name!r} is not one of {', '.join(OBJECTIVES)}")
+    spec = OBJECTIVES[objective.name]
+    if cfg.data.format not in spec.formats:
+        wanted = " or ".join(spec.formats)
+        raise ConfigError(
+            f"objective {objective.name} trains on data.format {wanted}, but data.format is {cfg.data.format}: "
+            + ("set data.format: " + spec.formats[0] if len(spec.formats) == 1 else f"set objective.name to one for {cfg.data.format} data")
+        )
+    if not (math.isfinite(objective.beta) and objective.beta > 0):
+        raise ConfigError(f"objective.beta must be a positive number, got {objective.beta}; TRL's default is 0.1")
+    if not 0.0 <= objective.label_smoothing < 0.5:
+        raise ConfigError(f"objective.label_smoothing must be in [0, 0.5), got {objective.label_smoothing}")
+    for key in ("simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight"):
+        value = getattr(objective, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"objective.{key} must be >= 0, got {value}")
+    if objective.name != "sft" and cfg.data.packing:
+        raise ConfigError(f"objective {objective.name} scores whole answers, one per row: set data.packing: false")
+
+
+@dataclass
 class DistConfig:
     strategy: str = "ddp"
     """With several processes (torchrun, accelerate launch): `ddp` (each process holds the whole 4-bit base and the adapter) or `fsdp` (FSDP2 shards the base and the adapter across processes: a model that does not fit one GPU). One process ignores it. See "More than one GPU"."""
@@ -254,6 +325,7 @@ class RecipeConfig:
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output_dir: str = "runs/default"
     """Where config.yaml, metrics.jsonl, checkpoints/ and adapter/ are written; relative: from where the command runs."""
@@ -280,6 +352,7 @@ CHOICES = {
     "train.batching": ("grouped", "random"),
     "dist.strategy": ("ddp", "fsdp"),
 }
+
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
@@ -293,6 +366,7 @@ def validate_config(cfg: RecipeConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    check_objective(cfg)
     for key in ("activation_offload", "tiled_mlp"):
         if isinstance(getattr(cfg.model, key), str) and getattr(cfg.model, key) != "auto":
             raise ConfigError(f"model.{key} must be auto, true or false, got {getattr(cfg.model, key)!r}")

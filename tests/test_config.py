@@ -344,7 +344,7 @@ def test_value_outside_choices_lists_allowed_values(key, allowed):
 
 
 def test_data_format_xml_rejected():
-    with pytest.raises(ConfigError, match=r"^data\.format: 'xml' is not one of alpaca, chat, text$"):
+    with pytest.raises(ConfigError, match=r"^data\.format: 'xml' is not one of alpaca, chat, text, preference, unpaired$"):
         load_recipe(overrides=["data.format=xml"])
 
 
@@ -392,7 +392,7 @@ def test_default_config_round_trips(tmp_path):
     assert cfg == RecipeConfig()
     save_config(cfg, tmp_path / "c.yaml")
     assert load_recipe(tmp_path / "c.yaml") == cfg
-    assert [f.name for f in dataclasses.fields(cfg)] == ["method", "model", "quant", "lora", "prompt", "selective", "bottleneck", "data", "train", "dist", "output_dir"]
+    assert [f.name for f in dataclasses.fields(cfg)] == ["method", "model", "quant", "lora", "prompt", "selective", "bottleneck", "data", "train", "objective", "dist", "output_dir"]
 
 
 def test_readme_documents_every_key():
