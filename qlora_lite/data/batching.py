@@ -71,7 +71,8 @@ def collate_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
     """Right-pad examples into one batch of tensors.
 
     Args:
-        examples: Examples from ``build_datasets`` (all packed or all unpacked).
+        examples: Examples from ``build_datasets`` (all packed or all unpacked), with what the
+            training wing adds to them.
         pad_token_id: Id written into padded ``input_ids``. It may equal the EOS id: padding
             is masked by position (labels ``IGNORE_INDEX``), never by value.
 
@@ -83,33 +84,68 @@ def collate_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
         ``use_cache=False``. Padding gets positions 0, 1, ... of its own, a separate
         sequence that no real token can see (it comes after them).
 
+        Preference pairs (examples with ``rejected_input_ids``): the three tensors are ``(2B, T)``,
+        the B chosen sequences first, then the B rejected ones in the same order, T the longest of
+        all 2B, so one forward pass scores both answers of every pair. Examples with ``desirable``
+        (format unpaired) add it as a bool ``(B,)`` tensor; with ``kl_input_ids`` and ``kl_labels``
+        (KTO's mismatched pairs, built by the training wing) add those and ``kl_attention_mask``,
+        padded as the others to ``(B, T_kl)``; every ``ref_*`` value (a reference model's
+        log-probability, one float per example) becomes a float32 ``(B,)`` tensor under its key.
+
     Raises:
-        ValueError: ``pad_token_id`` is None, or packed and unpacked examples are mixed.
+        ValueError: ``pad_token_id`` is None, or packed and unpacked examples are mixed, or
+            some examples hold one of the keys above and others do not.
     """
     if pad_token_id is None:
         raise ValueError("pad_token_id is None; use the tokenizer's pad id, or its EOS id when it has no pad token")
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
-    flags = {"position_ids" in ex for ex in examples}
-    if len(flags) > 1:
-        raise ValueError("cannot collate packed and unpacked examples into one batch")
-    packed = flags.pop()
-    batch_size, longest = len(examples), max(len(ex["input_ids"]) for ex in examples)
-    input_ids = torch.full((batch_size, longest), pad_token_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)  # (B, T)
-    position_ids = torch.zeros((batch_size, longest), dtype=torch.long)  # (B, T), packed only
-    for row, ex in enumerate(examples):
-        length = len(ex["input_ids"])
-        input_ids[row, :length] = torch.tensor(ex["input_ids"], dtype=torch.long)
-        labels[row, :length] = torch.tensor(ex["labels"], dtype=torch.long)
-        attention_mask[row, :length] = 1
-        if packed:
+    if _held_by_all(examples, "position_ids"):
+        input_ids, labels, attention_mask = _pad_rows(examples, "input_ids", "labels", pad_token_id)
+        position_ids = torch.zeros_like(input_ids)  # (B, T)
+        for row, ex in enumerate(examples):
+            length = len(ex["input_ids"])
             position_ids[row, :length] = torch.tensor(ex["position_ids"], dtype=torch.long)
-            position_ids[row, length:] = torch.arange(longest - length)
-    if packed:
+            position_ids[row, length:] = torch.arange(input_ids.shape[1] - length)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    rows = examples
+    if _held_by_all(examples, "rejected_input_ids"):
+        # Chosen rows first: row i and row B + i are the two answers of pair i.
+        rows = examples + [{"input_ids": ex["rejected_input_ids"], "labels": ex["rejected_labels"]} for ex in examples]
+    input_ids, labels, attention_mask = _pad_rows(rows, "input_ids", "labels", pad_token_id)  # (B, T), pairs (2B, T)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if _held_by_all(examples, "desirable"):
+        batch["desirable"] = torch.tensor([bool(ex["desirable"]) for ex in examples], dtype=torch.bool)  # (B,)
+    if _held_by_all(examples, "kl_input_ids"):
+        kl_input_ids, kl_labels, kl_attention_mask = _pad_rows(examples, "kl_input_ids", "kl_labels", pad_token_id)  # (B, T_kl)
+        batch.update(kl_input_ids=kl_input_ids, kl_labels=kl_labels, kl_attention_mask=kl_attention_mask)
+    for key in sorted({key for ex in examples for key in ex if key.startswith("ref_")}):
+        if _held_by_all(examples, key):  # always, or it raises: a missing reference value must not pass as 0
+            batch[key] = torch.tensor([float(ex[key]) for ex in examples], dtype=torch.float32)  # (B,)
+    return batch
+
+
+def _held_by_all(examples: list[dict], key: str) -> bool:
+    """Whether the examples hold ``key``: all of them (True) or none (False)."""
+    held = sum(key in ex for ex in examples)
+    if held not in (0, len(examples)):
+        what = "packed and unpacked examples" if key == "position_ids" else f"examples with and without {key!r}"
+        raise ValueError(f"cannot collate {what} into one batch")
+    return bool(held)
+
+
+def _pad_rows(rows: list[dict], ids_key: str, labels_key: str, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows[i][ids_key]`` and ``rows[i][labels_key]`` right-padded to the longest, and the mask of real tokens: each ``(N, T)`` int64."""
+    longest = max(len(row[ids_key]) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)  # (N, T)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)  # (N, T)
+    for i, row in enumerate(rows):
+        length = len(row[ids_key])
+        input_ids[i, :length] = torch.tensor(row[ids_key], dtype=torch.long)
+        labels[i, :length] = torch.tensor(row[labels_key], dtype=torch.long)
+        attention_mask[i, :length] = 1
+    return input_ids, labels, attention_mask
 
 
 GROUP_WINDOW_MICRO_BATCHES = 64
@@ -147,7 +183,7 @@ def select_micro_batch(
 
     Args:
         examples: Training examples: a list, or ``TokenizedExamples`` (whose ``lengths`` the plan reads;
-            of a list, ``input_ids`` is read for its length under ``grouped``). Do not change the list
+            of a list, ``example_length`` of each under ``grouped``). Do not change the list
             in place between calls: the epoch's plan is cached for the sequence last seen.
         index: Micro-batches already taken from the stream (``fit``'s ``micro_batches_seen``).
         micro_batch_size: Examples per micro-batch.
@@ -239,12 +275,17 @@ def _cached_epoch_plan(examples: Sequence[dict], epoch: int, micro_batch_size: i
             if cache["lengths"] is None:
                 # TokenizedExamples knows its lengths: planning reads no example from disk.
                 known = getattr(examples, "lengths", None)
-                cache["lengths"] = known.tolist() if known is not None else [len(ex["input_ids"]) for ex in examples]
+                cache["lengths"] = known.tolist() if known is not None else [example_length(ex) for ex in examples]
             lengths = cache["lengths"]
         if len(cache["plans"]) >= _PLAN_CACHE_EPOCHS:
             cache["plans"].pop(next(iter(cache["plans"])))  # the oldest: fit only moves forward
         cache["plans"][key] = plan_epoch(lengths, micro_batch_size, seed, epoch, batching)
     return cache["plans"][key]
+
+
+def example_length(example: dict) -> int:
+    """An example's tokens as batching sorts it: a preference pair's longer sequence, which its rows are padded to."""
+    return max(len(example["input_ids"]), len(example.get("rejected_input_ids", ())))
 
 
 def padding_fraction(batches: list[list[dict]]) -> float:

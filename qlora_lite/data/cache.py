@@ -10,7 +10,9 @@ memory stays flat as the data grows. On 200,000 alpaca records (100 MB): benchma
 Truncation (``DataConfig.truncation``): an example whose response and closing EOS do not fit in
 ``max_seq_len`` is dropped (``drop``, the default) or kept cut, without its EOS (``keep``); one with
 no response token left is always dropped. ``prepare_datasets`` prints one line per split saying how
-many did not fit and how many response tokens were cut, and returns them in its stats.
+many did not fit and how many response tokens were cut, and returns them in its stats. A
+``preference`` example is a pair, cut as one: ``drop`` drops it when either answer loses a learned
+token, ``keep`` keeps it cut while both answers keep one; its length is its longer sequence's.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ..config import CHOICES, DataConfig
 from ..errors import DataError
 from ..folders import apply_umask, cache_root
 from .batching import merge_pack, plan_packs
-from .formats import CHAT_READINGS, IGNORE_INDEX
+from .formats import CHAT_READINGS, IGNORE_INDEX, PREFERENCE_FORMATS
 from .records import LOCAL_BUILDERS, load_records, looks_local, split_indices
 from .tokenizing import require_eos_id, tokenize_records
 
@@ -52,13 +54,13 @@ class TruncationStats:
     split: str
     """``train`` or ``eval``."""
     examples: int
-    """Examples tokenized, before any was dropped."""
+    """Examples tokenized, before any was dropped (format preference: pairs)."""
     truncated: int
-    """Examples whose response, with the EOS (or end-of-turn token) closing it, did not fit."""
+    """Examples whose response, with the EOS (or end-of-turn token) closing it, did not fit (a pair: either answer)."""
     fully_cut: int
-    """Of those, the examples with no response token left; always dropped."""
+    """Of those, the examples with no response token left (a pair: in either answer); always dropped."""
     response_tokens_cut: int
-    """Learned tokens (response and end tokens) past ``max_seq_len``, summed over the truncated examples."""
+    """Learned tokens (response and end tokens) past ``max_seq_len``, summed over the truncated examples (a pair: both answers)."""
     dropped: int
     """Examples removed: every truncated one (``drop``), or the fully cut ones (``keep``)."""
     longest_tokens: int
@@ -123,8 +125,8 @@ _PREPARED_FEATURES = datasets.Features(
     {
         "input_ids": datasets.List(datasets.Value("int32")),
         "labels": datasets.List(datasets.Value("int32")),
-        "length": datasets.Value("int32"),  # tokens kept: len(input_ids)
-        "whole_length": datasets.Value("int32"),  # tokens before the cut to max_seq_len
+        "length": datasets.Value("int32"),  # tokens kept: len(input_ids); a pair: its longer sequence's
+        "whole_length": datasets.Value("int32"),  # tokens before the cut to max_seq_len (a pair: the longer sequence's)
         "cut_tokens": datasets.Value("int32"),  # learned tokens past max_seq_len
         "learnable": datasets.Value("bool"),  # a learned token is left within max_seq_len
         "kept": datasets.Value("bool"),  # an example of its split (data.truncation decided)
@@ -132,14 +134,32 @@ _PREPARED_FEATURES = datasets.Features(
     }
 )
 
+# The columns a format adds to those rows; the other formats' rows stay as they were.
+_FORMAT_FEATURES = {
+    "preference": {
+        "rejected_input_ids": datasets.List(datasets.Value("int32")),  # prompt + rejected, as input_ids is prompt + chosen
+        "rejected_labels": datasets.List(datasets.Value("int32")),
+        "tokens": datasets.Value("int32"),  # tokens kept in both sequences, which the data report counts
+    },
+    "unpaired": {"desirable": datasets.Value("bool")},
+}
+
+_EXAMPLE_SCALARS = ("desirable",)
+"""Columns of one value per row that an example holds beside its token lists (as ints)."""
+
+
+def _prepared_features(fmt: str) -> datasets.Features:
+    return datasets.Features({**_PREPARED_FEATURES, **_FORMAT_FEATURES.get(fmt, {})})
+
 
 class TokenizedExamples(Sequence):
     """Examples read on demand from a memory-mapped Arrow table: RAM does not grow with the data.
 
     ``examples[i]`` is a fresh ``{"input_ids": [...], "labels": [...]}`` of Python ints (packed:
     ``position_ids`` too, the pack built as ``pack_examples`` builds it); a slice is a list of them.
-    ``lengths`` holds every example's token count, so ``select_micro_batch`` plans an epoch without
-    reading a single example.
+    Format preference adds ``rejected_input_ids`` and ``rejected_labels``, format unpaired
+    ``desirable`` (1 or 0). ``lengths`` holds every example's token count (a pair's: its longer
+    sequence's), so ``select_micro_batch`` plans an epoch without reading a single example.
     """
 
     def __init__(self, table: pa.Table | None, rows: np.ndarray, pack_bounds: np.ndarray | None = None):
@@ -154,12 +174,16 @@ class TokenizedExamples(Sequence):
         # Per column: each chunk's first row, offsets and values as numpy views of the mapped file.
         # Reading an example through them takes 8 us (440 tokens), through pyarrow scalars 22 us.
         self._columns: dict[str, tuple[list[int], list[np.ndarray], list[np.ndarray]]] = {}
+        self._scalars: dict[str, np.ndarray] = {}
         row_lengths = np.zeros(0, dtype=np.int64)
         if table is not None and len(rows):
-            for name in ("input_ids", "labels"):
+            for name in ("input_ids", "labels", "rejected_input_ids", "rejected_labels"):
+                if name not in table.column_names:
+                    continue  # the rejected answer: format preference only
                 chunks = table.column(name).chunks
                 starts = np.cumsum([0] + [len(chunk) for chunk in chunks[:-1]]).tolist()
                 self._columns[name] = (starts, [c.offsets.to_numpy() for c in chunks], [c.values.to_numpy() for c in chunks])
+            self._scalars = {name: table.column(name).to_numpy() for name in _EXAMPLE_SCALARS if name in table.column_names}
             row_lengths = table.column("length").to_numpy().astype(np.int64)[rows]
         self.lengths: np.ndarray = row_lengths if pack_bounds is None else np.add.reduceat(row_lengths, pack_bounds[:-1])
         """Tokens in each example (each pack when packed), as ``len(examples[i]["input_ids"])``."""
@@ -187,12 +211,14 @@ class TokenizedExamples(Sequence):
     def __repr__(self) -> str:
         return f"TokenizedExamples({len(self)} {'packs' if self.packed else 'examples'})"
 
-    def _read_row(self, row: int) -> dict[str, list[int]]:
-        example = {}
+    def _read_row(self, row: int) -> dict[str, Any]:
+        example: dict[str, Any] = {}
         for name, (starts, offsets, values) in self._columns.items():
             chunk = bisect.bisect_right(starts, row) - 1
             local = row - starts[chunk]
             example[name] = values[chunk][offsets[chunk][local] : offsets[chunk][local + 1]].tolist()
+        for name, values in self._scalars.items():
+            example[name] = int(values[row])
         return example
 
 
@@ -235,9 +261,10 @@ def prepare_datasets(cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: in
     An example whose response does not fit in ``max_seq_len`` with the EOS that ends it is
     dropped (``cfg.truncation="drop"``, the default: a cut response would teach the model that
     some answers never stop) or kept with its first ``max_seq_len`` tokens (``"keep"``). An
-    example with no response token left is dropped either way. Printed, on every run: one line per
-    non-empty split (``format_truncation_stats``), then one line saying how the data was prepared
-    (``format_preparation_stats``).
+    example with no response token left is dropped either way. A preference pair is one example:
+    dropped (``drop``) when either sequence loses a learned token, kept cut (``keep``) while both
+    keep one. Printed, on every run: one line per non-empty split (``format_truncation_stats``),
+    then one line saying how the data was prepared (``format_preparation_stats``).
 
     Args:
         cfg: The recipe's data section.
@@ -248,11 +275,12 @@ def prepare_datasets(cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: in
     Returns:
         ``PreparedData``: ``train`` and ``eval``, sequences of examples (``TokenizedExamples``) with
         ``input_ids`` and ``labels``, in file order (packed training examples also carry
-        ``position_ids``; evaluation examples are never packed). The eval split comes from
+        ``position_ids``; evaluation examples are never packed; format preference adds
+        ``rejected_input_ids`` and ``rejected_labels``, format unpaired ``desirable``). The eval split comes from
         ``cfg.eval_path`` (read with ``cfg.split``; a single file ignores it), else from
         ``round(n * cfg.eval_fraction)`` (at least 1) held-out training records, else it is empty.
         ``stats``, JSON-able: ``records`` (read, both splits), ``kept``, ``dropped``, ``truncated``
-        and ``tokens`` (of the kept examples), each summed over both splits; ``train`` and ``eval``:
+        and ``tokens`` (of the kept examples; of a pair, both sequences'), each summed over both splits; ``train`` and ``eval``:
         the split's ``TruncationStats`` fields plus ``kept``, ``tokens`` and ``sequences`` (packs
         when packed); ``max_seq_len``, ``truncation``, ``packing``; ``num_proc`` and
         ``tokenize_seconds`` of the run that tokenized; ``chat_read_as`` (records per reading of
@@ -262,12 +290,15 @@ def prepare_datasets(cfg: DataConfig, tokenizer: Any, max_seq_len: int, seed: in
 
     Raises:
         DataError: Files cannot be read, a record lacks a required field (message gives the
-            split, file, record index and field), no training example is left, or the cache
-            folder is damaged.
+            split, file, record index and field), no training example is left, the cache
+            folder is damaged, or packing is asked of a format that ranks or labels answers.
     """
     started = time.perf_counter()
     if cfg.truncation not in CHOICES["data.truncation"]:
         raise DataError(f"data.truncation={cfg.truncation!r} is not one of {', '.join(CHOICES['data.truncation'])}")
+    if cfg.packing and cfg.format in PREFERENCE_FORMATS:
+        # config refuses this recipe too; a DataConfig built by hand meets it here, before any tokenizing.
+        raise DataError(f"data.format {cfg.format} scores whole answers, one per row, which packing would merge: set data.packing: false")
     require_eos_id(tokenizer)
     train_source = _fingerprint_source(cfg.path, cfg.split)
     eval_source = _fingerprint_source(cfg.eval_path, cfg.split) if cfg.eval_path else None
@@ -514,7 +545,7 @@ def _tokenize_to_arrow(
             # datasets runs num_proc=1 in a worker process too; in this one it skips sending the tokenizer.
             num_proc=min(num_proc, len(records)) if num_proc > 1 else None,
             remove_columns=records.column_names,
-            features=_PREPARED_FEATURES,
+            features=_prepared_features(cfg.format),
             fn_kwargs={"fmt": cfg.format, "tokenizer": tokenizer, "text_field": cfg.text_field, "max_seq_len": max_seq_len, "truncation": cfg.truncation},
             cache_file_name=str(tmp / name / "tokens.arrow"),
             # Our key names the result: datasets need not hash the tokenizer (seconds, and a warning when it cannot).
@@ -526,7 +557,8 @@ def _tokenize_to_arrow(
         # A worker's error names the record's row; only here is it known which file (and split) that row is in.
         raise DataError(f"{_describe_records(name, path, cfg.split)}, {err}") from err
     files = [str(Path(f["filename"]).relative_to(tmp)) for f in mapped.cache_files]
-    columns = ("length", "whole_length", "cut_tokens", "learnable", "kept", "chat_read_as")
+    # The per-row numbers (not the token lists), read into memory for the statistics and the split.
+    columns = [name for name, feature in mapped.features.items() if not isinstance(feature, datasets.List)]
     small = {column: mapped.data.column(column).to_numpy() for column in columns}
     return files, small
 
@@ -534,29 +566,48 @@ def _tokenize_to_arrow(
 def _tokenize_batch(
     batch: dict[str, list], indices: list[int], fmt: str, tokenizer: Any, text_field: str, max_seq_len: int, truncation: str
 ) -> pa.Table:
-    """``datasets.map`` function: a batch of records -> one row of ``_PREPARED_FEATURES`` each."""
+    """``datasets.map`` function: a batch of records -> one row of ``_prepared_features(fmt)`` each."""
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    columns: dict[str, list] = {name: [] for name in _PREPARED_FEATURES}
+    features = _prepared_features(fmt)
+    columns: dict[str, list] = {name: [] for name in features}
     examples = tokenize_records(records, indices, fmt, tokenizer, text_field)
     for whole in examples:
-        labels, beyond = whole["labels"][:max_seq_len], whole["labels"][max_seq_len:]
-        # Every example ends in a learned token (EOS or end of turn), so any cut loses learned tokens.
-        cut = len(beyond) - beyond.count(IGNORE_INDEX)
-        learnable = labels.count(IGNORE_INDEX) < len(labels)
+        sequences = [(whole["input_ids"], whole["labels"])]
+        if "rejected_input_ids" in whole:
+            sequences.append((whole["rejected_input_ids"], whole["rejected_labels"]))
+        # A pair is cut as one: it teaches the difference of its answers, which a lost EOS on one side skews.
+        cuts = [_cut_sequence(input_ids, labels, max_seq_len) for input_ids, labels in sequences]
+        cut = sum(lost for _, _, lost, _ in cuts)
+        learnable = all(learned for _, _, _, learned in cuts)
         kept = learnable and not (cut and truncation == "drop")
-        input_ids = whole["input_ids"][:max_seq_len] if kept else []
-        columns["input_ids"].append(input_ids)
-        columns["labels"].append(labels if kept else [])
-        columns["length"].append(len(input_ids))
-        columns["whole_length"].append(len(whole["input_ids"]))
+        kept_sequences = [(input_ids, labels) if kept else ([], []) for input_ids, labels, _, _ in cuts]
+        columns["input_ids"].append(kept_sequences[0][0])
+        columns["labels"].append(kept_sequences[0][1])
+        if "rejected_input_ids" in columns:
+            columns["rejected_input_ids"].append(kept_sequences[1][0])
+            columns["rejected_labels"].append(kept_sequences[1][1])
+            columns["tokens"].append(sum(len(input_ids) for input_ids, _ in kept_sequences))
+        if "desirable" in columns:
+            columns["desirable"].append(bool(whole["desirable"]))
+        columns["length"].append(max(len(input_ids) for input_ids, _ in kept_sequences))
+        columns["whole_length"].append(max(len(input_ids) for input_ids, _ in sequences))
         columns["cut_tokens"].append(cut)
         columns["learnable"].append(learnable)
         columns["kept"].append(kept)
         columns["chat_read_as"].append(whole["chat_read_as"])
     # An Arrow table, not lists: pyarrow converts lists of Python ints element by element, 30 times
     # slower than numpy's fromiter, and datasets would convert them again to infer their type.
-    arrays = {name: _to_list_array(values) if name in ("input_ids", "labels") else values for name, values in columns.items()}
-    return pa.table(arrays, schema=_PREPARED_FEATURES.arrow_schema)
+    arrays = {name: _to_list_array(values) if isinstance(features[name], datasets.List) else values for name, values in columns.items()}
+    return pa.table(arrays, schema=features.arrow_schema)
+
+
+def _cut_sequence(input_ids: list[int], labels: list[int], max_seq_len: int) -> tuple[list[int], list[int], int, bool]:
+    """A sequence's first ``max_seq_len`` ids and labels, the learned tokens past them, and whether a learned token is left."""
+    kept_labels, beyond = labels[:max_seq_len], labels[max_seq_len:]
+    # Every sequence ends in a learned token (EOS or end of turn), so any cut loses learned tokens.
+    cut = len(beyond) - beyond.count(IGNORE_INDEX)
+    learnable = kept_labels.count(IGNORE_INDEX) < len(kept_labels)
+    return input_ids[:max_seq_len], kept_labels, cut, learnable
 
 
 def _to_list_array(lists: list[list[int]]) -> pa.ListArray:
@@ -583,7 +634,9 @@ def _select_split(
         max_seq_len=max_seq_len,
         policy=policy,
     )
-    return kept, {**dataclasses.asdict(stats), "kept": len(kept), "tokens": int(columns["length"][kept].astype(np.int64).sum())}
+    # A pair's tokens are both its sequences'; length, which batching reads, is only the longer one's.
+    tokens = columns.get("tokens", columns["length"])[kept].astype(np.int64).sum()
+    return kept, {**dataclasses.asdict(stats), "kept": len(kept), "tokens": int(tokens)}
 
 
 def _open_prepared(folder: Path) -> PreparedData:

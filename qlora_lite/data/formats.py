@@ -25,6 +25,20 @@ Formats (``DataConfig.format``, listed with what they need in ``config.DATA_FORM
   ``conversations`` of ``{from, value}`` as ``messages`` of ``{role, content}``
   (``read_chat_messages``); any other role is refused.
 - ``text``: one text field, every token learned (plain language modelling).
+- ``preference`` (objectives dpo, orpo, simpo): fields ``prompt``, ``chosen``, ``rejected``, each a
+  string or a conversation. One record becomes two sequences, prompt + chosen and prompt + rejected
+  (``render_pair``), each with its answer learned; the example holds the first as ``input_ids`` and
+  ``labels`` (so evaluation reads the chosen answer as the reference) and the second as
+  ``rejected_input_ids`` and ``rejected_labels``. Conversations whose first turns are the same
+  (UltraFeedback-binarized: chosen = [user, assistant]) take those turns as the prompt, as TRL's
+  ``extract_prompt`` does.
+- ``unpaired`` (objective kto): fields ``prompt``, ``completion`` (strings or conversations) and
+  ``label`` (true: desirable; ``render_unpaired``); the example adds ``desirable`` (1 or 0).
+
+A prompt and an answer that are both strings are written as they stand, as ``text`` writes its
+text: ``[bos] + prompt (masked) + answer + eos (learned)``. Where either is a conversation, a string
+prompt is one user turn and a string answer one assistant turn, and prompt + answer is rendered as
+``chat`` renders it; only the answer's last assistant turn is learned.
 """
 
 from __future__ import annotations
@@ -87,14 +101,23 @@ CHAT_READINGS = (
 # Built once: read_chat_messages looks a bit up per turn, on the data cache's hot path.
 _READING_BIT = {name: 1 << i for i, name in enumerate(CHAT_READINGS)}
 
+PREFERENCE_FORMATS = ("preference", "unpaired")
+"""Formats whose records hold answers to rank or label rather than one answer to imitate; never packed."""
+
+TEMPLATED_FORMATS = ("chat", *PREFERENCE_FORMATS)
+"""Formats whose records may hold conversations, rendered with the chat template."""
+
+Segments = list[tuple[str, str | None]]
+"""A record's consecutive ``(text, end)`` pieces: ``end`` None masks the text, else it is the special token closing a learned one."""
+
 
 def render_example(record: dict, fmt: str, tokenizer: Any, index: int = 0, text_field: str = "text") -> tuple[str, str]:
     """Render one record as (prompt_text, response_text); the loss falls on the response only.
 
     Args:
         record: One raw record (a mapping of field name to value).
-        fmt: ``alpaca``, ``chat`` or ``text``.
-        tokenizer: The model's tokenizer; only ``chat`` uses it (its chat template and EOS).
+        fmt: A format of ``config.DATA_FORMATS``.
+        tokenizer: The model's tokenizer; its EOS, and its chat template where the record holds a conversation.
         index: Position of the record in its file, quoted in errors.
         text_field: Field holding the text for format ``text``.
 
@@ -103,7 +126,8 @@ def render_example(record: dict, fmt: str, tokenizer: Any, index: int = 0, text_
         template renders it, less the end-of-turn token that closes it (``tokenize_example``
         appends it as an id) and less trailing whitespace; the prompt is the template's rendering
         of the conversation before it with the generation prompt (``add_generation_prompt=True``).
-        For ``text`` the prompt is empty. The prompt holds BOS only where a chat
+        For ``text`` the prompt is empty. For ``preference`` the response is the chosen answer
+        (``render_pair``), for ``unpaired`` the completion. The prompt holds BOS only where a chat
         template writes ``bos_token``; the BOS ``tokenize_example`` prepends is not in it.
 
     Raises:
@@ -124,7 +148,7 @@ def render_segments(
     text_field: str,
     end_of_turn: str | None = None,
     messages: list[dict] | None = None,
-) -> list[tuple[str, str | None]]:
+) -> Segments:
     """Split a record into consecutive ``(text, end)`` pieces.
 
     ``end`` is None for a masked piece; for a learned piece it is the special token that closes
@@ -132,6 +156,8 @@ def render_segments(
     ``end_of_turn``: the chat end-of-turn token (``find_end_of_turn_token`` or EOS), when the caller
     has already found it once for many records; None finds it. ``messages``: the chat record's turns
     as ``read_chat_messages`` returns them, when the caller has already read them; None reads them.
+    A ``preference`` record gives the pieces of prompt + chosen, an ``unpaired`` one those of
+    prompt + completion; ``render_pair`` and ``render_unpaired`` give all they hold.
     """
     eos_token = getattr(tokenizer, "eos_token", None) or ""
     if fmt == "alpaca":
@@ -140,10 +166,14 @@ def render_segments(
         return _render_chat(record, tokenizer, index, end_of_turn, messages)
     if fmt == "text":
         return [("", None), (_require_text(record, text_field, fmt, index, text_field), eos_token)]
+    if fmt == "preference":
+        return render_pair(record, tokenizer, index, end_of_turn)[0]
+    if fmt == "unpaired":
+        return render_unpaired(record, tokenizer, index, end_of_turn)[0]
     raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMAT_NEEDS)}")
 
 
-def _render_alpaca(record: dict, index: int, eos_token: str) -> list[tuple[str, str | None]]:
+def _render_alpaca(record: dict, index: int, eos_token: str) -> Segments:
     instruction = _require_text(record, "instruction", "alpaca", index)
     output = _require_text(record, "output", "alpaca", index)
     context = _optional_text(record.get("input"))
@@ -155,8 +185,8 @@ def _render_alpaca(record: dict, index: int, eos_token: str) -> list[tuple[str, 
 
 
 def _render_chat(
-    record: dict, tokenizer: Any, index: int, end_of_turn: str | None = None, messages: list[dict] | None = None
-) -> list[tuple[str, str | None]]:
+    record: dict, tokenizer: Any, index: int, end_of_turn: str | None = None, messages: list[dict] | None = None, fmt: str = "chat"
+) -> Segments:
     """Cut a rendered conversation into masked markup/user text and learned assistant turns.
 
     Multi-turn masking works by rendering growing prefixes of the conversation: for each
@@ -204,10 +234,147 @@ def _render_chat(
             learned, end = stripped, end_of_turn
             covered = before + learned
         if not learned.strip():
-            raise DataError(f"record {index} message {turn} has an empty 'content' field ({FORMAT_NEEDS['chat']})")
+            raise DataError(f"record {index} message {turn} has an empty 'content' field ({FORMAT_NEEDS[fmt]})")
         segments += [(before[len(consumed) :], None), (learned, end)]
         consumed = covered
     return segments
+
+
+def render_pair(
+    record: dict, tokenizer: Any, index: int = 0, end_of_turn: str | None = None, roles: tuple[str, ...] | None = None
+) -> tuple[Segments, Segments, int]:
+    """A ``preference`` record as the pieces of prompt + chosen and of prompt + rejected, and its chat reading flags.
+
+    Each ends with the answer's final turn, learned with the token that ends it; all before it is
+    the prompt, masked (``_render_answer``), the same pieces before either answer. The prompt is
+    the ``prompt`` field, unless ``chosen`` and ``rejected`` are conversations that begin with the
+    same turns: those turns are then the prompt (TRL's ``extract_prompt``) and a ``prompt`` field,
+    which such data sets often repeat as a string, is not read, lest its turn be written twice.
+    ``end_of_turn`` and ``roles``: as ``render_segments`` and ``read_chat_messages`` take them,
+    found once by callers over many records; None finds them. The flags are those of
+    ``read_chat_messages``, over the conversations read.
+
+    Raises:
+        DataError: A field missing or empty, an answer neither a string nor a conversation ending
+            with an assistant turn, a bad turn; the message names the record and the field.
+            Identical answers are refused where they are tokenized (``tokenize_records``).
+    """
+    needs = FORMAT_NEEDS["preference"]
+    roles = roles or chat_roles(tokenizer)
+    chosen, flags = _read_field(record, "chosen", index, roles, needs, answer=True)
+    rejected, rejected_flags = _read_field(record, "rejected", index, roles, needs, answer=True)
+    flags |= rejected_flags
+    shared = _count_shared_turns(chosen, rejected)
+    if shared:
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    else:
+        prompt, prompt_flags = _read_field(record, "prompt", index, roles, needs, answer=False)
+        flags |= prompt_flags
+    # One conversation among the three makes both sequences conversations: a string answer beside a
+    # conversation is an assistant turn, never the same words written without the template.
+    as_chat = any(isinstance(value, list) for value in (prompt, chosen, rejected))
+    return (
+        _render_answer(prompt, chosen, as_chat, tokenizer, index, end_of_turn, "preference"),
+        _render_answer(prompt, rejected, as_chat, tokenizer, index, end_of_turn, "preference"),
+        flags,
+    )
+
+
+def render_unpaired(
+    record: dict, tokenizer: Any, index: int = 0, end_of_turn: str | None = None, roles: tuple[str, ...] | None = None
+) -> tuple[Segments, bool, int]:
+    """An ``unpaired`` record as the pieces of prompt + completion (as ``render_pair`` builds each), its label, its chat reading flags.
+
+    Raises:
+        DataError: A field missing or empty, a completion neither a string nor a conversation
+            ending with an assistant turn, a bad turn, a label other than true/false (or 1/0).
+    """
+    needs = FORMAT_NEEDS["unpaired"]
+    roles = roles or chat_roles(tokenizer)
+    prompt, flags = _read_field(record, "prompt", index, roles, needs, answer=False)
+    completion, completion_flags = _read_field(record, "completion", index, roles, needs, answer=True)
+    desirable = read_label(record.get("label"), index)
+    as_chat = isinstance(prompt, list) or isinstance(completion, list)
+    return _render_answer(prompt, completion, as_chat, tokenizer, index, end_of_turn, "unpaired"), desirable, flags | completion_flags
+
+
+def read_label(value: Any, index: int = 0) -> bool:
+    """An ``unpaired`` record's ``label``: True (desirable) or False; 1 and 0 are read as those.
+
+    Raises:
+        DataError: The label is missing or anything else (a string "true", 0.5, 2): guessing would
+            train toward the answers it meant to train away from.
+    """
+    needs = FORMAT_NEEDS["unpaired"]
+    if value is None:
+        raise DataError(f"record {index} has no 'label' field ({needs})")
+    # bool is an int too: True and 1 read alike, while 2 or 0.0 are refused.
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise DataError(f"record {index} has a 'label' of {value!r}, not true or false (nor 1 or 0) ({needs})")
+
+
+def _read_field(record: dict, field: str, index: int, roles: tuple[str, ...], needs: str, answer: bool) -> tuple[str | list[dict], int]:
+    """A prompt or answer field as its text or its turns (``_read_chat_turns``), and the turns' reading flags."""
+    value = record.get(field)
+    if value is None:  # records read from one file share their columns: a missing field is None
+        raise DataError(f"record {index} has no {field!r} field ({needs})")
+    if not isinstance(value, (str, list)):
+        raise DataError(
+            f"record {index} has a {field!r} field of type {type(value).__name__}, not a string or a conversation (a list of {{role, content}}) ({needs})"
+        )
+    if not value or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"record {index} has an empty {field!r} field ({needs})")
+    if isinstance(value, str):
+        return value, 0
+    turns, flags = _read_chat_turns(value, f"record {index} {field!r}", roles, needs)
+    if answer and turns[-1]["role"] != "assistant":
+        raise DataError(
+            f"record {index}: the last message of {field!r} has role {_written_role(value[-1])!r}, but an answer must end with "
+            f"the assistant's turn ({needs}); rename that turn to 'assistant' if it is the answer"
+        )
+    if answer and not turns[-1]["content"].strip():
+        raise DataError(f"record {index} has an empty {field!r} field: its last message has no text ({needs})")
+    return turns, flags
+
+
+def _count_shared_turns(chosen: str | list[dict], rejected: str | list[dict]) -> int:
+    """How many leading turns two answer conversations share: their prompt (0 unless both are conversations).
+
+    Each keeps its last turn whatever they share, so that an answer identical to the other is
+    refused as such (``tokenize_records``) rather than as an empty one.
+    """
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return 0
+    shared, most = 0, min(len(chosen), len(rejected)) - 1
+    while shared < most and chosen[shared] == rejected[shared]:
+        shared += 1
+    return shared
+
+
+def _render_answer(
+    prompt: str | list[dict], answer: str | list[dict], as_chat: bool, tokenizer: Any, index: int, end_of_turn: str | None, fmt: str
+) -> Segments:
+    """The pieces of prompt + answer, the last of them the answer's final turn: the one piece learned.
+
+    Strings (``as_chat`` False) are ``[(prompt, None), (answer, eos)]``, written as they stand (as
+    format ``text`` writes its text). Otherwise a string prompt is one user turn, a string answer one
+    assistant turn, and the conversation is cut as ``chat`` cuts it (``_render_chat``), so its tokens are
+    those chat trains on, piece by piece. An assistant turn before the last is the prompt's:
+    ``tokenize_records`` masks every learned piece but the last of these formats (``PREFERENCE_FORMATS``),
+    where ``render_example`` writes them into the prompt's text.
+    """
+    if not as_chat:
+        return [(prompt, None), (answer, getattr(tokenizer, "eos_token", None) or "")]
+    messages = _as_turns(prompt, "user") + _as_turns(answer, "assistant")
+    # Not merged into one masked text: tokenized whole, it can give other ids than chat's pieces
+    # (a Metaspace tokenizer writes a word mark at the start of each piece), and a pair must hold
+    # the tokens SFT on the same conversation trained.
+    return _render_chat({}, tokenizer, index, end_of_turn, messages, fmt)
+
+
+def _as_turns(value: str | list[dict], role: str) -> list[dict]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
 def find_end_of_turn_token(tokenizer: Any) -> str | None:
@@ -287,6 +454,27 @@ def read_chat_messages(record: dict, index: int, roles: tuple[str, ...]) -> tupl
         raise DataError(f"record {index} has no 'messages' field (nor ShareGPT's 'conversations') ({needs})")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"record {index} has an empty or non-list 'messages' field ({needs})")
+    turns, read_as = _read_chat_turns(messages, f"record {index}", roles, needs)
+    if turns[-1]["role"] != "assistant":
+        raise DataError(
+            f"record {index}: the last message has role {_written_role(messages[-1])!r}, but a record must end with the assistant's answer "
+            f"({needs}); rename that turn to 'assistant' if it is the answer, else drop it"
+        )
+    return turns, flags | read_as
+
+
+def _read_chat_turns(messages: list, where: str, roles: tuple[str, ...], needs: str) -> tuple[list[dict], int]:
+    """A non-empty list of turns as ``{role, content}`` with the roles the template knows, and what was read otherwise.
+
+    ``read_chat_messages`` without finding the list in a record, nor asking which role comes last:
+    the chat record's ``messages`` and a preference record's conversations read alike. ``where``
+    begins each error (``record 7``, ``record 7 'chosen'``); ``needs`` ends it (``FORMAT_NEEDS``).
+    Flags as ``read_chat_messages`` returns them.
+
+    Raises:
+        DataError: A turn without role and text, or a role outside ``roles`` and the aliases.
+    """
+    flags = 0
     turns, written = [], []
     for turn, message in enumerate(messages):
         keys = ("role", "content")
@@ -294,11 +482,11 @@ def read_chat_messages(record: dict, index: int, roles: tuple[str, ...]) -> tupl
             keys, flags = ("from", "value"), flags | _READING_BIT["from/value->role/content"]
         if not isinstance(message, dict) or message.get(keys[0]) is None or keys[1] not in message:
             raise DataError(
-                f"record {index} message {turn} is not a {{role, content}} mapping ({needs}); "
+                f"{where} message {turn} is not a {{role, content}} mapping ({needs}); "
                 "write each turn as {role, content} (or ShareGPT's {from, value})"
             )
         if not isinstance(message[keys[1]], str):
-            raise DataError(f"record {index} message {turn} has no text in its {keys[1]!r} field ({needs})")
+            raise DataError(f"{where} message {turn} has no text in its {keys[1]!r} field ({needs})")
         role = message[keys[0]]
         alias_of = CHAT_ROLE_ALIASES.get(role) if isinstance(role, str) else None  # a number or a list is no role
         if alias_of:
@@ -309,15 +497,15 @@ def read_chat_messages(record: dict, index: int, roles: tuple[str, ...]) -> tupl
     if any(turn["role"] not in roles for turn in turns):
         found = [role for turn, role in enumerate(written) if role not in written[:turn]]  # each once, in the record's order
         raise DataError(
-            f"record {index} has chat roles {found}; qlora-lite reads {', '.join(roles)} "
+            f"{where} has chat roles {found}; qlora-lite reads {', '.join(roles)} "
             f"(and {', '.join(CHAT_ROLE_ALIASES)} as their aliases): rename the others"
         )
-    if turns[-1]["role"] != "assistant":
-        raise DataError(
-            f"record {index}: the last message has role {written[-1]!r}, but a record must end with the assistant's answer "
-            f"({needs}); rename that turn to 'assistant' if it is the answer, else drop it"
-        )
     return turns, flags
+
+
+def _written_role(message: dict) -> Any:
+    # The role as the record wrote it (_read_chat_turns has accepted the turn): ShareGPT's `from` where `role` is absent.
+    return message["role"] if message.get("role") is not None else message["from"]
 
 
 def _require_text(record: dict, field: str, fmt: str, index: int, text_field: str = "text") -> str:
