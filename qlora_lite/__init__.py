@@ -30,7 +30,8 @@ _API: dict[str, str] = {
     # recipes
     "RecipeConfig": "config", "ModelConfig": "config", "QuantConfig": "config", "LoRAConfig": "config",
     "PromptConfig": "config", "SelectiveConfig": "config", "BottleneckConfig": "config", "DataConfig": "config",
-    "TrainConfig": "config", "DistConfig": "config", "config_to_dict": "config", "save_config": "config",
+    "TrainConfig": "config", "DistConfig": "config", "ObjectiveConfig": "config", "config_to_dict": "config", "save_config": "config",
+    "build_config": "config",
     # models and methods
     "load_base_model": "quant", "load_tokenizer": "quant", "pick_device": "quant", "resolve_compute_dtype": "quant",
     "enable_gradient_checkpointing": "quant", "keep_4bit_layout": "quant",
@@ -44,6 +45,7 @@ _API: dict[str, str] = {
     "IGNORE_INDEX": "data.formats",
     # training's pieces
     "compute_causal_lm_loss": "training.loss", "build_optimizer": "training.optim", "evaluate_loss": "training.evaluate",
+    "compute_objective": "training.objectives", "get_objective": "training.objectives",
     "ActivationOffload": "training.offload", "apply_tiled_mlp": "training.tiled_mlp", "apply_lean_rms_norm": "training.rms_norm",
     # generation
     "build_prompt_ids": "generate", "generate_answer": "generate", "generate_ids": "generate",
@@ -57,7 +59,7 @@ _API: dict[str, str] = {
     "ShardWriter": "safetensors_io", "write_tensors": "safetensors_io",
     "build_tiny_model": "tiny", "build_tokenizer": "tiny", "build_sentencepiece_tokenizer": "tiny",
     "ensure_demo_base": "demo", "make_demo_records": "demo", "make_pretraining_text": "demo",
-    "format_demo_prompt": "demo", "DEMO_BASE_SPEC": "demo",
+    "format_demo_prompt": "demo", "DEMO_BASE_SPEC": "demo", "make_demo_pairs": "demo", "write_demo_pairs": "demo",
 }  # fmt: skip
 __all__ = ["__version__", *_API]
 

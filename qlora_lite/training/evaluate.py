@@ -18,7 +18,8 @@ from ..data.formats import IGNORE_INDEX
 from ..errors import TrainingError
 from ..generate import GenerationSettings, build_generate_kwargs, collect_eos_ids, cut_at_stop
 from .distributed import World, gather_objects, resolve_mixed_precision, sum_across
-from .objective import as_training_module, count_targets, unwrap_training_module
+from .objective import as_training_module, unwrap_training_module
+from .objectives import add_sums
 
 EVAL_BAR_BATCHES = 20  # evaluations of at least this many batches (per process) show their own progress bar
 
@@ -32,10 +33,18 @@ def share_of(items: list, world: World) -> tuple[list, int]:
     return items[world.rank :: world.size], math.ceil(len(items) / world.size)
 
 
-@torch.no_grad()
 def evaluate_loss(model, examples: list[dict], cfg: RecipeConfig, pad_id: int, device: torch.device, world: World = World()) -> float:
-    """Mean loss per target token over the eval examples (or the first eval_max_batches batches), over every process."""
+    """Mean loss per target token (per pair, per example for a preference objective) over the eval examples, over every process."""
+    return evaluate_objective(model, examples, cfg, pad_id, device, world)[0]
+
+
+@torch.no_grad()
+def evaluate_objective(
+    model, examples: list[dict], cfg: RecipeConfig, pad_id: int, device: torch.device, world: World = World()
+) -> tuple[float, dict[str, float]]:
+    """The objective's mean loss over the eval examples (or the first eval_max_batches batches) and its metrics (reward accuracy...), over every process."""
     runner = as_training_module(model, cfg)
+    objective = unwrap_training_module(runner).objective
     runner.eval()
     size = cfg.train.micro_batch_size
     starts = list(range(0, len(examples), size))
@@ -47,18 +56,22 @@ def evaluate_loss(model, examples: list[dict], cfg: RecipeConfig, pad_id: int, d
     # accelerate autocasts the model's forward; the chunked loss runs the model's body and head
     # itself, so evaluation sets the autocast that training's loop sets.
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_mixed_precision(cfg.train.mixed_precision, device))
-    total_loss, total_targets = 0.0, 0
+    total_loss, total_targets, sums = 0.0, 0, {}
     for round_ in rounds_bar:
         start = mine[round_] if round_ < len(mine) else starts[0]
         batch = {k: v.to(device) for k, v in collate_batch(examples[start : start + size], pad_id).items()}
-        n = count_targets(batch["labels"]) if round_ < len(mine) else 0
+        n = objective.count_units(batch) if round_ < len(mine) else 0
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = runner(batch).float().item()
+        last = unwrap_training_module(runner).last_sums
+        # A repeated batch (a process short of batches) adds zeros: every process must sum the same keys.
+        add_sums(sums, last if n else dict.fromkeys(last, 0.0))
         if n:
             total_loss += loss * n
             total_targets += n
-    total_loss, total_targets = sum_across([total_loss, total_targets], device)
-    return total_loss / max(total_targets, 1)
+    keys = sorted(sums)
+    total_loss, total_targets, *values = sum_across([total_loss, total_targets, *(sums[key] for key in keys)], device)
+    return total_loss / max(total_targets, 1), objective.summarize(dict(zip(keys, values)))
 
 
 def exact_match(model, tokenizer, examples: list[dict], device: torch.device, world: World = World(), lockstep: bool = False) -> float:

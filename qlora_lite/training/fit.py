@@ -59,9 +59,11 @@ from .distributed import (
     shard_with_fsdp,
     sum_across,
 )
-from .evaluate import evaluate_loss, exact_match, generate_answers
+from .evaluate import evaluate_objective, exact_match, generate_answers
 from .loss import check_chunked_loss_supported
-from .objective import TrainingModule, count_targets, count_tokens, unwrap_training_module
+from .objective import TrainingModule, count_tokens, unwrap_training_module
+from .objectives import add_sums, get_objective
+from .objectives.reference import attach_reference
 from .offload import ActivationOffload
 from .optim import build_optimizer, build_scheduler
 from .plot import plot_run
@@ -95,6 +97,7 @@ class Progress:
     last_checkpoint: Path | None = None
     window_tokens: int = 0  # tokens trained since the last logged step
     window_start: float = field(default_factory=time.perf_counter)  # training time only: eval and checkpoints are left out
+    window_sums: dict[str, float] = field(default_factory=dict)  # the objective's metric sums since the last logged step
     bar: tqdm | None = None  # the loop's progress bar, while it runs
 
     @contextmanager
@@ -122,7 +125,8 @@ def fit(cfg: RecipeConfig, resume: bool = False, overwrite: bool = False) -> dic
         model = load_model(run, log)
         # --- 4. the engine: DDP, FSDP2 or none for one process; optimizer; schedule
         engine = build_engine(run, model)
-        # --- 5. restore the checkpoint's state, or evaluate the untouched model
+        # --- 5. the objective's reference log-probs (computed once, or read from the cache); the checkpoint's state restored, or the untouched model evaluated
+        prepare_reference(run, engine, log)
         progress = restore_progress(run, engine, log)
         if run.data.eval and not run.state:
             progress.first_eval = evaluate_now(run, engine, progress, log, with_task_metric=True)
@@ -200,7 +204,10 @@ def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
     apply_lean_rms_norm(model)  # Llama's RMSNorm without its fp32 copies: the same outputs, less memory per token
     if run.long_context.mlp_tile_tokens:
         apply_tiled_mlp(model, run.long_context.mlp_tile_tokens)
-    model = load_method(model, cfg, run.checkpoint, trainable=True) if run.checkpoint else attach_method(model, cfg, run.tokenizer)
+    if run.checkpoint or cfg.model.init_adapter:  # a resume, or a run that continues a finished adapter (SFT -> DPO)
+        model = load_method(model, cfg, run.checkpoint or Path(cfg.model.init_adapter), trainable=True)
+    else:
+        model = attach_method(model, cfg, run.tokenizer)
     if cfg.train.loss == "chunked":
         check_chunked_loss_supported(unwrap_base(model))  # refuse now, not at the first eval
     if run.world.is_distributed:
@@ -216,7 +223,7 @@ def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
 def build_engine(run: Run, model: nn.Module) -> Engine:
     """The model wrapped for its engine (DDP with several processes, FSDP2 when sharded), with its optimizer and schedule."""
     train = run.cfg.train
-    module = TrainingModule(model, train)  # every call into the model goes through its forward
+    module = TrainingModule(model, train, run.cfg.objective)  # every call into the model goes through its forward
     if run.sharded:
         shard_with_fsdp(module, run.compute_dtype, run.cfg.dist.cpu_offload)
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -235,6 +242,14 @@ def build_engine(run: Run, model: nn.Module) -> Engine:
     if run.world.is_main:
         warn_if_disk_is_short(run.out, run.cfg, checkpoint_bytes)
     return Engine(module, runner, evaluator, optimizer, scheduler, trainable, checkpoint_bytes)
+
+
+def prepare_reference(run: Run, engine: Engine, log: MetricsLog | NullLog) -> None:
+    """What the objective reads beside the tokens: DPO's and KTO's reference log-probs (from the model as it starts, before any step), KTO's KL pairs."""
+    info = attach_reference(run, engine.evaluator, engine.module.objective)
+    if info and run.world.is_main:
+        print(f"reference log-probs: {info['reference']} ({info['reference_file']})")
+        log.write({"event": "reference", **info})
 
 
 def restore_progress(run: Run, engine: Engine, log: MetricsLog | NullLog) -> Progress:
@@ -299,7 +314,7 @@ def run_step(run: Run, engine: Engine, progress: Progress, micro_batches: list[d
     the step's loss is the mean over all its tokens, as one big batch on one process would give.
     """
     accelerator, world = run.accelerator, run.world
-    targets = [count_targets(b["labels"]) for b in micro_batches]
+    targets = [engine.module.objective.count_units(b) for b in micro_batches]  # tokens (sft), pairs or examples
     total_targets = max(sum_across([sum(targets)], run.device)[0], 1)
     step_loss = 0.0
     try:
@@ -313,6 +328,7 @@ def run_step(run: Run, engine: Engine, progress: Progress, micro_batches: list[d
                 # x world.size: DDP and FSDP average the processes' gradients, this wants their sum.
                 accelerator.backward(loss * (n_targets * world.size / total_targets))
             step_loss += loss.item() * n_targets / total_targets
+            add_sums(progress.window_sums, engine.module.last_sums)
             progress.window_tokens += count_tokens(batch)
         grad_norm = clip_gradients(accelerator, engine.trainable, run.cfg.train.max_grad_norm)
         engine.optimizer.step()
@@ -335,24 +351,27 @@ def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: floa
 
 
 def log_step(run: Run, progress: Progress, log: MetricsLog | NullLog, values: dict[str, float]) -> None:
-    """A metrics line for this step (loss, lr, grad_norm, tokens/s over every process) and the progress bar's numbers."""
+    """A metrics line for this step (loss, lr, grad_norm, tokens/s over every process, the objective's metrics since the last line) and the progress bar's numbers."""
     elapsed = time.perf_counter() - progress.window_start
-    tokens = sum_across([progress.window_tokens], run.device)[0]
-    record = {"step": progress.step, **values, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+    keys = sorted(progress.window_sums)  # the same keys on every process: each objective always writes all of its own
+    tokens, *sums = sum_across([progress.window_tokens, *(progress.window_sums[key] for key in keys)], run.device)
+    metrics = get_objective(run.cfg.objective.name).summarize(dict(zip(keys, sums)))
+    record = {"step": progress.step, **values, **metrics, "tokens_per_s": tokens / max(elapsed, 1e-9)}
     log.write(record)
     epoch = progress.micro_batches_seen * run.per_micro_batch / len(run.data.train)  # passes over the data so far
     progress.bar.set_postfix(
         epoch=f"{epoch:.2f}", loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
         mem=format_memory_short(run.device),
     )  # fmt: skip
-    progress.window_tokens, progress.window_start = 0, time.perf_counter()
+    progress.window_tokens, progress.window_start, progress.window_sums = 0, time.perf_counter(), {}
 
 
 def evaluate_now(run: Run, engine: Engine, progress: Progress, log: MetricsLog | NullLog, with_task_metric: bool = False) -> dict:
     """The eval loss (and at the start and end, exact match), logged with the sample answers; its time is left out of tokens/s."""
     cfg, eval_examples, evaluator = run.cfg, run.data.eval, engine.evaluator
     with progress.paused():
-        result = {"step": progress.step, "eval_loss": evaluate_loss(evaluator, eval_examples, cfg, run.tokenizer.pad_token_id, run.device, run.world)}
+        loss, metrics = evaluate_objective(evaluator, eval_examples, cfg, run.tokenizer.pad_token_id, run.device, run.world)
+        result = {"step": progress.step, "eval_loss": loss, **{f"eval_{key}": value for key, value in metrics.items()}}
         if with_task_metric and cfg.train.exact_match_examples:
             examples = eval_examples[: cfg.train.exact_match_examples]
             result["exact_match"] = exact_match(evaluator, run.tokenizer, examples, run.device, run.world, lockstep=run.sharded)

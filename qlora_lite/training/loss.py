@@ -165,7 +165,7 @@ def linear_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = start + chunk_tokens
-        total += compute_chunk(hidden[start:end], weight, bias, targets[start:end], softcap, with_grad=False)[0]
+        total += compute_chunk(hidden[start:end], weight, bias, targets[start:end], softcap, with_grad=False)[0].sum()
     return total / hidden.shape[0]
 
 
@@ -191,8 +191,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_tokens):
             end = min(start + chunk_tokens, n)
             h = hidden[start:end]  # (C, H)
-            loss_sum, grad = compute_chunk(h, weight, bias, targets[start:end], softcap, with_grad=True)  # grad (C, V)
-            total += loss_sum
+            token_losses, grad = compute_chunk(h, weight, bias, targets[start:end], softcap, with_grad=True)  # grad (C, V)
+            total += token_losses.sum()
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad @ weight  # (C, H)
             if grad_weight is not None:
@@ -219,7 +219,7 @@ def compute_chunk(
     softcap: float | None,
     with_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk: the sum of its token losses (fp32) and, with_grad, that sum's gradient by the logits W h + b.
+    """One chunk: its token losses (C,) in fp32 and, with_grad, their gradients by the logits W h + b (C, V).
 
     The gradient comes back in the head's compute dtype (bf16 under autocast), as autograd's
     would, so the matmuls that use it run at that precision. The softmax is made in place in
@@ -239,12 +239,89 @@ def compute_chunk(
     exps = logits.sub_(row_max).exp_()  # (C, V), in place
     row_sum = exps.sum(dim=-1, keepdim=True)  # (C, 1)
     lse = (row_max + row_sum.log()).squeeze(1)  # (C,)
-    loss_sum = (lse - target_logits).sum()
+    token_losses = lse - target_logits  # (C,): -log p(target)
     if not with_grad:
-        return loss_sum, None
+        return token_losses, None
     grad = exps.div_(row_sum)  # softmax (C, V)
     grad[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
     if tanh is not None:
         grad.mul_(tanh.square_().neg_().add_(1.0))  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
         tanh = None  # freed before the cast below
-    return loss_sum, grad.to(compute_dtype)
+    return token_losses, grad.to(compute_dtype)
+
+
+# ---------------------------------------------------------------------------- per-token log-probabilities
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """log p(targets_i | hidden_i) under the head, (N,) fp32, chunk_tokens rows at a time: the preference objectives' input.
+
+    The same chunks as `linear_cross_entropy` (no (N, V) logits ever exist), but one value per
+    token, so the caller may sum them per sequence, average them or weigh them as its objective
+    says; autograd carries its per-token weights back through `TokenLogProbs`.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum(-1).float() * 0.0
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return TokenLogProbs.apply(hidden, weight, bias, targets, chunk_tokens, softcap)
+    chunks = [compute_chunk(hidden[s : s + chunk_tokens], weight, bias, targets[s : s + chunk_tokens], softcap, with_grad=False)[0]
+              for s in range(0, hidden.shape[0], chunk_tokens)]  # fmt: skip
+    return -torch.cat(chunks)
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """Per-token log-probs whose hidden-state gradient is computed in the forward, chunk by chunk.
+
+    d log p_i / d h_i = -(softmax_i - onehot_i) W is known once chunk i's softmax is, whatever the
+    objective does with log p_i afterwards: the backward only scales row i by its incoming
+    gradient. A trainable head (full fine-tuning) needs sum_i g_i (softmax_i - onehot_i)^T h_i,
+    which depends on the incoming g: the backward recomputes each chunk's softmax for it (one
+    more head matmul per chunk, only then).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, softcap):
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (N, H): d(-log p_i)/d h_i
+        losses = []
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            end = min(start + chunk_tokens, hidden.shape[0])
+            token_losses, grad = compute_chunk(hidden[start:end], weight, bias, targets[start:end], softcap, with_grad=want_hidden)
+            losses.append(token_losses)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad @ weight
+            del grad
+        recompute = want_weight or want_bias
+        ctx.save_for_backward(grad_hidden, hidden if recompute else None, weight if recompute else None, bias if recompute else None, targets if recompute else None)
+        ctx.chunk_tokens, ctx.softcap = chunk_tokens, softcap
+        return -torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, hidden, weight, bias, targets = ctx.saved_tensors
+        scale = -grad_output.float()  # (N,): log p = -loss
+        out_hidden = out_weight = out_bias = None
+        if grad_hidden is not None:
+            out_hidden = (grad_hidden.float() * scale[:, None]).to(grad_hidden.dtype)
+        if hidden is not None:
+            want_weight, want_bias = ctx.needs_input_grad[1:3]
+            out_weight = torch.zeros_like(weight) if want_weight else None
+            out_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_bias else None
+            for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+                end = min(start + ctx.chunk_tokens, hidden.shape[0])
+                h = hidden[start:end]
+                _, grad = compute_chunk(h, weight, bias, targets[start:end], ctx.softcap, with_grad=True)
+                grad = (grad.float() * scale[start:end, None]).to(grad.dtype)  # (C, V)
+                if out_weight is not None:
+                    out_weight.addmm_(grad.t().to(weight.dtype), h.to(weight.dtype))
+                if out_bias is not None:
+                    out_bias += grad.float().sum(0)
+            out_bias = out_bias.to(bias.dtype) if out_bias is not None else None
+        return out_hidden, out_weight, out_bias, None, None, None

@@ -22,6 +22,7 @@ from ..data.cache import PreparedData, prepare_datasets
 from ..errors import PlanError, TrainingError
 from ..folders import find_write_problem
 from ..memory import read_available_ram_bytes
+from ..methods.table import find_saved_method
 from ..model_paths import resolve_model_path
 from ..planner import LongContext, choose_micro_batch, plan_long_context, read_device_memory_bytes, read_model_config
 from ..quant import load_tokenizer, read_prequantized_storage, resolve_compute_dtype
@@ -119,10 +120,23 @@ def read_base_and_data(cfg: RecipeConfig, world: World, mixed_precision: str, co
     base_path = resolve_model_path(cfg.model)
     storage = read_prequantized_storage(base_path) if cfg.quant.load_in_4bit else None
     check_recipe(cfg, world, mixed_precision, compute_dtype, storage)
+    check_init_adapter(cfg)
     check_trackers_installed(cfg.train.report_to)
     tokenizer = load_tokenizer(cfg.model, base_path)
     # Tokenized once into a memory-mapped cache on disk; a later run or a resume only opens it.
     return base_path, tokenizer, prepare_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
+
+
+def check_init_adapter(cfg: RecipeConfig) -> None:
+    """model.init_adapter names a folder holding an adapter of the recipe's method (its weights are checked against the base when they load)."""
+    if not cfg.model.init_adapter:
+        return
+    folder = Path(cfg.model.init_adapter).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise TrainingError(f"model.init_adapter {folder} holds no adapter_config.json; point it at a finished run's adapter/ folder")
+    method = find_saved_method(folder)
+    if method.name != cfg.method:
+        raise TrainingError(f"model.init_adapter {folder} holds a {method.name} adapter, but the recipe trains method {cfg.method}: set method: {method.name}")
 
 
 def size_batches(run: Run) -> None:

@@ -98,8 +98,8 @@ def main() -> int:
     modules: list = []
     init = objective.TrainingModule.__init__
 
-    def keep(self, model, train_cfg):
-        init(self, model, train_cfg)
+    def keep(self, model, train_cfg, objective_cfg=None):
+        init(self, model, train_cfg, objective_cfg)
         modules.append(self)
 
     objective.TrainingModule.__init__ = keep
