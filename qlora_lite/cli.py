@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import DATA_FORMATS, load_recipe
+from .config import OBJECTIVES, load_recipe
 from .errors import GenerationError, QloraLiteError
 from .export.llama_cpp import GGUF_TYPES
 
@@ -230,7 +230,7 @@ def run_export_gguf(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- generate
 
-PROMPT_FORMATS = ("auto", *DATA_FORMATS)  # as generate.PROMPT_FORMATS, without importing torch for --help
+PROMPT_FORMATS = ("auto", *OBJECTIVES["sft"].formats)  # as generate.PROMPT_FORMATS, without importing torch for --help
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:

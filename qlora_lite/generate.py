@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .config import DATA_FORMATS, ModelConfig, QuantConfig
+from .config import DATA_FORMATS, OBJECTIVES, ModelConfig, QuantConfig
 from .data.formats import IGNORE_INDEX, find_end_of_turn_id
 from .data.tokenizing import tokenize_example
 from .errors import AdapterError, DataError, GenerationError
@@ -37,7 +37,7 @@ from .methods.method import Method
 from .methods.table import TABLE, find_method_of_config, find_saved_method
 from .quant import load_base_model, load_tokenizer
 
-PROMPT_FORMATS = ("auto", *DATA_FORMATS)
+PROMPT_FORMATS = ("auto", *OBJECTIVES["sft"].formats)  # the single-answer formats; preference data has no one prompt layout
 BASE_NAME = "base"
 """The name that routes a prompt to the base model with no adapter."""
 NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
@@ -98,8 +98,9 @@ def resolve_prompt_format(fmt: str, trained_format: str | None, tokenizer: Any) 
         raise GenerationError(f"unknown prompt format {fmt!r}; use one of {', '.join(PROMPT_FORMATS)}")
     if fmt != "auto":
         return fmt
-    if trained_format:
+    if trained_format in PROMPT_FORMATS:
         return trained_format
+    # No record, or preference data (prompts as written or as conversations): the tokenizer's habit.
     return "chat" if getattr(tokenizer, "chat_template", None) else "text"
 
 

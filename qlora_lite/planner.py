@@ -67,7 +67,7 @@ from .activations import (
     estimate_recomputed_bytes,
     has_lean_norm,
 )
-from .config import ModelConfig, RecipeConfig
+from .config import OBJECTIVES, ModelConfig, RecipeConfig
 from .errors import PlanError
 from .memory import read_available_ram_bytes
 from .methods.lora import find_linear_names
@@ -154,6 +154,7 @@ class MemoryPlan:
     mlp_tile_tokens: int = 0  # tokens per tile of the tiled MLP; 0: not tiled
     longest_context: int = 0  # the longest sequence at micro-batch 1 without activation offload (model.tiled_mlp as set)
     longest_context_offloaded: int = 0  # the same with activation offload
+    sequences_per_example: int = 1  # 2 for a pair objective: chosen and rejected run in one forward (config.OBJECTIVES)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -408,6 +409,9 @@ def assemble(
     element = compute_element_bytes(cfg)
     checkpointing = cfg.model.gradient_checkpointing
     offload = offload and checkpointing
+    plan_batch = micro_batch
+    # A pair objective runs chosen and rejected of each pair in one forward: twice the rows of the micro-batch.
+    micro_batch *= OBJECTIVES[cfg.objective.name].sequences
     tokens = micro_batch * tokens_seq
     tile_tokens = choose_mlp_tile_tokens(model_config) if tiled else 0
     tile_tokens = tile_tokens if tokens > tile_tokens else 0  # one tile or less: the MLP runs whole
@@ -434,13 +438,13 @@ def assemble(
         trainable_params=parts["trainable_params"], trainable_bytes=static["trainable_bytes"], gradient_bytes=static["gradient_bytes"],
         optimizer_bytes=static["optimizer_bytes"], activation_bytes=activations, logits_bytes=logits, overlap_bytes=overlap,
         cuda_context_bytes=CUDA_CONTEXT_BYTES, total_bytes=total, vram_bytes=vram_bytes, fits=total <= vram_bytes and load_peak <= vram_bytes,
-        micro_batch_size=micro_batch, max_seq_len=seq_len, loss=cfg.train.loss, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+        micro_batch_size=plan_batch, max_seq_len=seq_len, loss=cfg.train.loss, loss_chunk_tokens=cfg.train.loss_chunk_tokens,
         gpus=gpus, strategy=cfg.dist.strategy if gpus > 1 else None, grad_accum_steps=cfg.train.grad_accum_steps, gathered_bytes=static["gathered"],
         unsharded_gradient_bytes=static["unsharded_gradients"], bucket_bytes=static["buckets"], nccl_bytes=static["nccl"],
         cpu_offload=bool(cpu), cpu_weights_bytes=cpu.get("weights", 0), cpu_trainable_bytes=cpu.get("trainable", 0),
         cpu_gradient_bytes=cpu.get("gradients", 0), cpu_optimizer_bytes=cpu.get("optimizer", 0), cpu_ram_bytes=sum(cpu.values()),
         load_peak_bytes=load_peak, load_base_bytes=parts["nf4"] + parts["constants"] + parts["unquantized"] if load_peak else 0, step_fits=total <= vram_bytes,
-        activation_offload=offload, mlp_tile_tokens=tile_tokens, mask_bytes=mask,
+        activation_offload=offload, mlp_tile_tokens=tile_tokens, mask_bytes=mask, sequences_per_example=micro_batch // plan_batch,
         host_ram_bytes=estimate_offload_host_bytes(model_config, micro_batch, tokens_seq, element) if offload else 0,
     )  # fmt: skip
 
@@ -718,7 +722,7 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
         ("unsharded gradients", plan.unsharded_gradient_bytes, "one layer's, in the compute dtype and in fp32 for the reduce-scatter"),
         ("gradient buckets", plan.bucket_bytes, "DDP's all-reduce buckets: a second copy of the gradients"),
         ("optimizer state", plan.optimizer_bytes, "two AdamW moments" + shard.get("optimizer state", "")),
-        ("activations", plan.activation_bytes, f"micro-batch {plan.micro_batch_size} x {plan.max_seq_len} tokens" + (" on each GPU" if plan.gpus > 1 else "") + describe_long_context(plan)),
+        ("activations", plan.activation_bytes, f"micro-batch {plan.micro_batch_size}{' pairs x 2 sequences' if plan.sequences_per_example == 2 else ''} x {plan.max_seq_len} tokens" + (" on each GPU" if plan.gpus > 1 else "") + describe_long_context(plan)),
         ("logits and loss", plan.logits_bytes, describe_loss(plan)),
         ("not at the same time", plan.overlap_bytes, "the loss's buffers are freed before the backward recomputes a layer"),
         ("CUDA context", plan.cuda_context_bytes, "fixed allowance"),
