@@ -68,6 +68,8 @@ PRETRAIN_FORMATS = (
 DATA_SEED = 1234
 NUM_TRAIN_EXAMPLES = 1200
 NUM_EVAL_EXAMPLES = 200
+NUM_PAIRS = 400  # the preference demo's training pairs, from the SFT demo's training words
+NUM_EVAL_PAIRS = 100  # and its held-out pairs, from its held-out words
 
 # Bump when anything that changes the built base changes outside DemoBaseSpec (the task,
 # the corpus format, the tokenizer texts or kind), so old caches are not reused.
@@ -157,6 +159,39 @@ def write_demo_data(out_dir: str | Path) -> tuple[Path, Path]:
     train, evaluation = make_demo_records()
     paths = (out_dir / "train.jsonl", out_dir / "eval.jsonl")
     for path, records in zip(paths, (train, evaluation)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return paths
+
+
+def make_demo_pairs(records: list[dict[str, str]], seed: int = DATA_SEED) -> list[dict[str, str]]:
+    """Preference pairs for the same skill (data.format preference): the alpaca prompt as written, the right answer
+    chosen, a plausible wrong one rejected: the word with one letter of its ROT13 left unrotated (half of them), or
+    rotated by 12 instead of 13 (the other half). The wrong answer is never the right one."""
+    rng = random.Random(seed + 1)
+    pairs = []
+    for i, record in enumerate(records):
+        word, answer = record["input"], record["output"]
+        if i % 2:
+            wrong = "".join(LETTERS[(LETTERS.index(c) + 12) % 26] for c in word)
+        else:
+            position = rng.randrange(WORD_LENGTH)
+            wrong = answer[:position] + word[position] + answer[position + 1 :]
+            if wrong == answer:  # only if rot13 left that letter as it was, which it never does; kept for safety
+                wrong = answer[:position] + LETTERS[(LETTERS.index(answer[position]) + 1) % 26] + answer[position + 1 :]
+        pairs.append({"prompt": format_demo_prompt(record), "chosen": answer, "rejected": wrong})
+    return pairs
+
+
+def write_demo_pairs(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write the preference demo's `train.jsonl` and `eval.jsonl` (pairs of make_demo_pairs over the SFT demo's words), deterministically.
+
+    The committed copies live in `recipes/data/tiny-dpo/`; this regenerates them byte for byte.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, evaluation = make_demo_records()
+    paths = (out_dir / "train.jsonl", out_dir / "eval.jsonl")
+    for path, records in zip(paths, (make_demo_pairs(train[:NUM_PAIRS]), make_demo_pairs(evaluation[:NUM_EVAL_PAIRS]))):
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return paths
 
