@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh            # from the repository root, in an environment with qlora-lite installed
 #
 # Parts: 1 doctor; 2 the 8B comparison against the PEFT stack (tokens/s, MFU, peak memory, planner,
-# meter agreement); 3 a few steps of each shipped GPU recipe with paged 8-bit AdamW and a resume;
+# meter agreement); 2b one DPO step beside TRL 1.16's DPOTrainer + peft_config (8B widths, 2 and 4 layers);
+# 3 a few steps of each shipped GPU recipe with paged 8-bit AdamW and a resume;
 # 4 long context under a 24 GiB cap: Llama-3.1-8B shapes cut to 2 layers at 16k-128k tokens, tiled MLP
 # with and without activation offload (device peak vs the planner, tokens/s, the offload's step-time cost);
 # 5 the fp16 path a T4 takes (forced); 6 the notebooks in smoke mode; 7 the longest sequence each side
@@ -48,6 +49,8 @@ qlora-lite doctor --json > "$out/doctor.json" 2>/dev/null
 
 part throughput-8b 170 python benchmarks/throughput.py --arch llama8b --seq 512,2048,8192 --micro-batch 1 --steps 2 --warmup 1 --out "$out"
 part memory-meter-8b 80 python benchmarks/memory_compare.py --layers 2 4 --out "$out"
+# One DPO step beside TRL's DPOTrainer (its Triton fused head runs only here): the CPU meter's 0.39x is partly TRL's CPU fallback.
+part preference-memory 120 python benchmarks/preference_memory.py --layers 2 4 --name llama8b --out "$out"
 part recipes 90 python benchmarks/recipe_smoke.py --layers 2 --out "$out"
 # 2 layers, not 32 (writing and quantizing 32 random layers would take the whole budget): the per-token device
 # bytes, the host copies and the step times are the GPU truth; 32 layers are extrapolated as on the CPU.
