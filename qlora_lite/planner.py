@@ -261,6 +261,8 @@ def plan_memory(cfg: RecipeConfig, model_config=None, vram_bytes: int = 24 * GIB
         plan.longest_context_offloaded = search_largest(lambda t: plan_at(1, t, True, tiles).step_fits, step=64, limit=seq_limit)
     if get_method(cfg.method).plan_note:
         plan.notes.append(f"method {cfg.method}: {get_method(cfg.method).plan_note}")
+    if OBJECTIVES[cfg.objective.name].reference:  # its log-probs come from a no-grad pass before step 1: below the step's peak
+        plan.notes.append(f"objective {cfg.objective.name}: no reference model; its log-probs are computed once before the first step and cached")
     if cfg.train.batching == "grouped" and not cfg.data.packing:
         plan.notes.append("planned for every sequence at max_seq_len (the worst micro-batch); grouped batching pads ~5%, so most steps need less")
     plan.notes += describe_distributed_notes(cfg, plan)

@@ -71,6 +71,17 @@ def test_dpo_starts_at_ln2_learns_logs_trls_metrics_and_its_adapter_loads_in_pef
     with torch.no_grad():
         assert (theirs(input_ids=IDS).logits - ours.eval()(input_ids=IDS).logits).abs().max().item() < 1e-5
 
+    # It merges as an SFT adapter does, and generate answers with it (a string-prompt adapter: prompts as written).
+    from qlora_lite.export.merge import merge_adapter
+    from qlora_lite.generate import AdapterSwitcher, GenerationSettings
+
+    report = merge_adapter(run / "adapter", tmp_path / "merged", verify=True, overwrite=True)
+    assert report.merged_modules == 14 and report.max_logit_diff <= report.threshold
+    switcher = AdapterSwitcher.from_base(str(tiny_llama_dir))
+    switcher.add("dpo", run / "adapter")
+    assert switcher.prompt_format("dpo") == "text"  # the test tokenizer has no chat template
+    assert isinstance(switcher.generate("Is it a word: cat\n", adapter="dpo", settings=GenerationSettings(max_new_tokens=3)), str)
+
 
 def test_the_reference_is_read_back_by_a_second_run_and_a_resume_and_never_recomputed_from_a_checkpoint(tiny_llama_dir, tmp_path, capsys):
     extra = {"train.max_steps": 4, "train.save_every": 4, "data.cache_dir": str(tmp_path / "cache")}  # its own cache: nothing computed before
