@@ -2,7 +2,8 @@
 
 Four panels against the optimizer step: the loss (train as logged, train smoothed, eval as dots:
 each evaluation is one measurement), the learning rate, the gradient norm before clipping (with
-the clip level), and tokens/s. Only logged points are drawn: the LR curve starts at the first
+the clip level), and tokens/s; a preference run (its records carry TRL's rewards/*) adds two: the
+rewards of the chosen and rejected answers and their margin, and the reward accuracy. Only logged points are drawn: the LR curve starts at the first
 logged step (a dot marks it), not at an assumed 0 at step 0. Written at the end of every run and
 by `qlora-lite plot RUN_DIR` at any time, also while the run is going: a half-written last line
 is skipped. matplotlib is an optional extra (`qlora-lite[plot]`).
@@ -50,6 +51,7 @@ class Curves:
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
     exact_match: list[tuple[int, float]] = field(default_factory=list)
+    rewards: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # "rewards/chosen" -> (step, value); "eval_rewards/..." too
     resumed_at: list[int] = field(default_factory=list)
     status: str = ""  # finished, stopped by SIGINT; empty while the run goes on (or was killed)
     last_time: float | None = None  # when the last record was written
@@ -68,11 +70,13 @@ def read_curves(records: list[dict]) -> Curves:
             curves.steps.append(int(record["step"]))
             for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                 getattr(curves, key).append(float(record.get(key, math.nan)))
+            add_rewards(curves, record, "")
         elif event == "eval" and "eval_loss" in record:
             curves.eval_steps.append(int(record["step"]))
             curves.eval_loss.append(float(record["eval_loss"]))
             if "exact_match" in record:
                 curves.exact_match.append((int(record["step"]), float(record["exact_match"])))
+            add_rewards(curves, record, "eval_")
         elif event == "resume":
             curves.resumed_at.append(int(record["step"]))
             curves.status = ""
@@ -81,6 +85,16 @@ def read_curves(records: list[dict]) -> Curves:
         elif event == "summary":
             curves.status = "finished"
     return curves
+
+
+def add_rewards(curves: Curves, record: dict, prefix: str) -> None:
+    """A preference run's rewards/* of one train line (prefix "") or eval line ("eval_")."""
+    for name in REWARD_SERIES:
+        if prefix + name in record:
+            curves.rewards.setdefault(prefix + name, []).append((int(record["step"]), float(record[prefix + name])))
+
+
+REWARD_SERIES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
 def choose_smoothing(points: int) -> float:
@@ -154,13 +168,14 @@ def build_figure(curves: Curves, settings: dict):
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
-    figure = Figure(figsize=(10, 6.4), layout="constrained")
+    rows = 3 if curves.rewards else 2
+    figure = Figure(figsize=(10, 3.2 * rows), layout="constrained")
     figure.suptitle(describe_run(curves, settings), fontsize=11)
-    loss_ax, lr_ax, grad_ax, speed_ax = figure.subplots(2, 2, sharex=True).flat
+    loss_ax, lr_ax, grad_ax, speed_ax, *reward_axes = figure.subplots(rows, 2, sharex=True).flat
     every = f"every {settings['log_every']} steps" if settings.get("log_every") else "as logged"
 
     # --- loss: what the run learns
-    loss_ax.set_title("loss (mean per target token)")
+    loss_ax.set_title("loss (mean per target token)" if not curves.rewards else "loss (the objective's, mean per pair or example)")
     weight = choose_smoothing(len(curves.loss))
     if curves.steps and weight > 0:
         loss_ax.plot(curves.steps, curves.loss, color="C0", alpha=0.35, linewidth=1, label=f"train ({every})")
@@ -197,19 +212,37 @@ def build_figure(curves: Curves, settings: dict):
         speed_ax.set_ylim(bottom=0)
     speed_ax.yaxis.set_major_formatter(EngFormatter(sep=""))
 
-    for ax in (loss_ax, lr_ax, grad_ax, speed_ax):
+    if reward_axes:
+        draw_rewards(curves, *reward_axes)
+    for ax in (loss_ax, lr_ax, grad_ax, speed_ax, *reward_axes):
         for step in curves.resumed_at:
             ax.axvline(step, color="0.5", linestyle=":", linewidth=1, label="resumed here" if ax is loss_ax else None)
         ax.grid(True, alpha=0.3)
         if settings.get("max_steps"):
             length = max(settings["max_steps"], curves.last_step)
             ax.set_xlim(-X_MARGIN * length, (1 + X_MARGIN) * length)
-    for ax in (grad_ax, speed_ax):
+    for ax in (reward_axes or [grad_ax, speed_ax]):
         ax.set_xlabel("optimizer step")
-    for ax in (loss_ax, grad_ax):
+    for ax in (loss_ax, grad_ax, *reward_axes):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     return figure
+
+
+def draw_rewards(curves: Curves, rewards_ax, accuracy_ax) -> None:
+    """The preference panels: beta x log-ratio of the chosen and rejected answers and their margin; the share of pairs ranked right (train lines, eval dots)."""
+    rewards_ax.set_title("rewards (beta x log-ratio to the reference)")
+    accuracy_ax.set_title("reward accuracy (chosen above rejected)")
+    for name, color in (("rewards/chosen", "C2"), ("rewards/rejected", "C3"), ("rewards/margins", "C0"), ("rewards/accuracies", "C4")):
+        ax = accuracy_ax if name == "rewards/accuracies" else rewards_ax
+        label = name.split("/")[1]
+        if curves.rewards.get(name):
+            steps, values = zip(*curves.rewards[name])
+            ax.plot(steps, values, color=color, linewidth=1.5, label=f"train {label}")
+        if curves.rewards.get("eval_" + name):
+            steps, values = zip(*curves.rewards["eval_" + name])
+            ax.plot(steps, values, color=color, linestyle="none", marker="o", markersize=6, label=f"eval {label}")
+    accuracy_ax.set_ylim(-0.02, 1.02)
 
 
 def set_scale(ax, values: list[float]) -> None:
@@ -241,6 +274,9 @@ def describe_run(curves: Curves, settings: dict, now: float | None = None) -> st
     if curves.exact_match:
         first, last = curves.exact_match[0][1], curves.exact_match[-1][1]
         figures.append(f"exact match {first:.0%} -> {last:.0%}" if len(curves.exact_match) > 1 else f"exact match {first:.0%}")
+    accuracy = curves.rewards.get("eval_rewards/accuracies")
+    if accuracy:
+        figures.append(f"reward accuracy {accuracy[0][1]:.0%} -> {accuracy[-1][1]:.0%}" if len(accuracy) > 1 else f"reward accuracy {accuracy[0][1]:.0%}")
     if figures:
         lines.append(", ".join(figures))
     return "\n".join(lines)

@@ -178,3 +178,25 @@ def test_plot_command_writes_the_picture_and_refuses_what_is_not_a_run(tmp_path,
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(PlotError, match="has no metrics.jsonl"):
         plot_run(tmp_path / "empty")
+
+
+def test_a_preference_run_adds_the_reward_panels_with_trls_metrics(tmp_path):
+    run = tmp_path / "tiny-dpo"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"max_steps": 20, "max_grad_norm": 1.0, "log_every": 10, "run_name": None}}))
+    log = MetricsLog(run / "metrics.jsonl")
+    zero = {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0, "rewards/accuracies": 0.0}
+    log.write({"event": "eval", "step": 0, "eval_loss": 0.6931, **{f"eval_{k}": v for k, v in zero.items()}})
+    for step, margin in ((10, 1.5), (20, 3.0)):
+        rewards = {"rewards/chosen": -0.1, "rewards/rejected": -0.1 - margin, "rewards/margins": margin, "rewards/accuracies": margin / 3.2}
+        log.write({"step": step, "loss": 0.7 / step, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 5000.0, **rewards})
+    log.write({"event": "eval", "step": 20, "eval_loss": 0.147, "eval_rewards/margins": 3.42, "eval_rewards/accuracies": 0.99})
+    figure = build_figure(read_curves(read_records(run / "metrics.jsonl")), read_run_settings(run))
+    assert len(figure.axes) == 6
+    rewards_ax, accuracy_ax = figure.axes[4:]
+    assert rewards_ax.get_title() == "rewards (beta x log-ratio to the reference)"
+    margins = lines_by_label(rewards_ax)
+    assert margins["train margins"] == ([10, 20], [1.5, 3.0]) and margins["eval margins"] == ([0, 20], [0.0, 3.42])
+    assert margins["train rejected"][1] == [-1.6, -3.1]
+    assert lines_by_label(accuracy_ax)["eval accuracies"] == ([0, 20], [0.0, 0.99])
+    assert figure.get_suptitle().endswith("eval loss 0.6931 -> 0.1470, reward accuracy 0% -> 99%")
