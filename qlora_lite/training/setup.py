@@ -133,7 +133,7 @@ def check_init_adapter(cfg: RecipeConfig) -> None:
         return
     folder = Path(cfg.model.init_adapter).expanduser()
     if not (folder / "adapter_config.json").is_file():
-        raise TrainingError(f"model.init_adapter {folder} holds no adapter_config.json; point it at a finished run's adapter/ folder")
+        raise TrainingError(f"model.init_adapter {folder} holds no adapter_config.json; point it at a finished run's adapter/ folder, or train that run first")
     method = find_saved_method(folder)
     if method.name != cfg.method:
         raise TrainingError(f"model.init_adapter {folder} holds a {method.name} adapter, but the recipe trains method {cfg.method}: set method: {method.name}")
