@@ -170,6 +170,65 @@ def load_base_model(
     return base
 
 
+def build_empty_base_model(model: ModelConfig, quant: QuantConfig, path: str, compute_dtype: torch.dtype, skip_modules: list[str] | None = None) -> nn.Module:
+    """What load_base_model(shardable=True) builds, on the meta device: the modules, no weights.
+
+    The linear layers are already bitsandbytes' Linear4bit (NF4, storage = compute dtype, as FSDP
+    needs), built by the same transformers call that from_pretrained makes; `materialize_weights` then
+    fills them a module at a time (training/layerwise.py).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    kwargs = dict(revision=model.revision, trust_remote_code=model.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_explain_load_failure(path, err)) from err
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, attn_implementation=model.attn_implementation, trust_remote_code=model.trust_remote_code)
+    bnb_config = build_bnb_config(quant, compute_dtype, skip_modules, storage=compute_dtype)
+    base = replace_with_bnb_linear(base, modules_to_not_convert=["lm_head", *(skip_modules or [])], quantization_config=bnb_config)
+    keep_4bit_layout(base)
+    base.requires_grad_(False)
+    base.config.use_cache = False
+    return base
+
+
+def materialize_weights(module: nn.Module, prefix: str, read: Callable[[str], torch.Tensor], device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Each parameter of module still on the meta device, read from the checkpoint (read(prefix + name)) onto device.
+
+    A Linear4bit weight is quantized to NF4 exactly as transformers quantizes it while loading
+    (bitsandbytes' Params4bit with the layer's settings, moved to the device), so the bytes equal
+    load_base_model's; every other weight is cast to the compute dtype, as from_pretrained(dtype=...) does.
+    """
+    import bitsandbytes as bnb
+
+    for name, param in list(module.named_parameters()):
+        if param.device.type != "meta":
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        value = read(prefix + name).to(compute_dtype)
+        if isinstance(param, bnb.nn.Params4bit):
+            owner._parameters[attr] = bnb.nn.Params4bit(value, requires_grad=False, **param.__dict__).to(device)
+        else:
+            owner._parameters[attr] = nn.Parameter(value.to(device), requires_grad=False)
+
+
+def restore_rotary_embeddings(base: nn.Module, device: torch.device) -> None:
+    """Rebuild the rotary embedding modules built on the meta device: their inv_freq is computed in __init__, not read from the checkpoint."""
+    for name, module in list(base.named_modules()):
+        buffers = list(module.buffers(recurse=False))
+        if buffers and any(b.device.type == "meta" for b in buffers) and hasattr(module, "inv_freq") and hasattr(module, "config"):
+            rebuilt = type(module)(config=module.config).to(device)
+            owner_name, _, attr = name.rpartition(".")
+            setattr(base.get_submodule(owner_name) if owner_name else base, attr, rebuilt)
+    left = [name for name, buffer in base.named_buffers() if buffer.device.type == "meta"]
+    if left:
+        raise ModelLoadError(f"cannot load {type(base).__name__} layer by layer: buffers {left[:3]} are computed at build time; set dist.strategy ddp or open an issue")
+
+
 def read_prequantized_storage(path: str) -> str | None:
     """bnb_4bit_quant_storage of a pre-quantized local checkpoint (uint8 when unrecorded), or None when it is not one."""
     config = Path(path).expanduser() / "config.json"

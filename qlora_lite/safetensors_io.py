@@ -141,3 +141,37 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor:
         raise ShardError(f"{path}: tensor {name} has dtype {entry.dtype}, which qlora-lite cannot read")
     with open(path, "rb") as f:
         return _read_entry(f, path, entry, data_start)
+
+
+class CheckpointReader:
+    """A model folder's safetensors weights by tensor name, one tensor read at a time (a sharded checkpoint through its index).
+
+    Each read takes only that tensor's bytes from its file into fresh memory, as read_tensor does, so
+    loading a model layer by layer never holds (or maps) more of the checkpoint than the tensor it reads.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        root = Path(folder)
+        index = root / SAFE_INDEX_NAME
+        if index.is_file():
+            files = sorted({root / name for name in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise ShardError(f"{root} holds no safetensors weights (model.safetensors or {SAFE_INDEX_NAME} and its shards)")
+        self.entries: dict[str, tuple[Path, TensorEntry, int]] = {}
+        for file in files:
+            entries, data_start = read_header(file)
+            self.entries.update({entry.name: (file, entry, data_start) for entry in entries})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise ShardError(f"the checkpoint has no tensor {name}")
+        file, entry, data_start = self.entries[name]
+        if entry.dtype not in SAFETENSORS_DTYPES:
+            raise ShardError(f"{file}: tensor {name} has dtype {entry.dtype}, which qlora-lite cannot read")
+        with open(file, "rb") as f:
+            return _read_entry(f, file, entry, data_start)

@@ -173,19 +173,23 @@ def shard_with_fsdp(module: TrainingModule, dtype: torch.dtype, cpu_offload: boo
     never converts it; gradients are reduced in fp32. cpu_offload: the shards (and so the
     optimizer's step) live in CPU RAM; each unit is copied to the GPU for its all-gather.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    options = {
-        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
-        "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy(),
-    }
     base = unwrap_base(module.model)
     for layer in base.get_decoder().layers:
-        fully_shard(layer, **options)
+        shard_unit(layer, dtype, cpu_offload)  # already sharded when the base was loaded layer by layer (layerwise.py)
     embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
     if head is None or embeddings.weight is not head.weight:  # a tied head shares the weight: both stay in the root
-        fully_shard(embeddings, **options)
-    fully_shard(module, **options)
+        shard_unit(embeddings, dtype, cpu_offload)
+    shard_unit(module, dtype, cpu_offload)
+
+
+def shard_unit(module: nn.Module, dtype: torch.dtype, cpu_offload: bool = False) -> None:
+    """fully_shard one unit (a decoder layer, the embeddings, the root) with the run's policies, unless it is sharded already."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if isinstance(module, FSDPModule):
+        return
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    fully_shard(module, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32), offload_policy=offload)
 
 
 @contextmanager
@@ -227,12 +231,19 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def broadcast_parameters(params: list[torch.Tensor]) -> None:
-    """Rank 0's values into every process: all start the adapter from the same weights, whatever their seeds."""
+    """Rank 0's values into every process: all start the adapter from the same weights, whatever their seeds.
+
+    A parameter FSDP2 has sharded already (a DTensor: each process holds another part) is left as it is:
+    it was broadcast whole before its unit was sharded (layerwise.py).
+    """
     if not is_initialized():
         return
+    from torch.distributed.tensor import DTensor
+
     with torch.no_grad():
         for param in params:
-            dist.broadcast(param.data, src=0)
+            if not isinstance(param, DTensor):
+                dist.broadcast(param.data, src=0)
 
 
 def barrier() -> None:

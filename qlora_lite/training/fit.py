@@ -70,6 +70,7 @@ from .plot import plot_run
 from .rms_norm import apply_lean_rms_norm
 from .setup import Run, prepare_output_dir, prepare_run
 from .stopping import StopRequest, check_finite, maybe_kill_for_test, out_of_memory_message
+from .layerwise import load_layer_by_layer, loads_layer_by_layer
 from .tiled_mlp import apply_tiled_mlp
 from .tracking import MetricsLog, NullLog, open_run_log
 
@@ -195,19 +196,17 @@ def write_data_and_environment(run: Run, log: MetricsLog | NullLog) -> None:
 def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
     """The base loaded (4-bit, or the method's unquantized layers kept so) with the method attached, fresh or from the checkpoint."""
     cfg = run.cfg
-    method = get_method(cfg.method)
-    unquantized = method.unquantized_modules(method.settings(cfg))
-    model = load_base_model(cfg.model, cfg.quant, run.device, run.base_path, skip_modules=unquantized, shardable=run.sharded)
-    if cfg.model.gradient_checkpointing:  # on the base, before prompt tuning wraps it
-        offload = ActivationOffload(run.device) if run.long_context.activation_offload else None
-        enable_gradient_checkpointing(model, offload.checkpoint if offload else None)
-    apply_lean_rms_norm(model)  # Llama's RMSNorm without its fp32 copies: the same outputs, less memory per token
-    if run.long_context.mlp_tile_tokens:
-        apply_tiled_mlp(model, run.long_context.mlp_tile_tokens)
-    if run.checkpoint or cfg.model.init_adapter:  # a resume, or a run that continues a finished adapter (SFT -> DPO)
-        model = load_method(model, cfg, run.checkpoint or Path(cfg.model.init_adapter), trainable=True)
+    adapter = run.checkpoint or (Path(cfg.model.init_adapter) if cfg.model.init_adapter else None)  # a resume, or a run continuing an adapter (SFT -> DPO)
+    if loads_layer_by_layer(run):  # FSDP: each layer quantized, given its LoRA and sharded in turn, never the whole base on one device
+        if run.world.is_main:
+            print(f"loading the base layer by layer into FSDP2 shards ({run.world.size} processes)")
+        model = load_layer_by_layer(run, adapter, lambda base: prepare_base(base, run))
     else:
-        model = attach_method(model, cfg, run.tokenizer)
+        method = get_method(cfg.method)
+        unquantized = method.unquantized_modules(method.settings(cfg))
+        model = load_base_model(cfg.model, cfg.quant, run.device, run.base_path, skip_modules=unquantized, shardable=run.sharded)
+        prepare_base(model, run)
+        model = load_method(model, cfg, adapter, trainable=True) if adapter else attach_method(model, cfg, run.tokenizer)
     if cfg.train.loss == "chunked":
         check_chunked_loss_supported(unwrap_base(model))  # refuse now, not at the first eval
     if run.world.is_distributed:
@@ -218,6 +217,16 @@ def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
         print(format_memory_report(report, "start"))
         log.write({"event": "memory", "when": "start", **report})
     return model
+
+
+def prepare_base(model: nn.Module, run: Run) -> None:
+    """Before the method wraps the base: gradient checkpointing (with activation offload), the lean RMSNorm, the tiled MLP."""
+    if run.cfg.model.gradient_checkpointing:  # on the base, before prompt tuning wraps it
+        offload = ActivationOffload(run.device) if run.long_context.activation_offload else None
+        enable_gradient_checkpointing(model, offload.checkpoint if offload else None)
+    apply_lean_rms_norm(model)  # Llama's RMSNorm without its fp32 copies: the same outputs, less memory per token
+    if run.long_context.mlp_tile_tokens:
+        apply_tiled_mlp(model, run.long_context.mlp_tile_tokens)
 
 
 def build_engine(run: Run, model: nn.Module) -> Engine:

@@ -8,7 +8,10 @@ QLORA_LITE_PROBE_DIR set. Probes, chosen by QLORA_LITE_PROBE (comma-separated):
   output_dir (there must be none);
 - `dump`: after training every rank saves its own adapter tensors (whole, also under FSDP);
 - `alone`: accelerate is built without `cpu=True`, so each rank sees one process (a misconfigured launch);
-- `device`: rank 1 says it runs on cuda:0 (processes on different devices).
+- `device`: rank 1 says it runs on cuda:0 (processes on different devices);
+- `whole`: the base loads whole before FSDP shards it (the path layer-by-layer loading replaced), to compare with;
+- `shards`: once the engine is built, every rank saves the bytes of its own shards (parameters, buffers and
+  the 4-bit weights' quantization constants), as they are before the first step.
 """
 
 from __future__ import annotations
@@ -90,6 +93,35 @@ def dump_adapters(modules: list) -> None:
     save_file(whole, str(PROBE_DIR / f"rank{RANK}.safetensors"))
 
 
+def dump_shards() -> None:
+    """Wrap fit's build_engine: right after it, this rank's local shards as raw bytes (uint8), by name."""
+    import qlora_lite.training.fit as fit_module
+    from safetensors.torch import save_file
+
+    from qlora_lite.memory import quant_constants
+
+    build = fit_module.build_engine
+
+    def local_bytes(tensor) -> torch.Tensor:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return local.detach().contiguous().view(-1).view(torch.uint8).clone()
+
+    def build_and_dump(run, model):
+        engine = build(run, model)
+        found = {}
+        for name, tensor in [*engine.module.named_parameters(), *engine.module.named_buffers()]:
+            found[name] = local_bytes(tensor)
+        # Under FSDP2 a 4-bit weight's QuantState lives on its Linear4bit (bitsandbytes puts it back on the gathered weight).
+        for name, module in engine.module.named_modules():
+            state = getattr(module, "quant_state", None)
+            for i, constant in enumerate(quant_constants(state) if state is not None else []):
+                found[f"{name}.quant_constant{i}"] = local_bytes(constant)
+        save_file(found, str(PROBE_DIR / f"shards{RANK}.safetensors"))
+        return engine
+
+    fit_module.build_engine = build_and_dump
+
+
 def main() -> int:
     argv = sys.argv[1:]
     from qlora_lite import cli
@@ -105,6 +137,12 @@ def main() -> int:
     objective.TrainingModule.__init__ = keep
     if "seed" in PROBES:
         reseed_adapter_on_rank_1()
+    if "whole" in PROBES:
+        import qlora_lite.training.fit as fit_module
+
+        fit_module.loads_layer_by_layer = lambda run: False
+    if "shards" in PROBES:
+        dump_shards()
     if "alone" in PROBES:
         from qlora_lite.training import setup
 

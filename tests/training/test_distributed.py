@@ -380,3 +380,36 @@ def test_dpo_on_two_processes_computes_the_reference_together_and_takes_the_step
         if "loss" in m:
             assert m["loss"] == pytest.approx(losses[m["step"]], rel=1e-6, abs=1e-6)
             assert m["rewards/margins"] == pytest.approx(next(x for x in metrics(one) if x.get("step") == m["step"] and "loss" in x)["rewards/margins"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def load_paths(tmp_path_factory, tiny_llama_dir):
+    """FSDP2 on 2 processes, the base loaded layer by layer (today's path) and loaded whole before sharding (the path it replaced)."""
+    root = tmp_path_factory.mktemp("dist-load")
+    data = write_data(root, SAME_LENGTH_WORDS)
+    launches = {}
+    for path in ("layerwise", "whole"):
+        probe_dir = root / f"probe-{path}"
+        probe_dir.mkdir()
+        probes = "shards,dump" + (",whole" if path == "whole" else "")
+        args = overrides(data, tiny_llama_dir, root / path, **{"dist.strategy": "fsdp", "train.save_every": 0})
+        launches[path] = (torchrun(args, probes=probes, probe_dir=probe_dir), probe_dir)
+    return root, launches
+
+
+def test_layer_by_layer_loading_gives_every_shard_of_the_whole_model_path_bitwise_and_the_same_adapter(load_paths):
+    root, launches = load_paths
+    for path, (done, _) in launches.items():
+        assert done.returncode == 0, (path, done.stderr[-3000:])
+    assert "loading the base layer by layer" in launches["layerwise"][0].stdout
+    assert "loading the base layer by layer" not in launches["whole"][0].stdout
+    for rank in (0, 1):
+        layerwise = load_file(str(launches["layerwise"][1] / f"shards{rank}.safetensors"))
+        whole = load_file(str(launches["whole"][1] / f"shards{rank}.safetensors"))
+        assert sorted(layerwise) == sorted(whole)
+        # NF4 bytes, quantization constants, LoRA A and B, norms, embeddings, head: each rank's shard, byte for byte.
+        assert [name for name in whole if not torch.equal(layerwise[name], whole[name])] == []
+        assert sum(".quant_constant" in name for name in whole) == 14 * 5  # 14 Linear4bit, 5 constants each (double quant)
+        assert sum(t.numel() for t in whole.values()) > 100_000
+    # Trained from those shards, the runs write the same adapter, bit for bit.
+    assert max_diff(adapter(root / "layerwise" / "adapter"), adapter(root / "whole" / "adapter")) == 0.0
