@@ -73,6 +73,7 @@ from .memory import read_available_ram_bytes
 from .methods.lora import find_linear_names
 from .methods.table import get_method
 from .model_paths import resolve_model_path
+from .sharding import FSDP_UNSHARDED_LAYERS, estimate_load_peak_bytes, loads_layer_by_layer, shard_static
 
 GIB = 1024**3
 NF4_BLOCK = 64  # weights per quantization block (bitsandbytes' default for 4-bit)
@@ -88,12 +89,6 @@ LOGIT_BYTES = 4 + 4 + 4
 CHUNK_LOGIT_BYTES = 4 + 2
 CHUNK_SOFTCAP_BYTES = 2  # Gemma's softcapping keeps tanh (fp32) and makes its own bf16 cast: measured 8 in all
 NORM_FP32_BYTES = 4  # the final RMSNorm's fp32 input, kept for its backward while the loss runs
-# NCCL's communicator buffers per GPU with more than one process: 4 MiB per channel and connection for
-# the simple protocol plus the LL/LL128 buffers; a ring over PCIe uses a few channels (~0.1 GiB),
-# NVLink up to 32 (~0.5 GiB and more). An allowance, not a measurement.
-NCCL_BYTES = int(0.25 * GIB)
-FSDP_UNSHARDED_LAYERS = 2  # the layer running and the one FSDP2 prefetches (all-gathered ahead)
-FSDP_REDUCE_ELEMENT_BYTES = 4  # distributed.shard_with_fsdp reduces gradients in fp32
 
 KNOWN_CONFIGS_DIR = Path(__file__).parent / "known_configs"
 
@@ -155,6 +150,7 @@ class MemoryPlan:
     longest_context: int = 0  # the longest sequence at micro-batch 1 without activation offload (model.tiled_mlp as set)
     longest_context_offloaded: int = 0  # the same with activation offload
     sequences_per_example: int = 1  # 2 for a pair objective: chosen and rejected run in one forward (config.OBJECTIVES)
+    load_layerwise: bool = False  # fsdp loading builds one decoder layer at a time (LoRA on a 4-bit base: training/layerwise.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -295,7 +291,7 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
     quantized = set(find_linear_names(model)) if cfg.quant.load_in_4bit else set()
     if method.unquantized_modules(settings):
         quantized = {n for n in quantized if not any(n == m or n.endswith("." + m) for m in method.unquantized_modules(settings))}
-    nf4 = constants = unquantized = 0
+    nf4 = constants = unquantized = largest_linear = 0
     unit_of = find_fsdp_unit_of(model)
     unit_bytes: dict[str, int] = {}  # frozen bytes (NF4 + unquantized) per FSDP unit: root, embed, layer.<i>
     seen: set[int] = set()
@@ -306,6 +302,7 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
         module_name, _, leaf = name.rpartition(".")
         if module_name in quantized and leaf == "weight":
             stored = param.numel() // 2
+            largest_linear = max(largest_linear, param.numel())
             nf4 += stored
             constants += count_quant_constant_bytes(param.numel(), cfg.quant.double_quant)
         else:
@@ -333,6 +330,8 @@ def estimate_static(cfg: RecipeConfig, model: nn.Module) -> dict[str, int]:
         "root_frozen_bytes": unit_bytes.get("root", 0), "embed_frozen_bytes": unit_bytes.get("embed", 0),
         "gathered_layers_frozen_bytes": sum(layer_units[:FSDP_UNSHARDED_LAYERS]), "layers": len(layer_units),
         "root_trainable_params": root_trainable, "layer_trainable_params": layer_trainable,
+        "largest_layer_frozen_bytes": layer_units[0] if layer_units else 0, "largest_linear_bytes": largest_linear * compute,
+        "trainable_element_bytes": dtype_bytes[trainable_dtype],
     }  # fmt: skip
 
 
@@ -428,7 +427,8 @@ def assemble(
     recomputed = estimate_recomputed_bytes(model_config, tokens, element, tile_tokens)
     overlap = -min(recomputed, logits) if checkpointing else 0
     static = shard_static(cfg, parts, gpus)
-    load_peak = estimate_load_peak_bytes(cfg, parts, gpus)
+    load_peak = estimate_load_peak_bytes(cfg, parts, gpus, CUDA_CONTEXT_BYTES)
+    layerwise = bool(load_peak) and loads_layer_by_layer(cfg)
     cpu = static["cpu"]
     weights = static["nf4"] + static["constants"] + static["unquantized"]
     total = (
@@ -445,85 +445,10 @@ def assemble(
         unsharded_gradient_bytes=static["unsharded_gradients"], bucket_bytes=static["buckets"], nccl_bytes=static["nccl"],
         cpu_offload=bool(cpu), cpu_weights_bytes=cpu.get("weights", 0), cpu_trainable_bytes=cpu.get("trainable", 0),
         cpu_gradient_bytes=cpu.get("gradients", 0), cpu_optimizer_bytes=cpu.get("optimizer", 0), cpu_ram_bytes=sum(cpu.values()),
-        load_peak_bytes=load_peak, load_base_bytes=parts["nf4"] + parts["constants"] + parts["unquantized"] if load_peak else 0, step_fits=total <= vram_bytes,
-        activation_offload=offload, mlp_tile_tokens=tile_tokens, mask_bytes=mask, sequences_per_example=micro_batch // plan_batch,
+        load_peak_bytes=load_peak, load_base_bytes=parts["nf4"] + parts["constants"] + parts["unquantized"] if load_peak and not layerwise else 0, step_fits=total <= vram_bytes,
+        activation_offload=offload, mlp_tile_tokens=tile_tokens, mask_bytes=mask, sequences_per_example=micro_batch // plan_batch, load_layerwise=layerwise,
         host_ram_bytes=estimate_offload_host_bytes(model_config, micro_batch, tokens_seq, element) if offload else 0,
     )  # fmt: skip
-
-
-def estimate_load_peak_bytes(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> int:
-    """Per-GPU peak while an fsdp run of several processes loads its model, before FSDP shards it; 0 otherwise.
-
-    train.fit, on every process: load_base_model(..., device_map={"": device}) quantizes the whole base
-    onto the process's own GPU (the weights as one GPU loads them: NF4 + constants + unquantized), attaches
-    the whole trainable part, broadcasts it from rank 0 (NCCL's communicator exists from the first barrier),
-    and only then calls shard_with_fsdp. So each GPU holds
-      NF4 + constants + unquantized + trainable (all of them, as for one GPU) + CUDA context + NCCL,
-    whatever the number of GPUs and with or without dist.cpu_offload (which moves the shards after that).
-    Not counted: the bf16 copy of the one weight being quantized, transient, before the trainable part
-    exists (Llama-3.1-70B: 0.44 GiB at most, less than the trainable part and NCCL that come later), and
-    the caching allocator's fragmentation. One GPU and ddp: 0, their step's peak already holds all of this.
-    """
-    if gpus == 1 or cfg.dist.strategy != "fsdp":
-        return 0
-    whole = parts["nf4"] + parts["constants"] + parts["unquantized"] + parts["trainable_bytes"]
-    return whole + CUDA_CONTEXT_BYTES + NCCL_BYTES
-
-
-def shard_static(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> dict[str, int]:
-    """One GPU's share of the batch-independent parts: as planned for one GPU, for `ddp`, or for `fsdp` (FSDP2).
-
-    fsdp (distributed.shard_with_fsdp: param_dtype the compute dtype, gradients reduced in fp32), with
-    N = gpus and T the trainable parameters:
-      NF4 / N, unquantized / N, constants whole (bitsandbytes' quant state is not a parameter: never sharded);
-      trainable: T x dtype / N; optimizer: T x 8 (torch AdamW, fp32 moments) / N;
-      gradients: T x dtype / N, but with grad_accum_steps > 1, T x 4: the micro-batches before a step's
-        last run without gradient sync (distributed.gradient_sync), and FSDP2 then keeps every layer's
-        gradient unsharded, accumulated in the reduce dtype (fp32), until the last one reduce-scatters it;
-      gathered: the root (lm_head, final norm) whole, unsharded for the whole step, + 2 decoder layers whole
-        (frozen bytes, and their trainable part cast to the compute dtype), one running and one prefetched;
-      unsharded gradients: one layer's, in the compute dtype and their fp32 copy for the reduce-scatter,
-        and the root's (reduce-scattered only at the end of the backward).
-    fsdp with dist.cpu_offload: the rows above that FSDP shards (NF4 / N, unquantized / N, trainable / N,
-      the reduce-scattered gradients / N, optimizer / N) move to CPU RAM (`cpu`, per process, pinned) and are 0
-      on the GPU; the constants, gathered, unsharded gradients and, with grad_accum_steps > 1, the unsharded
-      fp32 accumulation (T x 4, still on the GPU) stay as they are.
-    ddp: as one GPU, + buckets (one more copy of the gradients, in their dtype).
-    Both: + NCCL's buffers (NCCL_BYTES).
-    `cpu` is empty except under fsdp with dist.cpu_offload.
-    """
-    one = {
-        "nf4": parts["nf4"], "constants": parts["constants"], "unquantized": parts["unquantized"],
-        "trainable_bytes": parts["trainable_bytes"], "gradient_bytes": parts["gradient_bytes"], "optimizer_bytes": parts["optimizer_bytes"],
-        "gathered": 0, "unsharded_gradients": 0, "buckets": 0, "nccl": 0, "cpu": {},
-    }  # fmt: skip
-    if gpus == 1:
-        return one
-    if cfg.dist.strategy == "ddp":
-        return {**one, "buckets": parts["gradient_bytes"], "nccl": NCCL_BYTES}
-    gathered_element = compute_element_bytes(cfg)  # FSDP's param_dtype
-    gradient_element = gathered_element + FSDP_REDUCE_ELEMENT_BYTES  # computed in param_dtype, copied to fp32 for the reduce-scatter
-    layer_params, root_params = parts["layer_trainable_params"], parts["root_trainable_params"]
-    gathered_layers = parts["gathered_layers_frozen_bytes"] + min(FSDP_UNSHARDED_LAYERS, parts["layers"]) * layer_params * gathered_element
-    accumulated = parts["trainable_params"] * FSDP_REDUCE_ELEMENT_BYTES if cfg.train.grad_accum_steps > 1 else 0
-    sharded = {
-        "nf4": math.ceil(parts["nf4"] / gpus), "unquantized": math.ceil(parts["unquantized"] / gpus),
-        "trainable_bytes": math.ceil(parts["trainable_bytes"] / gpus), "gradient_bytes": math.ceil(parts["gradient_bytes"] / gpus),
-        "optimizer_bytes": math.ceil(parts["adamw_optimizer_bytes"] / gpus),
-    }  # fmt: skip
-    if cfg.dist.cpu_offload:
-        on_gpu = {key: 0 for key in sharded} | {"gradient_bytes": accumulated}
-        cpu = {
-            "weights": sharded["nf4"] + sharded["unquantized"], "trainable": sharded["trainable_bytes"],
-            "gradients": sharded["gradient_bytes"], "optimizer": sharded["optimizer_bytes"],
-        }  # fmt: skip
-    else:
-        on_gpu, cpu = {**sharded, "gradient_bytes": accumulated or sharded["gradient_bytes"]}, {}
-    return {
-        **on_gpu, "constants": parts["constants"],
-        "gathered": parts["root_frozen_bytes"] + root_params * gathered_element + gathered_layers,
-        "unsharded_gradients": (layer_params + root_params) * gradient_element, "buckets": 0, "nccl": NCCL_BYTES, "cpu": cpu,
-    }  # fmt: skip
 
 
 def _with_max_seq_len(cfg: RecipeConfig, seq_len: int) -> RecipeConfig:
@@ -704,9 +629,12 @@ def describe_sharding(plan: MemoryPlan) -> dict[str, str]:
 def describe_load_limit(plan: MemoryPlan) -> str:
     """Why loading an fsdp run needs more than its step, and what it takes, in one clause."""
     trainable = plan.load_peak_bytes - plan.load_base_bytes - plan.cuda_context_bytes - plan.nccl_bytes
+    needs = f"needs GPUs of at least {max(plan.load_peak_bytes, plan.total_bytes) / GIB:.2f} GiB"
+    if plan.load_layerwise:
+        return f"loading layer by layer holds this GPU's shards, every layer's quantization constants and one layer whole; {needs}"
     return (
         f"loading puts the whole 4-bit base ({plan.load_base_bytes / GIB:.2f} GiB) and trainable part ({trainable / GIB:.2f} GiB) on each GPU before FSDP shards them; "
-        f"needs GPUs of at least {max(plan.load_peak_bytes, plan.total_bytes) / GIB:.2f} GiB (layer-by-layer loading is not supported yet)"
+        f"{needs} (layer-by-layer loading covers LoRA on a 4-bit base)"
     )
 
 
@@ -743,6 +671,8 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
     lines.append(f"  {'estimated peak' + (' per GPU' if plan.gpus > 1 else ''):<22}{gib(plan.total_bytes)}  -> {the_step}{verdict} in {where}")
     if plan.load_peak_bytes:
         loading = "the whole 4-bit base and the trainable part on each GPU before FSDP shards them, + CUDA context and NCCL"
+        if plan.load_layerwise:
+            loading = "layer by layer: this GPU's shards, every layer's quantization constants, one layer (or the root) whole while built, + CUDA context and NCCL"
         if plan.load_peak_bytes > plan.vram_bytes:
             loading = f"-> does NOT fit{'' if plan.step_fits else ' either'}: {describe_load_limit(plan)}"
         lines.append(f"  {'loading peak per GPU':<22}{gib(plan.load_peak_bytes)}  {loading}")

@@ -26,7 +26,7 @@ FLOORS = {
     "folders": 2, "tiny": 2,
     "quant": 3, "safetensors_io": 3,
     "memory": 4, "activations": 4,
-    "doctor": 5,
+    "doctor": 5, "sharding": 5,
     "data": 6,
     "demo": 7,
     "model_paths": 8,

@@ -309,7 +309,7 @@ def test_one_gpu_plan_is_the_plan_without_gpus(capsys):
 
 
 def test_ddp_per_gpu_is_one_gpu_plus_buckets_and_nccl():
-    from qlora_lite.planner import NCCL_BYTES
+    from qlora_lite.sharding import NCCL_BYTES
 
     cfg = load_recipe(DDP_RECIPE)
     config = read_model_config(cfg.model.name_or_path)
@@ -325,7 +325,7 @@ def test_ddp_per_gpu_is_one_gpu_plus_buckets_and_nccl():
 
 @pytest.mark.parametrize("gpus, grad_accum", [(2, 4), (4, 4), (4, 1), (8, 1)])
 def test_fsdp_per_gpu_bytes_follow_the_formula(gpus, grad_accum):
-    from qlora_lite.planner import NCCL_BYTES
+    from qlora_lite.sharding import NCCL_BYTES
 
     # offload off: auto would turn it on for the one-GPU plan (70B does not fit one 24 GiB GPU) and not for the sharded one
     cfg = load_recipe(FSDP_RECIPE, [f"train.grad_accum_steps={grad_accum}", "model.activation_offload=false"])
@@ -370,7 +370,7 @@ def test_fsdp_units_follow_the_wrapping():
     assert parts["layers"] == 42
 
 
-def test_70b_step_fits_four_24_gib_gpus_under_fsdp_but_loading_does_not(capsys):
+def test_70b_step_and_layer_by_layer_loading_fit_four_24_gib_gpus_under_fsdp(capsys):
     cfg = load_recipe(FSDP_RECIPE)
     assert cfg.dist.strategy == "fsdp" and cfg.train.optimizer == "adamw" and cfg.quant.compute_dtype == "bfloat16"
     config = read_model_config(cfg.model.name_or_path)
@@ -382,25 +382,21 @@ def test_70b_step_fits_four_24_gib_gpus_under_fsdp_but_loading_does_not(capsys):
     # Four GPUs: the training step fits (18.47 GiB per GPU, room for 2 sequences of 2048)...
     assert four.step_fits and round(four.total_bytes / GIB, 2) == 18.47
     assert four.largest_micro_batch == 2 and four.largest_micro_batch >= cfg.train.micro_batch_size and four.largest_seq_len >= cfg.train.max_seq_len
-    # ...but loading puts the whole 4-bit base on every GPU first: 38.58 GiB each, so the run does not fit 24 GiB cards
-    assert round(four.load_peak_bytes / GIB, 2) == 38.58 and four.load_peak_bytes == two.load_peak_bytes
-    assert not four.fits
+    # ...and so does loading, layer by layer: 12.62 GiB per GPU (the whole-base load was 38.58), less than the step
+    assert four.load_layerwise and round(four.load_peak_bytes / GIB, 2) == 12.62 < 18.47 and four.fits
     ddp = plan_memory(load_recipe(FSDP_RECIPE, ["dist.strategy=ddp"]), config, vram_bytes=24 * GIB, gpus=4)
     assert not ddp.fits and ddp.weights_bytes == one.weights_bytes  # DDP replicates the 37 GiB base
     assert cli.main(["plan", FSDP_RECIPE, "--gpus", "4"]) == 0
     out = capsys.readouterr().out
     assert "memory plan for meta-llama/Llama-3.1-70B, per GPU of 4 (dist.strategy fsdp):" in out
-    assert "estimated peak per GPU 18.47 GiB  -> the training step fits in 24 GiB per GPU (4 GPUs)" in out
-    assert (
-        "loading peak per GPU   38.58 GiB  -> does NOT fit: loading puts the whole 4-bit base (36.80 GiB) and trainable part (0.77 GiB) "
-        "on each GPU before FSDP shards them; needs GPUs of at least 38.58 GiB (layer-by-layer loading is not supported yet)"
-    ) in out
-    assert "largest micro-batch at 2048 tokens: 2; longest sequence at micro-batch 1: 5376 (the training step's, once loaded)" in out
+    assert "estimated peak per GPU 18.47 GiB  -> fits in 24 GiB per GPU (4 GPUs)" in out
+    assert "loading peak per GPU   12.62 GiB  layer by layer: this GPU's shards, every layer's quantization constants, one layer (or the root) whole while built" in out
+    assert "largest micro-batch at 2048 tokens: 2; longest sequence at micro-batch 1: 5376" in out and "once loaded" not in out
     assert "1/4 per GPU (FSDP shards), constants whole" in out and "all-gathered weights" in out
     assert cli.main(["plan", FSDP_RECIPE, "--gpus", "2"]) == 0
     out = capsys.readouterr().out
     assert "estimated peak per GPU 28.00 GiB  -> does NOT fit in 24 GiB per GPU (2 GPUs)" in out
-    assert "loading peak per GPU   38.58 GiB  -> does NOT fit either: loading puts the whole 4-bit base" in out
+    assert "loading peak per GPU   21.27 GiB  layer by layer" in out
 
 
 @pytest.mark.parametrize("gpus, grad_accum", [(2, 4), (2, 1), (4, 4)])
@@ -442,7 +438,7 @@ def test_cpu_offload_without_fsdp_is_a_clear_error_and_one_gpu_ignores_it(capsys
     assert any("dist.strategy fsdp shards only with several processes (and dist.cpu_offload offloads only shards)" in note for note in one.notes)
 
 
-def test_70b_step_fits_two_24_gib_gpus_with_cpu_offload_but_loading_does_not(capsys):
+def test_70b_step_and_loading_fit_two_24_gib_gpus_with_cpu_offload(capsys):
     cfg = load_recipe(OFFLOAD_RECIPE)
     assert cfg.dist.strategy == "fsdp" and cfg.dist.cpu_offload and cfg.train.optimizer == "adamw" and cfg.quant.compute_dtype == "bfloat16"
     assert cfg.method == "lora" and cfg.model.name_or_path == "meta-llama/Llama-3.1-70B"
@@ -458,12 +454,12 @@ def test_70b_step_fits_two_24_gib_gpus_with_cpu_offload_but_loading_does_not(cap
     assert two.step_fits and round(two.total_bytes / GIB, 2) == 12.34 and two.largest_micro_batch == 5
     assert two.largest_micro_batch >= cfg.train.micro_batch_size and two.largest_seq_len >= cfg.train.max_seq_len
     assert round(two.cpu_ram_bytes / GIB, 2) == 19.44 and round(two.cpu_weights_bytes / GIB, 2) == 17.90
-    # but offload moves the shards only once FSDP has made them: loading holds the whole base on each GPU first
-    assert round(two.load_peak_bytes / GIB, 2) == 38.58 and two.load_peak_bytes == without.load_peak_bytes and not two.fits
+    # and loading layer by layer: each layer's shard goes to CPU RAM as it is made; the GPU holds the constants and the head
+    assert round(two.load_peak_bytes / GIB, 2) == 3.97 and round(without.load_peak_bytes / GIB, 2) == 21.27 and two.fits
     assert cli.main(["plan", OFFLOAD_RECIPE, "--gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert "estimated peak per GPU 12.34 GiB  -> the training step fits in 24 GiB per GPU (2 GPUs)" in out
-    assert "loading peak per GPU   38.58 GiB  -> does NOT fit: loading puts the whole 4-bit base (36.80 GiB)" in out
+    assert "estimated peak per GPU 12.34 GiB  -> fits in 24 GiB per GPU (2 GPUs)" in out
+    assert "loading peak per GPU    3.97 GiB  layer by layer" in out and "does NOT fit" not in out
     assert "CPU RAM per process    19.44 GiB  pinned, needed by each of the 2 processes (dist.cpu_offload)" in out
     assert "2 on one machine: 38.88 GiB" in out
     assert cli.main(["plan", OFFLOAD_RECIPE, "dist.cpu_offload=false", "--gpus", "2"]) == 0
@@ -471,24 +467,30 @@ def test_70b_step_fits_two_24_gib_gpus_with_cpu_offload_but_loading_does_not(cap
 
 
 @pytest.mark.parametrize("recipe, gpus", [(FSDP_RECIPE, 2), (FSDP_RECIPE, 4), (FSDP_RECIPE, 8), (OFFLOAD_RECIPE, 2), (OFFLOAD_RECIPE, 4)])
-def test_fsdp_loading_peak_is_the_whole_one_gpu_base_and_trainable_part(recipe, gpus):
-    """train.fit loads the whole 4-bit base on every GPU, attaches the LoRA and broadcasts it before FSDP shards (or offloads) anything."""
-    from qlora_lite.planner import CUDA_CONTEXT_BYTES, NCCL_BYTES
+def test_fsdp_loading_peak_is_the_shards_the_constants_and_one_layer_or_the_root(recipe, gpus):
+    """training/layerwise.py: each layer (and the embeddings) sharded before the next is built; the root (head, final norm) whole at the end."""
+    from qlora_lite.planner import CUDA_CONTEXT_BYTES
+    from qlora_lite.sharding import NCCL_BYTES
 
     cfg = load_recipe(recipe)
     config = read_model_config(cfg.model.name_or_path)
     one, plan = plan_memory(cfg, config, gpus=1), plan_memory(cfg, config, gpus=gpus)
     n = llama_70b_numbers()
-    base = n["layers"] * n["layer_nf4"] + one.quant_constant_bytes + n["embed"] + n["head"] + n["layers"] * n["layer_norms"] + n["final_norm"]
-    assert plan.load_base_bytes == one.weights_bytes == base  # the weights as loaded of the one-GPU plan
-    assert plan.load_peak_bytes == one.weights_bytes + one.trainable_bytes + CUDA_CONTEXT_BYTES + NCCL_BYTES
-    assert one.trainable_bytes == 207_093_760 * 4  # the whole fp32 LoRA, not 1/N
-    assert round(plan.load_base_bytes / GIB, 2) == 36.80 and round(plan.load_peak_bytes / GIB, 2) == 38.58  # whatever N, with or without offload
-    # the verdict needs both: the smallest memory that fits is the larger of the step's and the loading peak
-    smallest = max(plan.total_bytes, plan.load_peak_bytes)
-    assert smallest == plan.load_peak_bytes
-    assert plan_memory(cfg, config, vram_bytes=smallest, gpus=gpus).fits
-    assert not plan_memory(cfg, config, vram_bytes=smallest - 1, gpus=gpus).fits
+    lora = n["layers"] * n["layer_lora"]
+    sharded = 0 if cfg.dist.cpu_offload else -(-(n["layers"] * (n["layer_nf4"] + n["layer_norms"]) + n["embed"] + lora * 4) // gpus)
+    layer = n["layer_nf4"] + n["layer_norms"] + n["layer_lora"] * 4 + 8192 * 28672 * 2  # + the bf16 gate/up/down weight being quantized
+    root = n["head"] + n["final_norm"]
+    assert plan.load_layerwise and plan.load_base_bytes == 0
+    assert plan.load_peak_bytes == sharded + one.quant_constant_bytes + max(layer, root) + CUDA_CONTEXT_BYTES + NCCL_BYTES
+    assert root > layer  # the 2 GiB head, whole until the root is sharded, outweighs one layer
+    # the verdict needs both; layer by layer, loading never sets it: the step's peak is the larger
+    assert plan.load_peak_bytes < plan.total_bytes
+    assert plan_memory(cfg, config, vram_bytes=plan.total_bytes, gpus=gpus).fits
+    # methods without a layer-by-layer load (here bottleneck adapters) still load the whole base first: 36.80 GiB + adapters
+    adapters = load_recipe(recipe, ["method=adapter"])
+    whole, whole_one = plan_memory(adapters, config, gpus=gpus), plan_memory(adapters, config, gpus=1)
+    assert not whole.load_layerwise and round(whole.load_base_bytes / GIB, 2) == 36.80
+    assert whole.load_peak_bytes == whole_one.weights_bytes + whole_one.trainable_bytes + CUDA_CONTEXT_BYTES + NCCL_BYTES
     # one GPU and ddp: the step holds the whole base anyway, no separate loading figure, the verdict is the step's
     ddp = plan_memory(load_recipe(DDP_RECIPE), gpus=gpus)
     for other in (one, ddp):
@@ -505,7 +507,7 @@ def test_70b_fsdp_recipes_fit_two_80_gib_gpus(recipe, capsys):
     assert cli.main(["plan", recipe, "--gpus", "2", "--vram", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert f"estimated peak per GPU {plan.total_bytes / GIB:5.2f} GiB  -> fits in 80 GiB per GPU (2 GPUs)" in out
-    assert "loading peak per GPU   38.58 GiB  the whole 4-bit base and the trainable part on each GPU before FSDP shards them" in out
+    assert f"loading peak per GPU   {plan.load_peak_bytes / GIB:5.2f} GiB  layer by layer" in out
     assert "once loaded" not in out and "does NOT fit" not in out
     assert cli.main(["plan", recipe, "--gpus", "2", "--vram", "80GiB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -516,9 +518,10 @@ def test_auto_micro_batch_refuses_an_fsdp_run_whose_loading_does_not_fit(monkeyp
     from qlora_lite import planner
 
     monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 24 * GIB)
-    cfg = load_recipe(FSDP_RECIPE, ["train.micro_batch_size=auto"])
-    assert plan_memory(cfg, vram_bytes=24 * GIB, gpus=4).largest_micro_batch == 2  # the step alone would take 2
-    with pytest.raises(PlanError, match=r"auto: loading puts the whole 4-bit base \(36.80 GiB\) .* needs GPUs of at least 38.58 GiB .* this device has 24.0 GiB"):
+    # bottleneck adapters have no layer-by-layer load: the whole base on each GPU first
+    cfg = load_recipe(FSDP_RECIPE, ["train.micro_batch_size=auto", "method=adapter"])
+    assert plan_memory(cfg, vram_bytes=24 * GIB, gpus=4).largest_micro_batch >= 1  # the step alone would fit
+    with pytest.raises(PlanError, match=r"auto: loading puts the whole 4-bit base \(36.80 GiB\) .* needs GPUs of at least 3[0-9.]+ GiB .* this device has 24.0 GiB"):
         planner.choose_micro_batch(cfg, torch.device("cpu"), gpus=4)
     monkeypatch.setattr(planner, "read_device_memory_bytes", lambda device: 80 * GIB)
     assert planner.choose_micro_batch(cfg, torch.device("cpu"), gpus=4)[0] == plan_memory(cfg, vram_bytes=80 * GIB, gpus=4).largest_micro_batch
@@ -528,9 +531,9 @@ def test_plan_of_auto_says_training_refuses_an_fsdp_run_whose_loading_does_not_f
     """Issue 22, item 10: the plan picks the micro-batch that choose_micro_batch picks for the --vram and --gpus given."""
     from qlora_lite import planner
 
-    cfg = load_recipe(FSDP_RECIPE, ["train.micro_batch_size=auto"])
+    cfg = load_recipe(FSDP_RECIPE, ["train.micro_batch_size=auto", "method=adapter"])  # no layer-by-layer load for adapters
     tight = plan_memory(cfg, vram_bytes=24 * GIB, gpus=4)
-    assert tight.micro_batch_auto and tight.micro_batch_size == 1 and tight.largest_micro_batch == 2  # refused: planned at 1
+    assert tight.micro_batch_auto and tight.micro_batch_size == 1 and tight.largest_micro_batch >= 1  # refused: planned at 1
     assert format_plan(tight, "70B").splitlines()[0] == (
         "train.micro_batch_size auto -> none: loading does not fit 24.0 GiB per GPU (the loading peak below); training refuses auto (planned below at 1)"
     )
@@ -556,14 +559,11 @@ def test_multi_gpu_recipe_headers_state_the_planner_figure(recipe, gpus):
     total = re.search(r"^#   total +([0-9.]+) GiB per GPU", text, re.MULTILINE)
     assert total and total.group(1) == f"{plan.total_bytes / GIB:.2f}"
     assert f"largest micro-batch at {cfg.train.max_seq_len} tokens: {plan.largest_micro_batch})" in text
-    if plan.load_peak_bytes:  # fsdp: the step fits 24 GiB, loading does not yet, and the header says so with the figures
-        assert plan.step_fits and not plan.fits
-        loading = re.search(r"^#   loading +([0-9.]+) GiB per GPU: the whole 4-bit base \(([0-9.]+) GiB\)", text, re.MULTILINE)
-        assert loading and loading.groups() == (f"{plan.load_peak_bytes / GIB:.2f}", f"{plan.load_base_bytes / GIB:.2f}")
-        assert f"GPUs of at least {plan.load_peak_bytes / GIB:.2f} GiB" in text and "layer-by-layer loading" in text
-        assert "DOES NOT YET LOAD on 24 GB cards" in text
-    else:
-        assert plan.fits
+    assert plan.fits
+    if plan.load_peak_bytes:  # fsdp: loading layer by layer, below the step, and the header says so with the figure
+        loading = re.search(r"^#   loading +([0-9.]+) GiB per GPU, layer by layer", text, re.MULTILINE)
+        assert plan.load_layerwise and loading and loading.group(1) == f"{plan.load_peak_bytes / GIB:.2f}"
+        assert "DOES NOT YET LOAD" not in text
     if cfg.dist.cpu_offload:
         assert f"# CPU RAM per process: {plan.cpu_ram_bytes / GIB:.2f} GiB, pinned" in text
         assert f"{gpus * plan.cpu_ram_bytes / GIB:.2f} GiB for the {gpus} processes on one machine" in text

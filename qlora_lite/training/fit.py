@@ -70,7 +70,7 @@ from .plot import plot_run
 from .rms_norm import apply_lean_rms_norm
 from .setup import Run, prepare_output_dir, prepare_run
 from .stopping import StopRequest, check_finite, maybe_kill_for_test, out_of_memory_message
-from .layerwise import load_layer_by_layer, loads_layer_by_layer
+from .layerwise import load_layer_by_layer, loads_run_layer_by_layer
 from .tiled_mlp import apply_tiled_mlp
 from .tracking import MetricsLog, NullLog, open_run_log
 
@@ -197,7 +197,7 @@ def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
     """The base loaded (4-bit, or the method's unquantized layers kept so) with the method attached, fresh or from the checkpoint."""
     cfg = run.cfg
     adapter = run.checkpoint or (Path(cfg.model.init_adapter) if cfg.model.init_adapter else None)  # a resume, or a run continuing an adapter (SFT -> DPO)
-    if loads_layer_by_layer(run):  # FSDP: each layer quantized, given its LoRA and sharded in turn, never the whole base on one device
+    if loads_run_layer_by_layer(run):  # FSDP: each layer quantized, given its LoRA and sharded in turn, never the whole base on one device
         if run.world.is_main:
             print(f"loading the base layer by layer into FSDP2 shards ({run.world.size} processes)")
         model = load_layer_by_layer(run, adapter, lambda base: prepare_base(base, run))

@@ -18,11 +18,13 @@ whole-model path builds them:
 Every process reads the checkpoint itself rather than rank 0 reading and broadcasting: on one
 machine the files come from the page cache once read, and a broadcast of the bf16 layer would
 hold it whole on every rank anyway before quantizing (the NF4 bytes, not the bf16 ones, are what
-each rank keeps a share of). The embeddings, final norm and head come last, as in the root's
-FSDP unit. The rotary embeddings' inv_freq is computed, not read: those modules are rebuilt.
+each rank keeps a share of). The final norm and head come last, whole until build_engine shards the root's
+FSDP unit; the input embeddings (their own unit) are built and sharded first. The rotary embeddings'
+inv_freq is computed, not read: those modules are rebuilt.
 
-Only for LoRA, not resumed from a pre-quantized checkpoint; the other methods (and a pre-quantized
-base, whose bytes are read as they are) load whole as before.
+Only for LoRA on a 4-bit base (sharding.loads_layer_by_layer); the other methods load whole before
+sharding, as before. A pre-quantized base stays refused under FSDP (distributed.check_recipe): its
+uint8 storage cannot be sharded as the compute dtype.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ from torch import nn
 from ..methods.lora import apply_lora, check_adapter_fits, collect_lora_pairs, read_lora_adapter, resolve_targets
 from ..quant import build_empty_base_model, is_prequantized, materialize_weights, restore_rotary_embeddings
 from ..safetensors_io import CheckpointReader
+from ..sharding import loads_layer_by_layer
 from .distributed import broadcast_parameters, shard_unit
 
 
-def loads_layer_by_layer(run) -> bool:
-    """Whether fit() loads this run's base layer by layer: FSDP over several processes, LoRA, a base that is not pre-quantized."""
-    cfg = run.cfg
-    return bool(run.sharded and cfg.method == "lora" and cfg.quant.load_in_4bit and not is_prequantized(run.base_path))
+def loads_run_layer_by_layer(run) -> bool:
+    """Whether fit() loads this run's base layer by layer: FSDP over several processes, what sharding.loads_layer_by_layer says (LoRA on a 4-bit base), not pre-quantized."""
+    return bool(run.sharded and loads_layer_by_layer(run.cfg) and not is_prequantized(run.base_path))
 
 
 def load_layer_by_layer(run, adapter_dir: Path | None, prepare: Callable[[nn.Module], None]) -> nn.Module:
@@ -62,6 +64,10 @@ def load_layer_by_layer(run, adapter_dir: Path | None, prepare: Callable[[nn.Mod
     targets = resolve_targets(base, lora_cfg.target_modules)  # the whole model's, in its order
     names = {module: name for name, module in base.named_modules()}
     reader = CheckpointReader(run.base_path)
+    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if head is None or embeddings.weight is not head.weight:  # untied: its own FSDP unit (distributed.shard_with_fsdp), sharded at once
+        materialize_weights(embeddings, names[embeddings] + ".", reader.read, run.device, run.compute_dtype)
+        shard_unit(embeddings, run.compute_dtype, cfg.dist.cpu_offload)
     for layer in base.get_decoder().layers:
         prefix = names[layer] + "."
         materialize_weights(layer, prefix, reader.read, run.device, run.compute_dtype)
@@ -71,7 +77,7 @@ def load_layer_by_layer(run, adapter_dir: Path | None, prepare: Callable[[nn.Mod
             copy_saved_pairs(layer, prefix, mine, saved)
         broadcast_parameters([p for p in layer.parameters() if p.requires_grad])
         shard_unit(layer, run.compute_dtype, cfg.dist.cpu_offload)
-    materialize_weights(base, "", reader.read, run.device, run.compute_dtype)  # embeddings, final norm, head
+    materialize_weights(base, "", reader.read, run.device, run.compute_dtype)  # the root's: final norm, head (and tied embeddings)
     if getattr(base.config, "tie_word_embeddings", False):
         base.tie_weights()
     restore_rotary_embeddings(base, run.device)

@@ -140,7 +140,7 @@ def main() -> int:
     if "whole" in PROBES:
         import qlora_lite.training.fit as fit_module
 
-        fit_module.loads_layer_by_layer = lambda run: False
+        fit_module.loads_run_layer_by_layer = lambda run: False
     if "shards" in PROBES:
         dump_shards()
     if "alone" in PROBES:
