@@ -412,7 +412,11 @@ class MemoryMeter(TorchDispatchMode):
         nbytes = count_allocated_bytes(storage.nbytes(), tensor.device)
         if nbytes == 0 or tensor.device.type == "meta":
             return
-        key = (str(tensor.device), storage.data_ptr())
+        try:
+            pointer = storage.data_ptr()
+        except RuntimeError:  # a wrapper subclass (FSDP2's DTensor parameters): its local tensor's ops are counted instead
+            return
+        key = (str(tensor.device), pointer)
         with self._lock:
             live = self._live.get(key)
             if live is not None and live.ref() is storage:

@@ -224,3 +224,22 @@ def test_meter_baseline_of_a_module_and_its_optimizer_is_weights_grads_and_adam_
     # grad reached both through the module and the optimizer's param groups count once.
     assert meter.baseline_bytes == 4 * 100 * 100 * 4 + 4
     assert meter.peak_bytes == meter.baseline_bytes and meter.peak_transient_bytes == 0
+
+
+def test_the_meter_counts_fsdp2_sharded_parameters_by_their_local_shards(tmp_path):
+    """fully_shard under the meter made DTensor parameters, whose wrapper storage has no data pointer: it crashed."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from qlora_lite import MemoryMeter
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        layer = torch.nn.Linear(64, 64)
+        with MemoryMeter(device="cpu") as meter:
+            fully_shard(layer)
+            layer(torch.ones(2, 64)).sum().backward()
+        # one process: its shard is the whole 64 x 64 fp32 weight (16 KiB) copied once, plus what the step made
+        assert 64 * 64 * 4 <= meter.peak_device_bytes < 1 << 20
+    finally:
+        dist.destroy_process_group()
