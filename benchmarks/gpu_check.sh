@@ -51,6 +51,12 @@ part throughput-8b 170 python benchmarks/throughput.py --arch llama8b --seq 512,
 part memory-meter-8b 80 python benchmarks/memory_compare.py --layers 2 4 --out "$out"
 # One DPO step beside TRL's DPOTrainer (its Triton fused head runs only here): the CPU meter's 0.39x is partly TRL's CPU fallback.
 part preference-memory 120 python benchmarks/preference_memory.py --layers 2 4 --name llama8b --out "$out"
+# FSDP2 loading layer by layer at Llama-3.1-70B widths (2 layers) on 2 GPUs (nccl): torch.cuda's peak per GPU while loading and in one step, vs the planner.
+if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    part fsdp-load-70b 150 python benchmarks/fsdp_loading.py --layers 2 --paths layerwise --threads 4 --work /tmp/fsdp-load-gpu --out "$out"
+else
+    echo "- fsdp-load-70b: skipped: one GPU" | tee -a "$summary"
+fi
 part recipes 90 python benchmarks/recipe_smoke.py --layers 2 --out "$out"
 # 2 layers, not 32 (writing and quantizing 32 random layers would take the whole budget): the per-token device
 # bytes, the host copies and the step times are the GPU truth; 32 layers are extrapolated as on the CPU.

@@ -51,7 +51,7 @@ _API: dict[str, str] = {
     "build_prompt_ids": "generate", "generate_answer": "generate", "generate_ids": "generate",
     # memory and the planner
     "build_memory_report": "memory", "format_memory_report": "memory", "MemoryMeter": "memory",
-    "format_peak_breakdown": "memory", "bytes_by_dtype": "memory", "iter_held_tensors": "memory",
+    "format_peak_breakdown": "memory", "quant_constants": "memory", "bytes_by_dtype": "memory", "iter_held_tensors": "memory",
     "read_rss_bytes": "memory", "read_peak_rss_bytes": "memory", "read_available_ram_bytes": "memory", "GIB": "planner", "format_plan": "planner",
     "parse_bytes": "planner", "read_model_config": "planner", "read_device_memory_bytes": "planner",
     "search_largest": "planner", "choose_mlp_tile_tokens": "activations",
