@@ -392,7 +392,7 @@ def load_paths(tmp_path_factory, tiny_llama_dir):
         probe_dir = root / f"probe-{path}"
         probe_dir.mkdir()
         probes = "shards,dump" + (",whole" if path == "whole" else "")
-        args = overrides(data, tiny_llama_dir, root / path, **{"dist.strategy": "fsdp", "train.save_every": 0})
+        args = overrides(data, tiny_llama_dir, root / path, **{"dist.strategy": "fsdp", "train.save_every": 0, "train.max_steps": 2, "train.eval_every": 0})
         launches[path] = (torchrun(args, probes=probes, probe_dir=probe_dir), probe_dir)
     return root, launches
 
@@ -400,7 +400,9 @@ def load_paths(tmp_path_factory, tiny_llama_dir):
 def test_layer_by_layer_loading_gives_every_shard_of_the_whole_model_path_bitwise_and_the_same_adapter(load_paths):
     root, launches = load_paths
     for path, (done, _) in launches.items():
-        assert done.returncode == 0, (path, done.stderr[-3000:])
+        # Once in CI (2 busy cores) the whole-path launch died of SIGABRT mid-training; the lines that say why, if it recurs.
+        why = [line for line in done.stderr.splitlines() if any(w in line for w in ("Error", "error", "terminate", "abort", "Abort", "gloo"))]
+        assert done.returncode == 0, (path, why[-20:], done.stderr[-2000:])
     assert "loading the base layer by layer" in launches["layerwise"][0].stdout
     assert "loading the base layer by layer" not in launches["whole"][0].stdout
     for rank in (0, 1):
@@ -411,5 +413,5 @@ def test_layer_by_layer_loading_gives_every_shard_of_the_whole_model_path_bitwis
         assert [name for name in whole if not torch.equal(layerwise[name], whole[name])] == []
         assert sum(".quant_constant" in name for name in whole) == 14 * 5  # 14 Linear4bit, 5 constants each (double quant)
         assert sum(t.numel() for t in whole.values()) > 100_000
-    # Trained from those shards, the runs write the same adapter, bit for bit.
+    # Trained from those shards (2 steps), the runs write the same adapter, bit for bit.
     assert max_diff(adapter(root / "layerwise" / "adapter"), adapter(root / "whole" / "adapter")) == 0.0
