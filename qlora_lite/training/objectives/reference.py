@@ -147,13 +147,14 @@ def reference_file(run: Any) -> Path:
     """``<data cache folder>/reference/<objective>-<key>.npz``: the key as the module docstring says."""
     cfg = run.cfg
     method = get_method(cfg.method)
+    settings = method.settings(cfg)
     key = {
         "data": Path(run.data.stats["cache_path"]).name,
         "base": fingerprint_files(run.base_path, WEIGHT_SUFFIXES, head_only=True),
         "model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k in ("name_or_path", "revision", "attn_implementation")},
         "quant": dataclasses.asdict(cfg.quant),
         "method": cfg.method,
-        "settings": dataclasses.asdict(method.settings(cfg)) if dataclasses.is_dataclass(method.settings(cfg)) else repr(method.settings(cfg)),
+        "settings": dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else repr(settings),
         "seed": cfg.train.seed,
         "init_adapter": fingerprint_files(cfg.model.init_adapter, None) if cfg.model.init_adapter else None,
         "objective": cfg.objective.name,
