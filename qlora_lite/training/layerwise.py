@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..memory import release_freed_memory
 from ..methods.lora import apply_lora, check_adapter_fits, collect_lora_pairs, read_lora_adapter, resolve_targets
 from ..quant import build_empty_base_model, is_prequantized, materialize_weights, restore_rotary_embeddings
 from ..safetensors_io import CheckpointReader
@@ -77,6 +78,7 @@ def load_layer_by_layer(run, adapter_dir: Path | None, prepare: Callable[[nn.Mod
             copy_saved_pairs(layer, prefix, mine, saved)
         broadcast_parameters([p for p in layer.parameters() if p.requires_grad])
         shard_unit(layer, run.compute_dtype, cfg.dist.cpu_offload)
+        release_freed_memory()  # the layer's bf16 reads and unsharded NF4 are freed; give their pages back before the next
     materialize_weights(base, "", reader.read, run.device, run.compute_dtype)  # the root's: final norm, head (and tied embeddings)
     if getattr(base.config, "tie_word_embeddings", False):
         base.tie_weights()
