@@ -310,7 +310,7 @@ class DistConfig:
     strategy: str = "ddp"
     """With several processes (torchrun, accelerate launch): `ddp` (each process holds the whole 4-bit base and the adapter) or `fsdp` (FSDP2 shards the base and the adapter across processes: a model that does not fit one GPU). One process ignores it. See "More than one GPU"."""
     cpu_offload: bool = False
-    """With `fsdp`: keep each process's shards (4-bit base, adapter, optimizer state) in CPU RAM and bring them to the GPU one layer at a time; the optimizer steps on the CPU. Slower; a 70B's training step then needs 12.34 GiB per GPU on two, and loading, layer by layer, 3.97 GiB (see "More than one GPU")."""
+    """With `fsdp`: keep each process's shards (4-bit base, adapter, optimizer state) in CPU RAM and bring them to the GPU one layer at a time; the optimizer steps on the CPU. Slower; a 70B's training step then needs 17.40 GiB per GPU on two, and loading, layer by layer, 3.97 GiB (see "More than one GPU")."""
 
 
 @dataclass

@@ -646,7 +646,7 @@ def format_plan(plan: MemoryPlan, model_name: str) -> str:
     weights = f"NF4 {plan.nf4_bytes / GIB:.2f} + constants {plan.quant_constant_bytes / GIB:.2f} + unquantized {plan.unquantized_bytes / GIB:.2f} GiB"
     rows = [
         ("weights as loaded", plan.weights_bytes, shard["weights as loaded"] if plan.cpu_offload else weights + shard.get("weights as loaded", "")),
-        ("all-gathered weights", plan.gathered_bytes, "the root (lm_head, final norm) for the whole step + 2 decoder layers (running, prefetched)" + shard.get("all-gathered weights", "")),
+        ("all-gathered weights", plan.gathered_bytes, "the root (lm_head, final norm) for the whole step + the larger of 2 decoder layers (running, prefetched) and the forward's start (the root's and the input embeddings' all-gather buffers)" + shard.get("all-gathered weights", "")),
         ("trainable parameters", plan.trainable_bytes, f"{plan.trainable_params:,} parameters" + shard.get("trainable parameters", "")),
         ("their gradients", plan.gradient_bytes, shard.get("their gradients", "")),
         ("unsharded gradients", plan.unsharded_gradient_bytes, "one layer's, in the compute dtype and in fp32 for the reduce-scatter"),

@@ -48,6 +48,19 @@ def estimate_load_peak_bytes(cfg: RecipeConfig, parts: dict[str, int], gpus: int
     return sharded + parts["constants"] + max(layer, parts["root_frozen_bytes"]) + context_bytes + NCCL_BYTES
 
 
+def forward_start_gather_bytes(root_bytes: int, embed_bytes: int) -> int:
+    """What FSDP2 holds all-gathered at the start of a forward beyond the root's unsharded parameters.
+
+    FSDP2 (torch 2.13, FSDPParamGroup.wait_for_unshard) keeps a unit's all-gather output alive in the forward
+    until the next unit's copy-out has returned (the previous state is bound to a local name there, so
+    clearing the attribute frees nothing until the function ends). At the input embeddings' copy-out a
+    GPU then holds the root's unsharded parameters and its all-gather output, and the embeddings' output
+    and unsharded copy: 4 x 1.96 GiB for a 70B (measured: 7.83 GiB transient on each of 2 processes,
+    benchmarks/results/fsdp-loading-70b-step-cpu.md). Tied embeddings are in the root: its output alone.
+    """
+    return root_bytes + 2 * embed_bytes
+
+
 def shard_static(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> dict[str, int]:
     """One GPU's share of the batch-independent parts: as planned for one GPU, for `ddp`, or for `fsdp` (FSDP2).
 
@@ -58,8 +71,10 @@ def shard_static(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> dict[st
       gradients: T x dtype / N, but with grad_accum_steps > 1, T x 4: the micro-batches before a step's
         last run without gradient sync (distributed.gradient_sync), and FSDP2 then keeps every layer's
         gradient unsharded, accumulated in the reduce dtype (fp32), until the last one reduce-scatters it;
-      gathered: the root (lm_head, final norm) whole, unsharded for the whole step, + 2 decoder layers whole
-        (frozen bytes, and their trainable part cast to the compute dtype), one running and one prefetched;
+      gathered: the root (lm_head, final norm) whole, unsharded for the whole step, + the larger of
+        2 decoder layers whole (frozen bytes, and their trainable part cast to the compute dtype), one running
+        and one prefetched, and the forward's start (forward_start_gather_bytes: the root's all-gather output
+        and the input embeddings' output and unsharded copy, all alive at once);
       unsharded gradients: one layer's, in the compute dtype and their fp32 copy for the reduce-scatter,
         and the root's (reduce-scattered only at the end of the backward).
     fsdp with dist.cpu_offload: the rows above that FSDP shards (NF4 / N, unquantized / N, trainable / N,
@@ -97,8 +112,9 @@ def shard_static(cfg: RecipeConfig, parts: dict[str, int], gpus: int) -> dict[st
         }  # fmt: skip
     else:
         on_gpu, cpu = {**sharded, "gradient_bytes": accumulated or sharded["gradient_bytes"]}, {}
+    root = parts["root_frozen_bytes"] + root_params * gathered_element
     return {
         **on_gpu, "constants": parts["constants"],
-        "gathered": parts["root_frozen_bytes"] + root_params * gathered_element + gathered_layers,
+        "gathered": root + max(gathered_layers, forward_start_gather_bytes(root, parts["embed_frozen_bytes"])),
         "unsharded_gradients": (layer_params + root_params) * gradient_element, "buckets": 0, "nccl": NCCL_BYTES, "cpu": cpu,
     }  # fmt: skip
