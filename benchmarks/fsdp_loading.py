@@ -49,6 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GIB = 1024**3
@@ -74,54 +75,11 @@ def build_model_config(quick: bool, layers: int) -> dict:
 
 def write_checkpoints(work: Path, quick: bool, layer_counts: list[int]) -> dict[int, Path]:
     """Random bf16 weights (std 0.02, norms 1), one file per block, the embeddings and the head each their own; a folder per layer count
-    (config.json, an index naming its own blocks, symlinks to the shared files, the tokenizer)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    (config.json, an index naming its own blocks, symlinks to the shared files, the tokenizer): memory_compare.py's writer at these widths."""
+    import memory_compare as mc
 
-    from qlora_lite import build_tokenizer
-
-    most = max(layer_counts)
-    config = AutoConfig.for_model(**build_model_config(quick, most))
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    shared = work / "shards"
-    shared.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-
-    def file_of(name: str) -> str:
-        if name.startswith("model.layers."):
-            return f"layer-{int(name.split('.')[2]):03d}.safetensors"
-        return "embed.safetensors" if "embed_tokens" in name else "outer.safetensors"
-
-    by_file: dict[str, list[str]] = {}
-    for name in shapes:
-        by_file.setdefault(file_of(name), []).append(name)
-    for file, names in by_file.items():
-        if (shared / file).exists():
-            continue
-        tensors = {}
-        for name in names:
-            if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
-            else:
-                tensors[name] = (torch.randn(shapes[name], generator=gen) * 0.02).to(torch.bfloat16)
-        save_file(tensors, str(shared / file), metadata={"format": "pt"})
-        del tensors
     texts = [f"Repeat the word {w}. {w} {w}" for w in WORDS]
-    folders = {}
-    for layers in layer_counts:
-        folder = work / f"layers-{layers}"
-        folder.mkdir(exist_ok=True)
-        AutoConfig.for_model(**build_model_config(quick, layers)).save_pretrained(folder)
-        weight_map = {n: file_of(n) for n in shapes if not (n.startswith("model.layers.") and int(n.split(".")[2]) >= layers)}
-        for file in set(weight_map.values()):
-            if not (folder / file).exists():
-                (folder / file).symlink_to(shared / file)
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-        build_tokenizer(texts, folder, vocab_size=256)
-        folders[layers] = folder
-    return folders
+    return mc.write_checkpoints(work, quick, layer_counts, config_of=lambda layers: build_model_config(quick, layers), own_embeddings=True, tokenizer_texts=texts)
 
 
 def write_data(work: Path, seq: int) -> Path:

@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,18 +91,25 @@ def build_model_config(quick: bool, layers: int) -> dict:
     return config
 
 
-def write_checkpoints(work: Path, quick: bool, layer_counts: list[int]) -> dict[int, Path]:
+def write_checkpoints(
+    work: Path, quick: bool, layer_counts: list[int], config_of: Callable[[int], dict] | None = None,
+    own_embeddings: bool = False, tokenizer_texts: list[str] | None = None,
+) -> dict[int, Path]:
     """Random bf16 weights, one safetensors file per block, written once; one folder per layer count.
 
     Each folder holds its config.json and an index naming only its own blocks' files (symlinks to
     the shared ones), so the 2-layer model is exactly the first 2 blocks of the 4-layer one.
+    config_of(layers): the config (default: build_model_config(quick, layers)); own_embeddings: the
+    input embeddings in a file of their own, not with the head; tokenizer_texts: a tokenizer trained
+    on them in each folder. A shared file already in work is kept (a rerun with --work reuses it).
     """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    config_of = config_of or (lambda layers: build_model_config(quick, layers))
     most = max(layer_counts)
-    config = AutoConfig.for_model(**build_model_config(quick, most))
+    config = AutoConfig.for_model(**config_of(most))
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     shared = work / "shards"
@@ -109,13 +117,16 @@ def write_checkpoints(work: Path, quick: bool, layer_counts: list[int]) -> dict[
     gen = torch.Generator().manual_seed(0)
 
     def file_of(name: str) -> str:
-        parts = name.split(".")
-        return f"layer-{int(parts[2]):03d}.safetensors" if name.startswith("model.layers.") else "outer.safetensors"
+        if name.startswith("model.layers."):
+            return f"layer-{int(name.split('.')[2]):03d}.safetensors"
+        return "embed.safetensors" if own_embeddings and "embed_tokens" in name else "outer.safetensors"
 
     by_file: dict[str, list[str]] = {}
     for name in shapes:
         by_file.setdefault(file_of(name), []).append(name)
     for file, names in by_file.items():
+        if (shared / file).exists():
+            continue
         tensors = {}
         for name in names:
             if name.endswith("norm.weight"):
@@ -129,7 +140,7 @@ def write_checkpoints(work: Path, quick: bool, layer_counts: list[int]) -> dict[
     for layers in layer_counts:
         folder = work / f"layers-{layers}"
         folder.mkdir(exist_ok=True)
-        AutoConfig.for_model(**build_model_config(quick, layers)).save_pretrained(folder)
+        AutoConfig.for_model(**config_of(layers)).save_pretrained(folder)
         weight_map = {}
         for name in shapes:
             if name.startswith("model.layers.") and int(name.split(".")[2]) >= layers:
@@ -141,6 +152,10 @@ def write_checkpoints(work: Path, quick: bool, layer_counts: list[int]) -> dict[
                 link.symlink_to(shared / file)
         index = {"metadata": {}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        if tokenizer_texts:
+            from qlora_lite import build_tokenizer
+
+            build_tokenizer(tokenizer_texts, folder, vocab_size=256)
         folders[layers] = folder
     return folders
 

@@ -56,7 +56,7 @@ _API: dict[str, str] = {
     "parse_bytes": "planner", "read_model_config": "planner", "read_device_memory_bytes": "planner",
     "search_largest": "planner", "choose_mlp_tile_tokens": "activations",
     # files, tiny models and the demo
-    "ShardWriter": "safetensors_io", "write_tensors": "safetensors_io",
+    "ShardWriter": "safetensors_io", "CheckpointReader": "safetensors_io", "write_tensors": "safetensors_io",
     "build_tiny_model": "tiny", "build_tokenizer": "tiny", "build_sentencepiece_tokenizer": "tiny",
     "ensure_demo_base": "demo", "make_demo_records": "demo", "make_pretraining_text": "demo",
     "format_demo_prompt": "demo", "DEMO_BASE_SPEC": "demo", "make_demo_pairs": "demo", "write_demo_pairs": "demo",
