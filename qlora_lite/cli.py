@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .config import OBJECTIVES, load_recipe
 from .errors import GenerationError, QloraLiteError
-from .export.llama_cpp import GGUF_TYPES
+from .llama_cpp import GGUF_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,13 +22,13 @@ PACKAGE = REPO / "qlora_lite"
 # section draws the same floors.
 FLOORS = {
     "errors": 0,
-    "config": 1,
+    "config": 1, "verify": 1,
     "folders": 2, "tiny": 2,
-    "quant": 3, "safetensors_io": 3,
+    "quant": 3, "safetensors_io": 3, "llama_cpp": 3,
     "memory": 4, "activations": 4,
     "doctor": 5, "sharding": 5,
     "data": 6,
-    "demo": 7,
+    "demo": 7, "gguf_base": 7,
     "model_paths": 8,
     "methods": 9,
     "planner": 10, "generate": 10,

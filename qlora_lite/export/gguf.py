@@ -41,7 +41,7 @@ from ..folders import find_write_problem
 from ..methods.folder import CONFIG_NAME, WEIGHTS_NAME, find_base_model, read_adapter_json, read_prompt_info
 from ..methods.lora import LORA_METHOD, lora_scale
 from ..methods.table import find_saved_method
-from .llama_cpp import (
+from ..llama_cpp import (
     GGUF_TYPES,
     LLAMA_CPP_PYTHON_VERSION,
     LORA_TYPES,
@@ -57,7 +57,7 @@ from .llama_cpp import (
 )
 from .merge import download_base, merge_adapter, read_checkpoint_layout
 from .templates import PromptLayout, build_modelfile, find_prompt_layout
-from .verify import GGUF_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
+from ..verify import GGUF_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
 
 PROBE_CONVERSATION = [{"role": "user", "content": "Name a colour, then stop."}]
 

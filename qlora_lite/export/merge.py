@@ -47,7 +47,7 @@ from ..methods.selective import SELECTIVE_METHOD, attach_selective, check_select
 from ..methods.table import find_saved_method
 from ..quant import DTYPES, dequantize_weight, is_4bit_linear, load_base_model, load_tokenizer, save_tokenizer, set_4bit_compute_dtype
 from ..safetensors_io import SAFE_INDEX_NAME, SAFETENSORS_DTYPES, ShardWriter, iter_tensors, read_header, write_tensors
-from .verify import MERGE_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
+from ..verify import MERGE_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
 
 SAFE_SINGLE_NAME = "model.safetensors"
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", **{name: name for name in DTYPES}}

@@ -29,7 +29,7 @@ from qlora_lite import cli
 from qlora_lite.data.formats import DEFAULT_CHAT_TEMPLATE
 from qlora_lite.errors import GGUFError
 from qlora_lite.export.gguf import GGUFReport, export_gguf, format_gguf_report
-from qlora_lite.export.llama_cpp import LlamaCppModel, describe_crash, ensure_tested_converter, tokenize_in_child
+from qlora_lite.llama_cpp import LlamaCppModel, describe_crash, ensure_tested_converter, tokenize_in_child
 from qlora_lite.export.templates import PromptLayout, build_alpaca_template, build_modelfile, render_pieces, split_template
 from qlora_lite.tiny import build_sentencepiece_tokenizer, build_tiny_model
 
@@ -624,7 +624,7 @@ def test_gguf_extra_is_pinned_to_the_tested_converter():
     import tomllib
 
     from qlora_lite.doctor import read_tested_versions
-    from qlora_lite.export.llama_cpp import LLAMA_CPP_PYTHON_VERSION
+    from qlora_lite.llama_cpp import LLAMA_CPP_PYTHON_VERSION
 
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gguf"]
     assert extra == [f"llama-cpp-python>={LLAMA_CPP_PYTHON_VERSION}"]

@@ -32,8 +32,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import GGUFError
-from ..folders import cache_root
+from .errors import GGUFError
+from .folders import cache_root
 
 GGUF_EXTRA = "pip install 'qlora-lite[gguf]'"
 
@@ -477,7 +477,7 @@ def run_in_child(request: dict, doing: str, hint: str, explain: Callable[[LlamaC
     # The child imports this very qlora_lite, however the parent found it (an install, a checkout on sys.path).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, "-m", "qlora_lite.export.llama_cpp"], input=json.dumps(request), capture_output=True, text=True,
+        [sys.executable, "-m", "qlora_lite.llama_cpp"], input=json.dumps(request), capture_output=True, text=True,
         errors="replace", env=env, check=False,
     )  # fmt: skip
     lines = []
