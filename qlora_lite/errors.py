@@ -126,4 +126,4 @@ class ExportError(QloraLiteError, ValueError):
 
 
 class GGUFError(QloraLiteError, ValueError):
-    """The GGUF export cannot be done as asked; the message says why and what to do."""
+    """The GGUF export, or a GGUF as the base, cannot be done as asked; the message says why and what to do."""

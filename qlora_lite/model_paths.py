@@ -1,7 +1,8 @@
 """Model names as a recipe, an adapter or a command gives them, resolved to what transformers can load.
 
-Three kinds of name: `demo:...` (the offline demo base, built and cached on first use by
-`demo.py`), a local folder (made absolute), and a hub id (kept as given; `find_hub_problem` says
+Four kinds of name: `demo:...` (the offline demo base, built and cached on first use by
+`demo.py`), a GGUF (`x.gguf`, `ollama:NAME[:TAG]`, a folder of GGUFs: dequantized once into a
+cached model folder by `gguf_base.py`), a local folder (made absolute), and a hub id (kept as given; `find_hub_problem` says
 whether the hub, or its local cache, has it). `quant` loads whatever path it is handed and never
 reaches up into the demo; callers that start from a recipe's name (fit, generate, merge, the
 planner) resolve it here first.
@@ -15,6 +16,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .demo import ensure_demo_base
 from .errors import ModelLoadError
+from .gguf_base import ensure_gguf_base, is_gguf_name
 
 DEMO_PREFIX = "demo:"
 # What a Hugging Face hub model id can look like: "name" or "owner/name", never a path from "/", "." or "~".
@@ -37,6 +39,8 @@ def resolve_model_path(model: ModelConfig) -> str:
         return str(ensure_demo_base())
     if not model.name_or_path:
         raise ModelLoadError("model.name_or_path is empty; set it to a local model folder or a hub id")
+    if is_gguf_name(model.name_or_path):
+        return str(ensure_gguf_base(model.name_or_path))
     local = Path(model.name_or_path).expanduser()
     return str(local.resolve()) if local.is_dir() else model.name_or_path
 

@@ -72,6 +72,7 @@ from .errors import PlanError
 from .memory import read_available_ram_bytes
 from .methods.lora import find_linear_names
 from .methods.table import get_method
+from .gguf_base import is_gguf_name, read_gguf_config
 from .model_paths import resolve_model_path
 from .sharding import FSDP_UNSHARDED_LAYERS, estimate_load_peak_bytes, loads_layer_by_layer, shard_static
 
@@ -164,6 +165,8 @@ def read_model_config(name_or_path: str):
     """
     from transformers import AutoConfig
 
+    if is_gguf_name(name_or_path):  # from the file's metadata: nothing dequantized
+        return read_gguf_config(name_or_path)
     local = Path(resolve_model_path(ModelConfig(name_or_path=name_or_path)))
     known = KNOWN_CONFIGS_DIR / (name_or_path.split("/")[-1] + ".json")
     if (local / "config.json").is_file():

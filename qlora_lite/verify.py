@@ -28,6 +28,11 @@ AUTO_VERIFY_MAX_PARAMS = 1_000_000_000
 """Above this many parameters, checking (a second full model in fp32) is opt-in, so that an 8B merge stays within one shard."""
 
 
+def relative_logit_difference(reference, other) -> float:
+    """max |other - reference| / max(1, max |reference|): how every check here measures two sets of logits (numpy arrays)."""
+    return float(abs(other - reference).max()) / max(1.0, float(abs(reference).max()))
+
+
 def decide_verify(verify: bool | None, num_parameters: int) -> bool:
     """--verify / --no-verify as given; unset (None): check models of at most AUTO_VERIFY_MAX_PARAMS parameters."""
     return num_parameters <= AUTO_VERIFY_MAX_PARAMS if verify is None else verify

@@ -57,7 +57,7 @@ from ..llama_cpp import (
 )
 from .merge import download_base, merge_adapter, read_checkpoint_layout
 from .templates import PromptLayout, build_modelfile, find_prompt_layout
-from ..verify import GGUF_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check
+from ..verify import GGUF_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check, relative_logit_difference
 
 PROBE_CONVERSATION = [{"role": "user", "content": "Name a colour, then stop."}]
 
@@ -400,7 +400,7 @@ def verify_logits(gguf_path: Path, model_dir: Path, probes: list[list[int]], nam
     for ids, logits in zip(probes, all_logits):
         with torch.no_grad():
             reference = model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
-        worst = max(worst, float(abs(logits - reference).max()) / max(1.0, float(abs(reference).max())))
+        worst = max(worst, relative_logit_difference(reference, logits))
     return worst
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import DATA_FORMATS, ModelConfig
 from ..errors import AdapterError
+from ..gguf_base import is_gguf_name
 from ..model_paths import HUB_ID, find_hub_problem, is_demo_name, resolve_model_path
 
 CONFIG_NAME = "adapter_config.json"
@@ -78,7 +79,7 @@ def find_base_model(adapter_dir: str | Path, peft_config: dict[str, Any], base: 
     name = base or peft_config.get("base_model_name_or_path")
     if not name:
         raise AdapterError(f"{adapter_dir}/{CONFIG_NAME} names no base model (base_model_name_or_path); pass --base PATH")
-    if is_demo_name(name):
+    if is_demo_name(name) or is_gguf_name(name):
         return resolve_model_path(ModelConfig(name_or_path=name))
     path = Path(name).expanduser()
     if path.exists():

@@ -31,6 +31,7 @@ from ..config import RecipeConfig, save_config
 from ..data.batching import collate_batch, select_micro_batch
 from ..doctor import collect_environment
 from ..errors import TrainingError, TrainingStopped
+from ..gguf_base import format_round_trip, measure_round_trip
 from ..memory import build_memory_report, format_memory_report, format_memory_short
 from ..methods.prompt_tuning import unwrap_base
 from ..methods.table import attach_method, get_method, load_method
@@ -205,6 +206,7 @@ def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
         method = get_method(cfg.method)
         unquantized = method.unquantized_modules(method.settings(cfg))
         model = load_base_model(cfg.model, cfg.quant, run.device, run.base_path, skip_modules=unquantized, shardable=run.sharded)
+        report_gguf_round_trip(run, model, log)
         prepare_base(model, run)
         model = load_method(model, cfg, adapter, trainable=True) if adapter else attach_method(model, cfg, run.tokenizer)
     if cfg.train.loss == "chunked":
@@ -217,6 +219,14 @@ def load_model(run: Run, log: MetricsLog | NullLog) -> nn.Module:
         print(format_memory_report(report, "start"))
         log.write({"event": "memory", "when": "start", **report})
     return model
+
+
+def report_gguf_round_trip(run: Run, model: nn.Module, log: MetricsLog | NullLog) -> None:
+    """A GGUF base: how far the loaded base's logits are from llama.cpp's on the original file (the log and metrics.jsonl)."""
+    result = measure_round_trip(model, run.base_path) if run.world.is_main else None
+    if result is not None:
+        print(format_round_trip(result))
+        log.write(result)
 
 
 def prepare_base(model: nn.Module, run: Run) -> None:
