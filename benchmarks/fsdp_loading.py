@@ -417,9 +417,11 @@ NOTES = [
     "On the CPU goal (2) compares with the figure for dist.cpu_offload=false whatever the run's setting: with offload the planner leaves "
     "the shards out of the GPU's figure (they are in CPU RAM), but the CPU meter counts them.",
     "- on a CPU dist.cpu_offload moves nothing: the shards are in CPU RAM either way, and the meter counts the CPU.",
-    "- 'step peak: not run' (--skip-step): on the 23 GiB, 2-core CPU machine the 70B-width step did not fit beside a second process: the first "
-    "attempt (layerwise, 2 layers, offload on, seq 128) had rank 1 killed by the kernel's OOM killer 32 s into its step at 10.5 GiB anonymous "
-    "RSS. Goal (1) then compares with the planner's step figure (dist.cpu_offload=false, less CUDA context and NCCL), marked as such.",
+    "- 'step peak: not run' (--skip-step): on the 23 GiB, 2-core CPU machine the 70B-width step does not fit beside a second process without "
+    "swap (rank 1 was killed by the OOM killer at 10.5 GiB RSS). With a 16 GiB swap file the step ran once at 2 layers "
+    "(fsdp-loading-70b-step-cpu.md): 11.04 / 13.00 GiB per process, 7.83 GiB of it FSDP2's all-gather buffers of the lm_head and the "
+    "embeddings at the forward's start, which the planner now counts (sharding.forward_start_gather_bytes). Without a step, goal (1) "
+    "compares with the planner's step figure (dist.cpu_offload=false, less CUDA context and NCCL).",
     "- MemoryMeter as shipped raises on FSDP2's DTensors ('Attempted to access the data pointer on an invalid python storage'); the worker "
     "uses a subclass that tracks a DTensor's local shard (shard_aware_meter).",
 ]
