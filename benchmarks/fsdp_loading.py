@@ -193,6 +193,10 @@ def worker(args) -> int:
         result.update(
             step_s=time.perf_counter() - start, step_peak_bytes=meter.peak_device_bytes, step_found_baseline_bytes=meter.found_baseline_bytes,
             step_peak_breakdown=meter.peak_breakdown(top=8, device_only=True), rss_after_step_bytes=read_peak_rss_bytes(),
+            step_found_baseline=[  # what was alive before the step and read by it, largest first: what the step's baseline is made of
+                {"shape": list(a.shape), "dtype": a.dtype, "bytes": a.nbytes}
+                for a in sorted((a for a in meter.allocations if a.op == "baseline (found)"), key=lambda a: -a.nbytes)[:8]
+            ],
             after_step_bytes=local_tensor_bytes(engine.module), loss=out[0], tokens=int(sum(b["input_ids"].numel() for b in micro_batches)),
         )  # fmt: skip
         if cuda:
