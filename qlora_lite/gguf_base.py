@@ -35,6 +35,7 @@ import re
 import struct
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,13 @@ def parse_ollama_name(name: str) -> tuple[str, str, str, str]:
 
 def find_ollama_blob(name: str) -> Path:
     """The model blob an Ollama manifest names: manifests/<host>/<namespace>/<model>/<tag> -> blobs/sha256-<hex>."""
+    host, namespace, model, tag = parse_ollama_name(name)
     models = ollama_models_dir()
     if not (models / "manifests").is_dir():
         raise GGUFError(
             f"ollama:{name}: there is no Ollama model store at {models} (no manifests folder); "
             f"set {OLLAMA_MODELS_ENV} to the folder `ollama pull` stores models in"
         )
-    host, namespace, model, tag = parse_ollama_name(name)
     manifest = models / "manifests" / host / namespace / model / tag
     if not manifest.is_file():
         known = list_ollama_models(models)
@@ -280,7 +281,8 @@ def check_architecture(header: GGUFHeader) -> None:
     """Refuse what is no model this trainer can train from a GGUF: an adapter, a vision projector, an architecture transformers cannot read."""
     kind, arch = header.metadata.get("general.type", "model"), header.metadata.get("general.architecture")
     if kind != "model" or arch == "clip":
-        raise GGUFError(f"{header.path.name} is a {'vision projector' if arch == 'clip' else kind} GGUF, not a model; name the model file")
+        what = "a vision projector" if arch == "clip" else f"general.type {kind}"
+        raise GGUFError(f"{header.path.name} is not a model GGUF ({what}); name the model file itself")
     if find_model_type(header) not in ARCHITECTURES:
         raise GGUFError(
             f"{header.path.name} holds a '{arch}' model; as a GGUF base qlora-lite reads {', '.join(ARCHITECTURES)} "
@@ -330,9 +332,9 @@ def recover_llama3_rope(header: GGUFHeader, config: dict[str, Any]) -> dict[str,
     if band.sum() >= 2 and factor > 1:
         smooth = (1 / stored[band] - 1 / factor) / (1 - 1 / factor)  # s = a / wavelen - b, a = orig / (high - low), b = low / (high - low)
         a, minus_b = np.polyfit(1 / wavelen[band], smooth, 1)
-        if -minus_b > 0:
-            high = 1 + 1 / -minus_b
-            candidates.insert(0, (1.0, high, a * (high - 1)))
+        if -minus_b > 0:  # rounded as a config writes them (4.0, not 3.9999994 from the float32 factors)
+            high = round(1 + 1 / -minus_b, 3)
+            candidates.insert(0, (1.0, high, round(a * (high - 1))))
     for low, high, orig in candidates:
         params = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
                   "original_max_position_embeddings": int(round(orig))}  # fmt: skip
@@ -435,7 +437,8 @@ def write_dequantized(name: str, path: Path, header: GGUFHeader, out: Path) -> N
         rope = recover_llama3_rope(header, config.to_dict() | {"rope_theta": read_rope_theta(config)})
         if rope is not None:
             config.rope_parameters = rope
-        model = AutoModelForCausalLM.from_pretrained(stage, gguf_file="model.gguf", config=config, dtype=CACHE_DTYPE).eval()
+        with quiet_transformers():  # its "weights stay packed" advice is for the architectures it keeps quantized, not these
+            model = AutoModelForCausalLM.from_pretrained(stage, gguf_file="model.gguf", config=config, dtype=CACHE_DTYPE).eval()
         tokenizer = AutoTokenizer.from_pretrained(stage, gguf_file="model.gguf")
     match_llama_cpp_word_starts(tokenizer, header)
     model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses: "quantized with gguf, not serializable"
@@ -464,6 +467,18 @@ def write_dequantized(name: str, path: Path, header: GGUFHeader, out: Path) -> N
         save_file(tensors, str(out / PROBES_NAME))
     report["seconds"] = round(time.perf_counter() - start, 1)
     (out / SOURCE_NAME).write_text(json.dumps(report, indent=1) + "\n")
+
+
+@contextmanager
+def quiet_transformers():
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
 
 
 def read_rope_theta(config) -> float:

@@ -6,7 +6,8 @@ checkout the user points to (`--llama-cpp DIR` or `$QLORA_LITE_LLAMA_CPP`), or e
 llama-cpp-python source distribution of the version we tested (LLAMA_CPP_PYTHON_VERSION, checked by
 its sha256), downloaded once with pip and cached. Quantization types the converter does not write
 (q4_k_m) go through llama.cpp's quantize API in the Python binding, and the binding also loads the
-result to check it (`LlamaCppModel`). The export runs both in a child process (this module run with
+result to check it (`LlamaCppModel`). gguf-py, installed as the `gguf` package, rewrites a converted
+file's vocabulary (`copy_vocabulary`: an export on a GGUF base takes the original's). The export runs both in a child process (this module run with
 `python -m`): llama.cpp aborts its process on some files, and a crash there is one line here, not a
 core dump of qlora-lite. Nothing here imports torch: `qlora-lite --help` reads GGUF_TYPES.
 """
@@ -297,6 +298,43 @@ def convert_lora(converter: Converter, staged_adapter: Path, staged_base: Path, 
     return written
 
 
+def is_vocabulary_key(key: str) -> bool:
+    """The metadata of how text becomes ids (tokens, scores, types, merges, model, pre, space prefix): not which ids are
+    special or added, which the export sets from the layout as for any base."""
+    special = key.endswith("_token_id") or (key.startswith("tokenizer.ggml.add_") and key.endswith("_token"))
+    return key.startswith("tokenizer.ggml.") and not special
+
+
+def copy_vocabulary(converted: Path, original: Path, dest: Path) -> Path:
+    """converted with the original GGUF's vocabulary keys (is_vocabulary_key), tensors and other metadata as they are.
+
+    The cache folder of a GGUF base has transformers' rebuild of the original's vocabulary (tokenizer.json); from it the
+    converter writes, for a SentencePiece vocabulary, tokens without their scores (all -1000), so llama.cpp would
+    tokenize differently from training. The original file has the vocabulary llama.cpp tokenized with when the base was
+    cached. gguf-py (the gguf package a GGUF base is dequantized with) copies the tensors' bytes unchanged.
+    """
+    try:
+        import gguf
+    except ImportError as err:
+        raise GGUFError(f"an export on a GGUF base reads the original's vocabulary with the gguf package, which is missing; {GGUF_EXTRA}") from err
+    ours, theirs = gguf.GGUFReader(converted), gguf.GGUFReader(original)
+    writer = gguf.GGUFWriter(dest, ours.get_field("general.architecture").contents(), endianess=ours.endianess)
+    kept = [f for f in ours.fields.values() if not (f.name.startswith("GGUF.") or f.name == "general.architecture" or is_vocabulary_key(f.name))]
+    for field_ in kept + [f for f in theirs.fields.values() if is_vocabulary_key(f.name)]:
+        kind = field_.types[0]
+        writer.add_key_value(field_.name, field_.contents(), kind, sub_type=field_.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for tensor in ours.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in ours.tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=ours.endianess)
+    writer.close()
+    converted.unlink()
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------
 # A GGUF in llama.cpp: tokenize, logits, greedy answers
 # ---------------------------------------------------------------------------------------------
@@ -524,15 +562,16 @@ def tokenize_in_child(
     return run_in_child({"op": "tokenize", "path": str(path), "texts": texts}, doing, hint, explain)
 
 
-def last_logits_in_child(path: str | Path, probes: list[list[int]], doing: str):
-    """LlamaCppModel(path).last_logits of each probe, in a child process: float32 numpy arrays, bit for bit."""
+def last_logits_in_child(path: str | Path, probes: list[list[int]], doing: str, lora_path: str | Path | None = None):
+    """LlamaCppModel(path, lora_path=lora_path).last_logits of each probe, in a child process: float32 numpy arrays, bit for bit."""
     import numpy as np
 
     hint = (
         "nothing was written, and a llama.cpp server would likely crash on this file too; try another --type, or report "
         f"it to llama.cpp (tested: {LLAMA_CPP_COMMIT[:7]}) with the model's config.json"
     )
-    answer = run_in_child({"op": "last_logits", "path": str(path), "probes": probes}, doing, hint)
+    request = {"op": "last_logits", "path": str(path), "probes": probes, "lora": None if lora_path is None else str(lora_path)}
+    answer = run_in_child(request, doing, hint)
     return [np.frombuffer(base64.b64decode(text), dtype="<f4") for text in answer]
 
 
@@ -548,7 +587,7 @@ def serve_request(request: dict, announce: Callable[[int], None]) -> Any:
                 ids.append(model.tokenize(text))
             return ids
     if request["op"] == "last_logits":
-        with LlamaCppModel(request["path"]) as model:
+        with LlamaCppModel(request["path"], lora_path=request.get("lora")) as model:
             answer = []
             for i, ids in enumerate(request["probes"]):
                 announce(i)

@@ -21,6 +21,17 @@ What a server needs is in the file: `tokenizer.chat_template` (the alpaca layout
 alpaca adapter, the tokenizer's template for a chat one, a plain concatenation for text)
 and the stop tokens: EOS, and `tokenizer.ggml.eot_token_id` when a chat template ends its
 turns with another token (Llama-3 `<|eot_id|>`, ChatML `<|im_end|>`).
+
+An adapter trained on a GGUF base (gguf_base.py: the adapter's base is the dequantized cache folder)
+goes back to the file it came from, checked to be the very file (its sha256):
+  --lora-only   the LoRA for the original, unchanged GGUF (`llama-server -m ORIGINAL --lora OUT`): every
+                LoRA tensor must have its tensor, of the same shape, in the original's tensor table
+                (what llama.cpp requires); verify runs llama.cpp on the original with the LoRA against
+                transformers on the cache folder with the adapter; --ollama writes FROM the original
+                (the Ollama model by name when it came from Ollama) and ADAPTER the LoRA.
+  merged        converted from the cache folder as for any base, with the original's vocabulary: the
+                cache holds transformers' rebuild of it (tokenizer.json, no tokenizer.model), from which
+                the converter would rebuild a SentencePiece vocabulary without its scores.
 """
 
 from __future__ import annotations
@@ -38,6 +49,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ExportError, GGUFError
 from ..folders import find_write_problem
+from ..gguf_base import (
+    OLLAMA_HOST,
+    OLLAMA_NAMESPACE,
+    OLLAMA_PREFIX,
+    GGUFHeader,
+    compute_last_logits,
+    describe_file_type,
+    find_gguf_file,
+    hash_file,
+    parse_ollama_name,
+    read_gguf_header,
+    read_gguf_source,
+)
 from ..methods.folder import CONFIG_NAME, WEIGHTS_NAME, find_base_model, read_adapter_json, read_prompt_info
 from ..methods.lora import LORA_METHOD, lora_scale
 from ..methods.table import find_saved_method
@@ -48,6 +72,7 @@ from ..llama_cpp import (
     LlamaCppCrash,
     check_architecture,
     check_binding_installed,
+    copy_vocabulary,
     convert_lora,
     convert_model,
     find_converter,
@@ -55,7 +80,7 @@ from ..llama_cpp import (
     read_binding_version,
     tokenize_in_child,
 )
-from .merge import download_base, merge_adapter, read_checkpoint_layout
+from .merge import download_base, load_plain_model, merge_adapter, plan_lora_merge, read_checkpoint_layout
 from .templates import PromptLayout, build_modelfile, find_prompt_layout
 from ..verify import GGUF_REL_TOL, PROBE_PROMPTS, decide_verify, describe_skipped_check, relative_logit_difference
 
@@ -76,6 +101,8 @@ class GGUFReport:
     max_logit_diff: float | None = None  # verify: llama.cpp vs transformers, last token of each probe
     threshold: float | None = None
     num_probes: int = 0
+    base_gguf: Path | None = None  # --lora-only on a GGUF base: the original file the LoRA runs on (and verify ran)
+    base_file_type: str | None = None  # its quantization (Q4_K_M), which sets the threshold
     notes: list[str] = field(default_factory=list)
 
 
@@ -121,28 +148,31 @@ def export_gguf(
     check_binding_installed()
     check_gguf_type(gguf_type, lora_only)
     is_adapter = (source / CONFIG_NAME).is_file()
-    if lora_only and ollama:
-        raise GGUFError(
-            "--ollama writes a Modelfile for a whole model; with --lora-only, export the base model too and add "
-            "'ADAPTER ./LORA.gguf' under its FROM line yourself, or drop --lora-only"
-        )
+    if lora_only and ollama and not is_adapter:
+        refuse_ollama_lora()
     if is_adapter:
         check_adapter_exports(source, lora_only)
     elif lora_only:
         raise GGUFError(f"--lora-only needs an adapter folder (with adapter_config.json); {source} is not one")
     else:
         check_model_folder(source)
+    base_name = find_adapter_base(source, base) if is_adapter else None
+    gguf_source = read_gguf_source(base_name) if base_name else None
+    if lora_only and ollama and gguf_source is None:
+        refuse_ollama_lora()
     modelfile = out.with_suffix(".Modelfile") if ollama else None
     check_out_file(out, overwrite, modelfile)
+    original = find_original_gguf(base_name, gguf_source) if gguf_source else None
     converter = find_converter(llama_cpp_dir)
     installed = read_binding_version()
 
-    base_path = download_base(find_adapter_base(source, base)) if is_adapter else None
+    base_path = download_base(base_name) if is_adapter else None
     model_dir = Path(base_path) if is_adapter else source
     check_architecture(converter, model_dir)
     tokenizer_dirs = [source, *([Path(base_path)] if base_path else [])]
     layout = find_prompt_layout(source, tokenizer_dirs, prompt_format)
-    modelfile_text = build_modelfile(out.name, layout) if ollama else None
+    modelfile_base = name_modelfile_base(gguf_source, original) if ollama and lora_only and original else None
+    modelfile_text = build_modelfile(out.name, layout, base=modelfile_base) if ollama else None
     report = GGUFReport(out, gguf_type, 0, converter.origin, lora_only=lora_only, layout=layout, modelfile=modelfile)
     if prompt_format == "auto" and not read_prompt_info(source):
         report.notes.append(
@@ -158,10 +188,13 @@ def export_gguf(
             staged_base = stage_model_dir(model_dir, work / "base", tokenizer_dirs, layout)
             staged_adapter = stage_lora_adapter(source, work / "adapter")
             written = convert_lora(converter, staged_adapter, staged_base, gguf_type, work, f"adapter {source}")
-            report.notes.append(
-                f"serve it on the base as GGUF: qlora-lite export-gguf {base_path} --out BASE.gguf --format {layout.data_format}, "
-                f"then llama-server -m BASE.gguf --lora {out}"
-            )
+            if original is None:
+                report.notes.append(
+                    f"serve it on the base as GGUF: qlora-lite export-gguf {base_path} --out BASE.gguf --format {layout.data_format}, "
+                    f"then llama-server -m BASE.gguf --lora {out}"
+                )
+            else:
+                check_lora_on_original(written, original, staged_base, source, layout, verify, report)
         else:
             if is_adapter:
                 try:
@@ -171,7 +204,7 @@ def export_gguf(
                 model_dir = work / "merged"
             staged = stage_model_dir(model_dir, work / "stage", tokenizer_dirs, layout)
             end_of_turn = layout.end_of_turn_id if layout.end_of_turn_id != layout.eos_id else None
-            written = convert_model(converter, staged, gguf_type, end_of_turn, work)
+            written = convert_merged(converter, staged, gguf_type, end_of_turn, work, original)
             probes = check_tokenization(written, staged, layout, out.name)  # always: it reads the vocabulary only
             report.num_probes = len(probes)
             num_parameters = count_parameters(staged)
@@ -194,6 +227,14 @@ def export_gguf(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def refuse_ollama_lora() -> None:
+    """--ollama with --lora-only on an ordinary base: Ollama would need the base as a GGUF, which this export does not write."""
+    raise GGUFError(
+        "--ollama writes a Modelfile for a whole model; with --lora-only, export the base model too and add "
+        "'ADAPTER ./LORA.gguf' under its FROM line yourself, or drop --lora-only"
+    )
 
 
 def check_gguf_type(gguf_type: str, lora_only: bool) -> None:
@@ -255,6 +296,140 @@ def find_adapter_base(adapter_dir: Path, base: str | None) -> str:
 
 def count_parameters(model_dir: Path) -> int:
     return read_checkpoint_layout(str(model_dir)).num_parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# An adapter on a GGUF base: back to the original file
+# ---------------------------------------------------------------------------------------------
+
+# A LoRA on the original GGUF vs the adapter on the cache folder: both sides hold the same weight values (the cache
+# is the original dequantized, rounded to bf16), so what differs is llama.cpp's kernels on the quantized file (k-quant
+# and q8_0 dot products quantize the activations too) and the LoRA's own rounding to its --type. The merged export's
+# tolerance of the original's type bounds that (it bounds the weight rounding too, absent here), and of the LoRA's type
+# its rounding. Measured on the demo (trained 90 steps on each file; original / LoRA type): F16 / f16 1.8e-3 (allowed
+# 1e-2), F16 / q8_0 2.4e-3 (5e-2), Q8_0 / f16 1.3e-2 (5e-2), Q8_0 / q8_0 8.9e-3, Q4_K_M / f16 8.2e-3 (0.25), Q4_K_M / bf16
+# 6.0e-3, Q4_K_M / q8_0 8.4e-3. Other file types (Q5_K_M, Q6_K, Q4_0, ...) get Q4_K_M's.
+FILE_TYPE_TOLERANCE_KEYS = {"ALL_F32": "f16", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
+
+
+def find_original_gguf(base_dir: str, source: dict) -> Path:
+    """The GGUF a GGUF base was dequantized from (gguf_source.json's file), refused unless it is the very file trained on."""
+    path = Path(source["file"])
+    if not path.is_file():
+        raise GGUFError(
+            f"the adapter's base {base_dir} was dequantized from {path} ({source['source']}), which is no longer there; "
+            "put that file back and export again (the export reads its vocabulary and tensor table)"
+        )
+    digest = hash_file(path)
+    if digest != source["sha256"]:
+        raise GGUFError(
+            f"{path} has changed since the adapter's base was dequantized from it into {base_dir} (sha256 {source['sha256'][:12]} "
+            f"then, {digest[:12]} now), so the adapter was trained on another model; put the earlier file back, or train on this one"
+        )
+    return path
+
+
+def name_modelfile_base(source: dict, original: Path) -> str:
+    """What a LoRA's Modelfile builds FROM: the Ollama model by name when it came from Ollama and that name still means the
+    file trained on (Ollama has it already, and keeps its own template and parameters), else the original's absolute path."""
+    name = source["source"]
+    if name.startswith(OLLAMA_PREFIX):
+        try:
+            current = find_gguf_file(name).resolve()
+        except GGUFError:  # the store moved or the model was removed: the file itself still works
+            current = None
+        if current == original.resolve():
+            host, namespace, model, tag = parse_ollama_name(name[len(OLLAMA_PREFIX) :])
+            prefix = "" if (host, namespace) == (OLLAMA_HOST, OLLAMA_NAMESPACE) else f"{host}/{namespace}/"
+            return f"{prefix}{model}:{tag}"
+    return str(original.absolute())
+
+
+def check_lora_on_original(
+    lora: Path, original: Path, base_dir: Path, adapter_dir: Path, layout: PromptLayout, verify: bool | None, report: GGUFReport
+) -> None:
+    """A GGUF LoRA for an original GGUF: llama.cpp will load it there (names, shapes, architecture), and it answers as the
+    adapter does (verify); the report says how to serve it."""
+    header = read_gguf_header(original)
+    check_lora_fits(read_gguf_header(lora), header, report.out.name)
+    report.base_gguf, report.base_file_type = original, describe_file_type(header)
+    num_parameters = count_parameters(base_dir)
+    if decide_verify(verify, num_parameters):
+        report.max_logit_diff, report.num_probes = verify_lora_logits(original, lora, base_dir, adapter_dir, layout)
+        report.threshold = choose_lora_threshold(report.base_file_type, report.gguf_type)
+        if report.max_logit_diff > report.threshold:
+            raise GGUFError(
+                f"llama.cpp running {original.name} with the LoRA differs from transformers running the base with the adapter by "
+                f"{report.max_logit_diff:.3g} (relative to the largest logit; allowed on {report.base_file_type}: {report.threshold:.3g}); "
+                "nothing was written. Export the merged model instead (drop --lora-only), and report the model and this number"
+            )
+    else:
+        report.notes.append(describe_skipped_check(num_parameters, "llama.cpp on the original GGUF with the LoRA against transformers"))
+    report.notes.append(f"serve it on the original GGUF, unchanged: llama-server -m {original} --lora {report.out}")
+
+
+def check_lora_fits(lora: GGUFHeader, base: GGUFHeader, name: str) -> None:
+    """What llama.cpp requires of a LoRA on a base (llama_adapter_lora_init): the same architecture, and for each
+    `X.lora_a` / `X.lora_b` a base tensor X whose rows are a's and whose columns are b's (shapes in ggml's order)."""
+    theirs, ours = base.metadata.get("general.architecture"), lora.metadata.get("general.architecture")
+    if ours != theirs:
+        raise GGUFError(
+            f"the LoRA {name} is for llama.cpp architecture {ours} and {base.path.name} holds a {theirs} model, so llama.cpp "
+            "would refuse it; nothing was written. Export the merged model instead (drop --lora-only)"
+        )
+    for tensor in lora.tensors.values():
+        if not tensor.name.endswith(".lora_a"):
+            continue
+        target = tensor.name.removesuffix(".lora_a")
+        found, b = base.tensors.get(target), lora.tensors.get(target + ".lora_b")
+        if found is None:
+            raise GGUFError(
+                f"{base.path.name} has no tensor {target}, which the LoRA {name} changes, so llama.cpp would refuse it; nothing was "
+                "written. Export the merged model instead (drop --lora-only)"
+            )
+        if b is None or found.shape[:2] != (tensor.shape[0], b.shape[1]):
+            got = f"{tensor.shape[0]} x {b.shape[1]}" if b is not None else "a missing lora_b"
+            raise GGUFError(
+                f"{base.path.name}'s tensor {target} is {found.shape[0]} x {found.shape[1]} and the LoRA {name} has {got} for it, "
+                "so llama.cpp would refuse it; nothing was written. Check that the adapter was trained on this file"
+            )
+
+
+def choose_lora_threshold(file_type: str | None, lora_type: str) -> float:
+    """The larger of the original's type's tolerance and the LoRA's (see FILE_TYPE_TOLERANCE_KEYS)."""
+    original = GGUF_REL_TOL[FILE_TYPE_TOLERANCE_KEYS.get(file_type or "", "q4_k_m")]
+    return max(original, GGUF_REL_TOL[lora_type])
+
+
+def verify_lora_logits(original: Path, lora: Path, base_dir: Path, adapter_dir: Path, layout: PromptLayout) -> tuple[float, int]:
+    """(max relative last-token logit difference, probes): llama.cpp on the original with the LoRA vs transformers on the
+    base folder with the adapter attached, both in fp32 (llama.cpp first, in a child process, so one model at a time)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    probes = [tokenizer(text)["input_ids"] for text in render_probe_texts(tokenizer, layout)]
+    theirs = last_logits_in_child(original, probes, f"computing the probe prompts' logits of {original.name} with the LoRA", lora_path=lora)
+    model = load_plain_model(str(base_dir))
+    plan_lora_merge(adapter_dir, allow_pickle=False).attach(model)
+    ours = compute_last_logits(model, probes)
+    return max(relative_logit_difference(r, t) for r, t in zip(ours, theirs)), len(probes)
+
+
+def convert_merged(converter, staged: Path, gguf_type: str, end_of_turn: int | None, work: Path, original: Path | None) -> Path:
+    """convert_model; on a GGUF base, with the original's vocabulary put back (copy_vocabulary)."""
+    if original is None:
+        return convert_model(converter, staged, gguf_type, end_of_turn, work)
+    try:
+        written = convert_model(converter, staged, gguf_type, end_of_turn, work)
+    except GGUFError as err:
+        if not str(err).startswith("llama.cpp's converter refused"):
+            raise
+        # A byte-pair vocabulary the converter knows by the hash of a released model's tokenizer, and transformers'
+        # rebuild of it from the GGUF hashes otherwise: the LoRA needs no vocabulary.
+        raise GGUFError(
+            f"llama.cpp's converter does not recognise the tokenizer transformers rebuilt from {original.name} (it knows byte-pair "
+            "tokenizers by the hash of released models'); export the adapter alone and serve it on the original: "
+            f"--lora-only, then llama-server -m {original} --lora LORA.gguf"
+        ) from err
+    return copy_vocabulary(written, original, work / "vocabulary.gguf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +509,7 @@ def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout, n
     (gguf_path is a temporary file).
     """
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenizer.chat_template = layout.chat_template
-    texts = [*PROBE_PROMPTS, tokenizer.apply_chat_template(PROBE_CONVERSATION, add_generation_prompt=True, tokenize=False)]
+    texts = render_probe_texts(tokenizer, layout)
 
     def explain(crash: LlamaCppCrash) -> str | None:
         return explain_tokenizer_crash(crash, tokenizer, texts[crash.step] if crash.step is not None else "".join(texts))
@@ -359,6 +533,12 @@ def check_tokenization(gguf_path: Path, model_dir: Path, layout: PromptLayout, n
             )
         probes.append(ids)
     return probes
+
+
+def render_probe_texts(tokenizer, layout: PromptLayout) -> list[str]:
+    """PROBE_PROMPTS and a conversation rendered by the layout's chat template (set on the tokenizer)."""
+    tokenizer.chat_template = layout.chat_template
+    return [*PROBE_PROMPTS, tokenizer.apply_chat_template(PROBE_CONVERSATION, add_generation_prompt=True, tokenize=False)]
 
 
 def explain_tokenizer_crash(crash: LlamaCppCrash, tokenizer, text: str) -> str | None:
@@ -418,7 +598,13 @@ def format_gguf_report(report: GGUFReport) -> str:
         if layout.end_of_turn_id != layout.eos_id:
             stops += f" and EOS {layout.eos_token!r} (id {layout.eos_id})"
         lines.append(f"  chat template: {layout.data_format}; stops at {stops}")
-    if report.num_probes:
+    if report.base_gguf is not None and report.max_logit_diff is not None:
+        lines.append(
+            f"  verify: llama.cpp on {report.base_gguf.name} with the LoRA vs transformers on the base with the adapter, "
+            f"{report.num_probes} probe prompts: max |logit difference| {report.max_logit_diff:.3g} of the largest logit "
+            f"(allowed on {report.base_file_type}: {report.threshold:.3g}) ok"
+        )
+    elif report.num_probes:
         line = f"  verify: llama.cpp tokenizes {report.num_probes} probe prompts as transformers does"
         if report.max_logit_diff is not None:
             line += (

@@ -101,8 +101,12 @@ class TurnPieces:
     default_system: str | None  # what the template says when no system message is given
 
 
-def build_modelfile(gguf_name: str, layout: PromptLayout) -> str:
+def build_modelfile(gguf_name: str, layout: PromptLayout, base: str | None = None) -> str:
     """An Ollama Modelfile: FROM the GGUF beside it, TEMPLATE (Go) equal to the chat template, stop parameters, SYSTEM.
+
+    With base (a GGUF LoRA's: the original file's absolute path, or the Ollama model it came from, by name): FROM base
+    and ADAPTER the GGUF beside it. The TEMPLATE is written all the same: the adapter learned its own layout (alpaca,
+    say), which need not be the template the base model carries.
 
     The Go template walks .Messages and writes each role's pieces, which are read off the Jinja
     template by rendering conversations of marker strings; the result is checked by rendering
@@ -112,7 +116,7 @@ def build_modelfile(gguf_name: str, layout: PromptLayout) -> str:
     pieces = split_template(layout)
     lines = [
         f"# Written by qlora-lite export-gguf. Create the model with: ollama create NAME -f {Path(gguf_name).with_suffix('.Modelfile')}",
-        f"FROM ./{gguf_name}",
+        *([f"FROM ./{gguf_name}"] if base is None else [f"FROM {base}", f"ADAPTER ./{gguf_name}"]),
         f'TEMPLATE """{build_go_template(pieces)}"""',
     ]
     if pieces.default_system:

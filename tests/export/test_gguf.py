@@ -627,7 +627,7 @@ def test_gguf_extra_is_pinned_to_the_tested_converter():
     from qlora_lite.llama_cpp import LLAMA_CPP_PYTHON_VERSION
 
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gguf"]
-    assert extra == [f"llama-cpp-python>={LLAMA_CPP_PYTHON_VERSION}"]
+    assert extra == [f"llama-cpp-python>={LLAMA_CPP_PYTHON_VERSION}", "gguf>=0.10"]  # gguf: transformers dequantizes a GGUF base with it
     # The binding CI installs is the release whose converter export_gguf downloads: one llama.cpp.
     assert read_tested_versions()["llama-cpp-python"] == LLAMA_CPP_PYTHON_VERSION
 
