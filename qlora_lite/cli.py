@@ -205,8 +205,8 @@ def add_export_gguf_parser(sub: argparse._SubParsersAction) -> None:
         help="chat template written into the file; auto = as the adapter was trained (qlora_lite.json), else the "
         "tokenizer's template if it has one, else text",
     )
-    export.add_argument("--ollama", action="store_true", help="also write FILE.Modelfile (FROM, TEMPLATE, stop, SYSTEM) for `ollama create`")
-    export.add_argument("--lora-only", action="store_true", help="write the adapter alone as a GGUF LoRA, served on a base GGUF with llama-server --lora")
+    export.add_argument("--ollama", action="store_true", help="also write FILE.Modelfile (FROM, TEMPLATE, stop, SYSTEM) for `ollama create`; with --lora-only on a GGUF base: FROM the original and ADAPTER the LoRA")
+    export.add_argument("--lora-only", action="store_true", help="write the adapter alone as a GGUF LoRA, served on a base GGUF with llama-server --lora (a GGUF base: on the original file, unchanged)")
     export.add_argument("--base", metavar="PATH", help="the adapter's base folder (default: its base_model_name_or_path)")
     export.add_argument(
         "--verify", action=argparse.BooleanOptionalAction, default=None,

@@ -29,7 +29,7 @@ from .errors import ConfigError
 @dataclass
 class ModelConfig:
     name_or_path: str = ""
-    """Local folder or Hugging Face hub id of the base model; `demo:tiny` builds the offline demo base."""
+    """Local folder or Hugging Face hub id of the base model; `demo:tiny` builds the offline demo base; a GGUF (`x.gguf`, `ollama:NAME[:TAG]`, an LM Studio folder) is dequantized once into the cache (see "Start from a GGUF")."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin."""
     trust_remote_code: bool = False
