@@ -58,6 +58,8 @@ _API: dict[str, str] = {
     # files, tiny models and the demo
     "ShardWriter": "safetensors_io", "CheckpointReader": "safetensors_io", "write_tensors": "safetensors_io",
     "build_tiny_model": "tiny", "build_tokenizer": "tiny", "build_sentencepiece_tokenizer": "tiny",
+    "ensure_gguf_base": "gguf_base", "read_gguf_config": "gguf_base", "read_gguf_source": "gguf_base", "measure_round_trip": "gguf_base",
+    "find_gguf_file": "gguf_base",
     "ensure_demo_base": "demo", "make_demo_records": "demo", "make_pretraining_text": "demo",
     "format_demo_prompt": "demo", "DEMO_BASE_SPEC": "demo", "make_demo_pairs": "demo", "write_demo_pairs": "demo",
 }  # fmt: skip
