@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from qlora_lite.config import BottleneckConfig, LoRAConfig, ModelConfig, QuantConfig, SelectiveConfig
 from qlora_lite.errors import AdapterError, ExportError
-from qlora_lite.export import verify
+from qlora_lite import verify
 from qlora_lite.export.merge import merge_adapter
 from qlora_lite.methods.bottleneck import apply_bottleneck, save_bottleneck
 from qlora_lite.methods.lora import apply_lora, load_adapter, save_adapter
