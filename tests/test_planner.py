@@ -373,6 +373,12 @@ def test_fsdp_units_follow_the_wrapping():
     parts = estimate_static(cfg, build_meta_model(read_model_config("google/gemma-2-9b")))
     assert parts["embed_frozen_bytes"] == 0 and parts["root_frozen_bytes"] == 256000 * 3584 * 2 + 3584 * 2
     assert parts["layers"] == 42
+    # and at the forward's start FSDP2 holds the root's all-gather output beside its unsharded copy: no embeddings unit of their own
+    from qlora_lite.sharding import forward_start_gather_bytes, shard_static
+
+    root = parts["root_frozen_bytes"]
+    assert forward_start_gather_bytes(root, parts["embed_frozen_bytes"]) == root
+    assert shard_static(cfg, parts, gpus=2)["gathered"] == root + max(parts["gathered_layers_frozen_bytes"] + 2 * parts["layer_trainable_params"] * 2, root)
 
 
 def test_70b_step_and_layer_by_layer_loading_fit_four_24_gib_gpus_under_fsdp(capsys):
