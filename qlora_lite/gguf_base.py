@@ -365,14 +365,13 @@ def check_dequantizable(header: GGUFHeader) -> None:
         raise GGUFError(f"a GGUF base is dequantized by transformers through the gguf package, which is missing; {GGUF_EXTRA}") from err
     unreadable = set()
     for ggml_type in {t.ggml_type for t in header.tensors.values()}:
-        try:
+        try:  # one block of zeros, dequantized: what transformers will ask of every tensor of this type
             kind = gguf.GGMLQuantizationType(ggml_type)
-            block, size = gguf.GGML_QUANT_SIZES[kind]
-            gguf.quants.dequantize(np.zeros(size, dtype=np.uint8), kind)
+            gguf.quants.dequantize(np.zeros(gguf.GGML_QUANT_SIZES[kind][1], dtype=np.uint8), kind)
         except (ValueError, KeyError, NotImplementedError):
-            unreadable.add(getattr(gguf.GGMLQuantizationType, "_value2member_map_", {}).get(ggml_type, ggml_type))
+            unreadable.add(name_ggml_type(ggml_type))
     if unreadable:
-        names = ", ".join(sorted(getattr(t, "name", str(t)) for t in unreadable))
+        names = ", ".join(sorted(unreadable))
         raise GGUFError(
             f"{header.path.name} has tensors of type {names}, which the gguf package ({gguf_version()}) cannot dequantize; "
             "use a file of another quantization (Q4_K_M, Q5_K_M, Q8_0, F16 all work)"
@@ -414,16 +413,17 @@ def ensure_gguf_base(name: str) -> Path:
     path = find_gguf_file(name)
     header = read_gguf_header(path)
     check_architecture(header)
-    folder = cache_root() / "gguf" / f"{hash_file(path)[:32]}-bf16"
+    digest = hash_file(path)
+    folder = cache_root() / "gguf" / f"{digest[:32]}-bf16"
     if (folder / SOURCE_NAME).is_file():
         return folder
     check_dequantizable(header)
     print(f"dequantizing {path.name} once into {folder} (transformers' GGUF loader; {path.stat().st_size / 2**30:.2f} GiB)", flush=True)
-    write_atomically(folder, lambda tmp: write_dequantized(name, path, header, tmp))
+    write_atomically(folder, lambda tmp: write_dequantized(name, path, header, digest, tmp))
     return folder
 
 
-def write_dequantized(name: str, path: Path, header: GGUFHeader, out: Path) -> None:
+def write_dequantized(name: str, path: Path, header: GGUFHeader, digest: str, out: Path) -> None:
     """The model folder of a GGUF: config, bf16 weights, tokenizer, and the round trip against llama.cpp on the probes."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -434,7 +434,7 @@ def write_dequantized(name: str, path: Path, header: GGUFHeader, out: Path) -> N
         # over the file's vocabulary, and transformers picks the dtype of a name without .gguf by unpickling it.
         os.symlink(path, Path(stage) / "model.gguf")
         config = AutoConfig.from_pretrained(stage, gguf_file="model.gguf")
-        rope = recover_llama3_rope(header, config.to_dict() | {"rope_theta": read_rope_theta(config)})
+        rope = build_config_dict(header).get("rope_parameters")  # the header's reading: Llama 3's scaling, which transformers drops
         if rope is not None:
             config.rope_parameters = rope
         with quiet_transformers():  # its "weights stay packed" advice is for the architectures it keeps quantized, not these
@@ -447,7 +447,7 @@ def write_dequantized(name: str, path: Path, header: GGUFHeader, out: Path) -> N
     texts = list(PROBE_PROMPTS)
     probes = [tokenizer(text)["input_ids"] for text in texts]
     report: dict[str, Any] = {
-        "source": name, "file": str(path), "sha256": hash_file(path), "size_bytes": path.stat().st_size,
+        "source": name, "file": str(path), "sha256": digest, "size_bytes": path.stat().st_size,
         "architecture": header.metadata.get("general.architecture"), "file_type": describe_file_type(header),
         "tensor_types": count_tensor_types(header), "dequantized_dtype": str(CACHE_DTYPE).removeprefix("torch."),
         "probes": len(probes), "dequantized_vs_llama_cpp": None, "tokenization_differs": [], "llama_cpp": None,
@@ -481,10 +481,6 @@ def quiet_transformers():
         logging.set_verbosity(before)
 
 
-def read_rope_theta(config) -> float:
-    return float((getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(config, "rope_theta", 10000.0))
-
-
 def match_llama_cpp_word_starts(tokenizer, header: GGUFHeader) -> None:
     """A SentencePiece vocabulary (tokenizer.ggml.model llama) puts the word-start mark after every special token, as
     llama.cpp and sentencepiece do; transformers' rebuild puts it at the text's start only, so text after
@@ -510,21 +506,22 @@ def describe_file_type(header: GGUFHeader) -> str | None:
         return str(value) if value is not None else None
 
 
-def count_tensor_types(header: GGUFHeader) -> dict[str, int]:
-    """How many tensors of each ggml type (Q4_K 13, Q6_K 3, F32 5, ...)."""
+def name_ggml_type(ggml_type: int) -> str:
+    """ggml's name of a tensor type (Q4_K), or its number when the gguf package is missing or does not know it."""
     try:
         import gguf
 
-        def name_of(t: int) -> str:
-            return gguf.GGMLQuantizationType(t).name
-    except ImportError:
+        return gguf.GGMLQuantizationType(ggml_type).name
+    except (ImportError, ValueError):
+        return str(ggml_type)
 
-        def name_of(t: int) -> str:
-            return str(t)
 
+def count_tensor_types(header: GGUFHeader) -> dict[str, int]:
+    """How many tensors of each ggml type (Q4_K 13, Q6_K 3, F32 5, ...)."""
     counts: dict[str, int] = {}
     for tensor in header.tensors.values():
-        counts[name_of(tensor.ggml_type)] = counts.get(name_of(tensor.ggml_type), 0) + 1
+        name = name_ggml_type(tensor.ggml_type)
+        counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
